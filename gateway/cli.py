@@ -1,0 +1,159 @@
+"""The `mlx-gateway` command line. Every flag can also be set by an
+MLX_GATEWAY_* environment variable (`--max-queue` -> MLX_GATEWAY_MAX_QUEUE);
+a flag on the command line wins over the environment."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from . import __version__
+from .config import Settings
+
+ENV_PREFIX = "MLX_GATEWAY_"
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def add(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    help: str,
+    type: Callable[[str], Any] = str,
+    default: Any = None,
+    repeat: bool = False,
+    switch: bool = False,
+) -> None:
+    """Add a flag whose default comes from its environment variable."""
+    var = env_name(flag)
+    raw = os.environ.get(var)
+    if raw is not None:
+        if repeat:
+            default = [v.strip() for v in raw.split(",") if v.strip()]
+        elif switch:
+            default = _truthy(raw)
+        else:
+            default = type(raw)
+    help = f"{help} [env {var}" + (f"; default {default}]" if default not in (None, [], False) else "]")
+    if switch:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=bool(default), help=help)
+    elif repeat:
+        parser.add_argument(flag, action="append", default=None, help=help)
+        parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
+    else:
+        parser.add_argument(flag, type=type, default=default, help=help)
+
+
+def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d = Settings()
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    add(p, "--model", "a local MLX model directory, a Hugging Face id or demo[:preset]; "
+        "prefix NAME= to set the served id; repeat to serve several", repeat=True)
+    add(p, "--workers", "worker processes per model", int, d.workers)
+    add(p, "--host", "address to listen on", str, d.host)
+    add(p, "--port", "port to listen on", int, d.port)
+    add(p, "--log-level", "debug, info, warning or error", str, d.log_level)
+    add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
+    add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
+    add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
+    add(p, "--prefill-step-size", "prompt tokens per step, interleaved with decoding", int,
+        d.prefill_step_size)
+    add(p, "--max-queue", "requests allowed to wait per model before 503", int, d.max_queue)
+    add(p, "--queue-timeout", "seconds a request may wait for a worker", float, d.queue_timeout)
+    add(p, "--request-timeout", "seconds a request may take in all", float, d.request_timeout)
+    add(p, "--load-timeout", "seconds a worker may take to load its model", float, d.load_timeout)
+    add(p, "--heartbeat-interval", "seconds between worker health checks", float,
+        d.heartbeat_interval)
+    add(p, "--heartbeat-timeout", "seconds a worker has to answer a health check", float,
+        d.heartbeat_timeout)
+    add(p, "--max-restarts", "crashes within the restart window before a model is failed", int,
+        d.max_restarts)
+    add(p, "--restart-window", "seconds over which crashes are counted", float, d.restart_window)
+    add(p, "--shutdown-grace", "seconds in-flight requests get to finish on shutdown", float,
+        d.shutdown_grace)
+    p.set_defaults(func=serve)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlx-gateway",
+        description="OpenAI-compatible gateway in front of supervised mlx-lm workers.",
+        epilog=__doc__,
+    )
+    parser.add_argument("--version", action="version", version=f"mlx-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve_parser(sub)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .checkpoints import ModelSourceError, resolve
+
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    models = args.model or args.model_env or [None]
+    try:
+        specs = [resolve(m) for m in models]
+    except ModelSourceError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
+        return 2
+    settings = Settings(
+        models=specs,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        worker_python=args.worker_python,
+        max_batch_size=args.max_batch_size,
+        prefill_step_size=args.prefill_step_size,
+        max_queue=args.max_queue,
+        queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout,
+        load_timeout=args.load_timeout,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+        max_restarts=args.max_restarts,
+        restart_window=args.restart_window,
+        shutdown_grace=args.shutdown_grace,
+    )
+    for spec in specs:
+        logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        sys.exit(2)
+    sys.exit(args.func(args))

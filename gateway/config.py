@@ -1,0 +1,42 @@
+"""Settings shared by the CLI, the app, the pool and the supervisors."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the id clients send as `model`
+    path: str  # a local directory holding the checkpoint
+
+
+@dataclass
+class Settings:
+    models: list[ModelSpec] = field(default_factory=list)
+    workers: int = 1  # worker processes per model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    access_log: bool = False
+    # The interpreter that runs `-m worker`: point it at a separate, pinned
+    # environment to upgrade mlx without touching the gateway's.
+    worker_python: str = sys.executable
+    max_batch_size: int = 32  # sequences decoded together in one worker
+    prefill_step_size: int = 512  # prompt tokens per step, interleaved with decoding
+    max_queue: int = 256  # requests waiting per model before 503
+    queue_timeout: float = 60.0
+    request_timeout: float = 600.0
+    load_timeout: float = 300.0
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 2.0
+    restart_backoff: float = 1.0  # first delay; doubles per crash
+    restart_backoff_max: float = 60.0
+    max_restarts: int = 5  # crashes within restart_window before the model is failed
+    restart_window: float = 120.0
+    shutdown_grace: float = 30.0
+    worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
+
+    def model(self, name: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.name == name), None)

@@ -1,0 +1,127 @@
+"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from worker import protocol
+
+from .pool import ModelUnavailable, Overloaded
+from .rpc import WorkerGone
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> Response:
+        return Response(
+            orjson.dumps(self.body()), status_code=self.status,
+            media_type="application/json", headers=self.headers,
+        )
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found"
+    )
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map what the pool and the workers raise onto HTTP errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, Overloaded):
+        return APIError(
+            503, str(exc), "server_error", None, "overloaded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, ModelUnavailable):
+        return APIError(503, str(exc), "server_error", "model", "model_unavailable")
+    if isinstance(exc, WorkerGone):
+        return APIError(
+            502, f"the worker serving this request stopped: {exc}", "server_error", None, "worker_crashed"
+        )
+    if isinstance(exc, TimeoutError):
+        return APIError(504, "the request timed out", "server_error", None, "timeout")
+    if isinstance(exc, protocol.RPCError):
+        if exc.code == protocol.CONTEXT_LENGTH_EXCEEDED:
+            return APIError(400, exc.message, "invalid_request_error", "messages", "context_length_exceeded")
+        if exc.code == protocol.INVALID_PARAMS:
+            return APIError(400, exc.message, "invalid_request_error", None, "invalid_value")
+        if exc.code in (protocol.OVERLOADED, protocol.SHUTTING_DOWN, protocol.MODEL_NOT_LOADED):
+            return APIError(503, exc.message, "server_error", None, exc.name, headers={"Retry-After": "1"})
+        if exc.code == protocol.OUT_OF_MEMORY:
+            return APIError(503, exc.message, "server_error", None, "out_of_memory")
+        return APIError(500, exc.message, "server_error", None, exc.name)
+    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")
+
+
+def _param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out += f"[{p}]" if p.isdigit() else f".{p}"
+    return out
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> Response:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        return invalid("We could not parse the JSON body of your request.").response()
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"Invalid value for '{param}': {message}"
+    return invalid(message, param, "invalid_value").response()
+
+
+async def http_handler(request: Request, exc: StarletteHTTPException) -> Response:
+    kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    error = APIError(
+        exc.status_code,
+        str(exc.detail),
+        "invalid_request_error" if exc.status_code < 500 else "server_error",
+        None,
+        kinds.get(exc.status_code),
+        headers=dict(exc.headers or {}),
+    )
+    return error.response()
+
+
+async def api_error_handler(request: Request, exc: APIError) -> Response:
+    return exc.response()
+
+
+async def unhandled_handler(request: Request, exc: Exception) -> Response:
+    return from_exception(exc).response()

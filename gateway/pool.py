@@ -1,0 +1,227 @@
+"""The pool: which worker serves a request, and who waits when all are busy.
+
+Each served model has a ModelPool of supervisors. A request takes the ready
+worker with the fewest requests in flight; when every worker is at capacity it
+waits in a FIFO queue of bounded length, and is refused at once (with a
+Retry-After estimated from the recent completion rate) when the queue is full
+or the model has failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+
+from .config import ModelSpec, Settings
+from .metrics import Metrics
+from .rpc import Generation, WorkerGone
+from .supervisor import State, Supervisor
+
+log = logging.getLogger("gateway.pool")
+
+
+class Overloaded(Exception):
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelUnavailable(Exception):
+    pass
+
+
+class ModelPool:
+    def __init__(self, spec: ModelSpec, settings: Settings, metrics: Metrics):
+        self.spec = spec
+        self.settings = settings
+        self.metrics = metrics
+        self.capacity = settings.max_batch_size  # concurrent requests per worker
+        self.workers = [
+            Supervisor(f"{spec.name}/{i}", spec, settings, metrics, on_change=self._dispatch)
+            for i in range(settings.workers)
+        ]
+        self._waiters: deque[asyncio.Future] = deque()
+        self._completions: deque[float] = deque(maxlen=256)
+        self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
+
+    # --- state -----------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return any(w.ready for w in self.workers)
+
+    @property
+    def failed(self) -> bool:
+        return all(w.state is State.FAILED for w in self.workers)
+
+    @property
+    def failure(self) -> str:
+        return "; ".join(f"{w.id}: {w.failure}" for w in self.workers if w.failure)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def describe(self) -> dict:
+        state = "ready" if self.ready else "failed" if self.failed else "loading"
+        info = {"state": state, "waiting": self.waiting, "workers": [w.describe() for w in self.workers]}
+        if self.failed:
+            info["failure"] = self.failure
+        return info
+
+    # --- admission ---------------------------------------------------------------
+
+    def _pick(self) -> Supervisor | None:
+        best = None
+        for w in self.workers:
+            if w.ready and w.in_flight < self.capacity and (best is None or w.in_flight < best.in_flight):
+                best = w
+        return best
+
+    async def acquire(self) -> Supervisor:
+        if not self._waiters:
+            worker = self._pick()
+            if worker is not None:
+                worker.in_flight += 1
+                return worker
+        if self.failed:
+            raise ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
+        if len(self._waiters) >= self.settings.max_queue:
+            self.metrics.rejected_requests.labels(self.spec.name, "queue_full").inc()
+            raise Overloaded(
+                f"model {self.spec.name} is overloaded: {len(self._waiters)} requests are queued",
+                self.retry_after(),
+            )
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._waiting_gauge.set(len(self._waiters))
+        started = time.perf_counter()
+        try:
+            done, _ = await asyncio.wait({future}, timeout=self.settings.queue_timeout)
+        except asyncio.CancelledError:
+            self._abandon(future)
+            raise
+        finally:
+            self.metrics.request_queue_time.labels(self.spec.name).observe(time.perf_counter() - started)
+        if not done:
+            self._abandon(future)
+            self.metrics.rejected_requests.labels(self.spec.name, "queue_timeout").inc()
+            raise Overloaded(
+                f"no worker for model {self.spec.name} became free within "
+                f"{self.settings.queue_timeout:.0f}s",
+                self.retry_after(),
+            )
+        return future.result()  # raises ModelUnavailable if the model failed meanwhile
+
+    def _abandon(self, future: asyncio.Future) -> None:
+        if future.done() and not future.cancelled() and future.exception() is None:
+            self.release(future.result(), completed=False)  # it was handed a slot as it left
+        else:
+            future.cancel()
+        try:
+            self._waiters.remove(future)
+        except ValueError:
+            pass
+        self._waiting_gauge.set(len(self._waiters))
+
+    def release(self, worker: Supervisor, completed: bool = True) -> None:
+        worker.in_flight -= 1
+        if completed:
+            self._completions.append(time.monotonic())
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters in arrival order; fail them if the model failed."""
+        while self._waiters:
+            if self._waiters[0].done():
+                self._waiters.popleft()
+                continue
+            worker = self._pick()
+            if worker is None:
+                break
+            worker.in_flight += 1
+            self._waiters.popleft().set_result(worker)
+        if self.failed:
+            error = ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
+            while self._waiters:
+                future = self._waiters.popleft()
+                if not future.done():
+                    future.set_exception(error)
+        self._waiting_gauge.set(len(self._waiters))
+
+    def retry_after(self) -> int:
+        """Seconds until the queue would likely drain, from recent completions."""
+        now = time.monotonic()
+        recent = [t for t in self._completions if now - t < 60]
+        if len(recent) < 2:
+            return 1
+        rate = len(recent) / max(now - recent[0], 1e-3)
+        return max(1, min(60, math.ceil((len(self._waiters) + 1) / rate)))
+
+    # --- generation ------------------------------------------------------------
+
+    async def generate(self, params: dict, stream: bool) -> Generation:
+        """Start a generation; return once its first token (or its end) is in.
+
+        A worker that dies before producing any token costs the caller
+        nothing: the request is sent once more to another (or the restarted)
+        worker. After the first token, a death is the caller's error to see.
+        """
+        attempt = 0
+        while True:
+            worker = await self.acquire()
+            client = worker.client
+            try:
+                if client is None:
+                    raise WorkerGone("worker is restarting")
+                generation = await client.generate(params, stream)
+            except BaseException:
+                self.release(worker, completed=False)
+                raise
+            generation.result.add_done_callback(lambda _f, w=worker: self.release(w))
+            try:
+                await generation.wait_started()
+            except WorkerGone:
+                if attempt == 0 and not generation.started:
+                    attempt += 1
+                    self.metrics.retries.labels(self.spec.name).inc()
+                    log.warning("%s: worker died before the first token; retrying", self.spec.name)
+                    continue
+                raise
+            except BaseException:
+                generation.cancel()
+                raise
+            return generation
+
+
+class Pool:
+    """Every served model's ModelPool."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings = settings
+        self.models = {spec.name: ModelPool(spec, settings, metrics) for spec in settings.models}
+
+    @property
+    def workers(self) -> list[Supervisor]:
+        return [w for pool in self.models.values() for w in pool.workers]
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.models) and all(pool.ready for pool in self.models.values())
+
+    def health(self) -> dict:
+        return {
+            "status": "ok" if self.ready else "unavailable",
+            "models": {name: pool.describe() for name, pool in self.models.items()},
+            "workers": [w.describe() for w in self.workers],
+        }

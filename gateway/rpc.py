@@ -1,0 +1,267 @@
+"""The gateway's JSON-RPC client for one worker process.
+
+Many requests are in flight at once, matched by id. A background task reads
+the worker's stdout; `tokens` notifications are routed to the Generation they
+belong to. When the stream ends or turns to garbage, every pending call fails
+with WorkerGone at once, so no caller ever waits on a dead worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+from worker import protocol
+from worker.protocol import RPCError
+
+log = logging.getLogger("gateway.rpc")
+
+WRITE_TIMEOUT_S = 5.0
+
+
+class WorkerGone(Exception):
+    """The worker exited, closed its pipes or broke the protocol."""
+
+
+class Generation:
+    """A `generate` call in flight: its text deltas and its final result.
+
+    Deltas that arrive while the consumer is busy are merged, so a slow reader
+    costs one string per request, never a growing queue of chunks.
+    """
+
+    def __init__(self, client: WorkerClient, request_id: int, stream: bool):
+        self.client = client
+        self.id = request_id
+        self.stream = stream
+        self.result: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._parts: list[str] = []
+        self._tokens = 0
+        self._wake = asyncio.Event()
+        self.tokens_seen = 0
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
+
+    @property
+    def started(self) -> bool:
+        """Whether any token has come back (after which a retry is unsafe)."""
+        return self.tokens_seen > 0
+
+    def _push(self, text: str, tokens: int, now: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+        elif tokens:
+            self.gaps.append((now - self.last_token_at, tokens))
+        self.last_token_at = now
+        self.tokens_seen += tokens
+        if text:
+            self._parts.append(text)
+        self._tokens += tokens
+        self._wake.set()
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.result.done():
+            return
+        if error is not None:
+            self.result.set_exception(error)
+            # Mark it retrieved: a caller that already left must not trigger
+            # "exception was never retrieved" noise.
+            self.result.exception()
+        else:
+            self.result.set_result(result)
+        self._wake.set()
+
+    async def wait_started(self) -> None:
+        """Wait for the first token or the end, whichever comes first."""
+        while not self.started and not self.result.done():
+            self._wake.clear()
+            await self._wake.wait()
+        if self.result.done() and self.result.exception() is not None:
+            raise self.result.exception()
+
+    async def next(self) -> tuple[str, int] | None:
+        """Text and token count that arrived since the last call; None at the end.
+
+        Raises the call's error once the pending text is consumed.
+        """
+        while True:
+            if self._parts or self._tokens:
+                text = "".join(self._parts)
+                tokens = self._tokens
+                self._parts.clear()
+                self._tokens = 0
+                return text, tokens
+            if self.result.done():
+                error = self.result.exception()
+                if error is not None:
+                    raise error
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def wait(self) -> Any:
+        """The final result. Shielded: a caller that gives up must not cancel
+        the future the reader will still resolve."""
+        return await asyncio.shield(self.result)
+
+    def cancel(self) -> None:
+        """Ask the worker to drop this request. Never blocks; safe in a finally."""
+        if self.client.is_pending(self.id):
+            self.client.notify_cancel(self.id)
+
+
+class WorkerClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+        self.name = name
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future] = {}
+        self._generations: dict[int, Generation] = {}
+        self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.protocol_errors = 0
+        self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._generations)
+
+    def is_pending(self, request_id: int) -> bool:
+        return request_id in self._generations
+
+    async def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+        if self.is_closed:
+            raise WorkerGone(self.closed.result())
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._calls[request_id] = future
+        try:
+            await self._send(protocol.encode(protocol.Request(method, params or {}, request_id)))
+            async with asyncio.timeout(timeout):
+                return await future
+        finally:
+            self._calls.pop(request_id, None)
+
+    async def generate(self, params: dict, stream: bool) -> Generation:
+        if self.is_closed:
+            raise WorkerGone(self.closed.result())
+        request_id = next(self._ids)
+        generation = Generation(self, request_id, stream)
+        self._generations[request_id] = generation
+        frame = protocol.encode(protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id))
+        try:
+            await self._send(frame)
+        except BaseException:
+            self._generations.pop(request_id, None)
+            raise
+        return generation
+
+    def notify_cancel(self, request_id: int) -> None:
+        """Send `cancel` without waiting; the worker's answer is not needed."""
+        if self.is_closed:
+            return
+        frame = protocol.encode(
+            protocol.Request(protocol.CANCEL, {"request_id": request_id}, next(self._ids))
+        )
+        try:
+            self._writer.write(frame)
+        except (ConnectionError, RuntimeError):
+            pass
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            self._writer.write(frame)
+            # Bounded: a worker that stopped reading stdin must not hang us.
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                await self._writer.drain()
+        except (ConnectionError, RuntimeError) as exc:
+            raise WorkerGone(f"cannot write to worker: {exc}") from None
+        except TimeoutError:
+            raise WorkerGone("worker stopped reading its stdin") from None
+
+    async def _read_loop(self) -> None:
+        reason = "worker closed its stdout"
+        try:
+            while True:
+                try:
+                    line = await protocol.read_frame(self._reader)
+                except protocol.FrameError as exc:
+                    self.protocol_errors += 1
+                    reason = f"corrupt protocol stream: {exc}"
+                    break
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    msg = protocol.decode(line)
+                except RPCError as exc:
+                    # Garbage on the pipe (a stray print): count it, keep going.
+                    self.protocol_errors += 1
+                    log.warning("%s: unreadable frame (%s): %.200r", self.name, exc.message, line)
+                    continue
+                self._dispatch(msg)
+        except asyncio.CancelledError:
+            reason = "client closed"
+            raise
+        except Exception as exc:  # never let a bug here strand the callers
+            log.exception("%s: reader failed", self.name)
+            reason = f"reader failed: {exc}"
+        finally:
+            self._fail_all(reason)
+
+    def _dispatch(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Request):
+            if msg.method == protocol.TOKENS:
+                now = time.perf_counter()
+                for delta in msg.params.get("deltas", ()):
+                    generation = self._generations.get(delta.get("request_id"))
+                    if generation is not None:
+                        generation._push(delta.get("text", ""), delta.get("tokens", 0), now)
+            else:
+                log.debug("%s: ignoring notification %s", self.name, msg.method)
+            return
+        generation = self._generations.pop(msg.id, None)
+        if generation is not None:
+            generation._finish(msg.result, msg.error)
+            return
+        future = self._calls.get(msg.id)
+        if future is None or future.done():
+            if msg.error is not None and msg.id is None:
+                log.warning("%s: worker reported %s", self.name, msg.error.message)
+            return
+        if msg.error is not None:
+            future.set_exception(msg.error)
+        else:
+            future.set_result(msg.result)
+
+    def _fail_all(self, reason: str) -> None:
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        error = WorkerGone(reason)
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(error)
+        for generation in self._generations.values():
+            generation._finish(error=error)
+        self._calls.clear()
+        self._generations.clear()
+
+    async def close(self) -> None:
+        """Stop reading; pending calls fail. The process is the supervisor's."""
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._fail_all("client closed")

@@ -1,0 +1,325 @@
+"""One supervisor per worker process: spawn, load, watch, restart, stop.
+
+The life of a worker:
+
+    starting -> loading -> ready --(exit, EOF, missed heartbeat)--> backoff -> starting ...
+                                 \\--(stop)--> stopping -> stopped
+    too many crashes within the restart window -> failed
+
+Every wait is bounded and nothing here blocks the event loop: the process is
+an asyncio subprocess, and stopping it escalates shutdown RPC -> close stdin
+-> SIGTERM -> SIGKILL with a deadline at each step. A worker also exits on
+its own when its stdin closes, so none outlives a gateway that was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+
+from worker import protocol
+
+from .config import ModelSpec, Settings
+from .metrics import Metrics
+from .rpc import WorkerClient, WorkerGone
+
+log = logging.getLogger("gateway.supervisor")
+worker_log = logging.getLogger("gateway.worker")
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    BACKOFF = "backoff"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        worker_id: str,
+        spec: ModelSpec,
+        settings: Settings,
+        metrics: Metrics,
+        on_change: Callable[[], None] = lambda: None,
+    ):
+        self.id = worker_id
+        self.spec = spec
+        self.settings = settings
+        self.metrics = metrics
+        self._on_change = on_change
+        self.state = State.STOPPED
+        self.client: WorkerClient | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self.in_flight = 0
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self.failure: str | None = None
+        self.ready_since: float | None = None
+        self._crashes: deque[float] = deque()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._up = metrics.worker_up.labels(spec.name, worker_id)
+
+    # --- public ----------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.returncode is None else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY and self.client is not None and not self.client.is_closed
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name=f"supervisor-{self.id}")
+
+    async def stop(self) -> None:
+        """Stop the worker for good: drain nothing, just end it cleanly."""
+        self._stopping.set()
+        if self._task is not None:
+            # _run's cleanup does the escalation; this bound is a last resort.
+            limit = self.settings.worker_stop_timeout * 2 + 10
+            try:
+                async with asyncio.timeout(limit):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                log.error("%s: did not stop within %.0fs; killing", self.id, limit)
+                self._kill()
+                self._task.cancel()
+        self._set_state(State.STOPPED)
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "pid": self.pid,
+            "state": self.state.value,
+            "model": self.spec.name,
+            "in_flight": self.in_flight,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "failure": self.failure,
+        }
+
+    # --- the loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self.settings.restart_backoff
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            reason = await self._serve_once()
+            if self._stopping.is_set():
+                break
+            self.restarts += 1
+            self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
+            now = time.monotonic()
+            if self.ready_since is not None and now - self.ready_since > self.settings.restart_window:
+                backoff = self.settings.restart_backoff  # it ran well for a while
+            self._crashes.append(now)
+            while self._crashes and now - self._crashes[0] > self.settings.restart_window:
+                self._crashes.popleft()
+            if len(self._crashes) > self.settings.max_restarts:
+                self.failure = (
+                    f"worker died {len(self._crashes)} times within "
+                    f"{self.settings.restart_window:.0f}s; last: {self.last_exit}"
+                )
+                log.error("%s: giving up: %s", self.id, self.failure)
+                self._set_state(State.FAILED)
+                return
+            log.warning(
+                "%s: worker lost after %.1fs (%s); restarting in %.0fs",
+                self.id, now - started, self.last_exit, backoff,
+            )
+            self._set_state(State.BACKOFF)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await self._stopping.wait()
+            backoff = min(backoff * 2, self.settings.restart_backoff_max)
+
+    async def _serve_once(self) -> str:
+        """Run one worker process to its end; return why it ended."""
+        self._set_state(State.STARTING)
+        self.ready_since = None
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                self.settings.worker_python, "-m", "worker",
+                "--log-level", self.settings.log_level,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=protocol.MAX_FRAME_BYTES + 1,
+                # Its own session: a Ctrl-C meant for the gateway must not
+                # reach the worker before the gateway has drained it.
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError as exc:
+            self.last_exit = f"spawn failed: {exc}"
+            return "spawn_failed"
+        proc = self.process
+        relay = asyncio.create_task(self._relay_stderr(proc), name=f"stderr-{self.id}")
+        client = WorkerClient(proc.stdout, proc.stdin, self.id)
+        self.client = client
+        reason = "crash"
+        try:
+            reason = await self._load(client)
+            if reason == "ready":
+                self.ready_since = time.monotonic()
+                self._set_state(State.READY)
+                reason = await self._watch(client)
+        finally:
+            await self._end(proc, client, graceful=self._stopping.is_set())
+            relay.cancel()
+            if client.protocol_errors:
+                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(client.protocol_errors)
+        if reason == "crash":
+            self.last_exit = _describe_exit(proc.returncode, client.closed)
+        return reason
+
+    async def _load(self, client: WorkerClient) -> str:
+        self._set_state(State.LOADING)
+        params = {
+            "path": self.spec.path,
+            "name": self.spec.name,
+            "max_batch_size": self.settings.max_batch_size,
+            "prefill_step_size": self.settings.prefill_step_size,
+        }
+        load = asyncio.ensure_future(client.call(protocol.LOAD_MODEL, params))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {load, stop}, timeout=self.settings.load_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop.cancel()
+            if not load.done():
+                load.cancel()
+        if stop in done or self._stopping.is_set():
+            return "stopped"
+        if load not in done:
+            self.last_exit = f"load timed out after {self.settings.load_timeout:.0f}s"
+            return "load_timeout"
+        error = load.exception()
+        if isinstance(error, WorkerGone):
+            return "crash"
+        if error is not None:
+            self.last_exit = f"load failed: {error}"
+            log.error("%s: %s", self.id, self.last_exit)
+            return "load_failed"
+        info = load.result()
+        log.info("%s: pid %s loaded %s in %.2fs", self.id, self.pid, self.spec.name, info.get("load_s", 0))
+        return "ready"
+
+    async def _watch(self, client: WorkerClient) -> str:
+        """Heartbeat until the worker dies, wedges or we are told to stop."""
+        interval = self.settings.heartbeat_interval
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {client.closed, stop}, timeout=interval, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop in done:
+                    return "stopped"
+                if client.closed in done:
+                    return "crash"
+                try:
+                    await client.call(protocol.HEALTH, timeout=self.settings.heartbeat_timeout)
+                except TimeoutError:
+                    self.last_exit = (
+                        f"no heartbeat answer within {self.settings.heartbeat_timeout:.1f}s; killed"
+                    )
+                    log.error("%s: %s", self.id, self.last_exit)
+                    return "heartbeat"
+                except WorkerGone:
+                    return "crash"
+                except protocol.RPCError as exc:
+                    log.warning("%s: health answered an error: %s", self.id, exc.message)
+        finally:
+            stop.cancel()
+
+    async def _end(self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool) -> None:
+        """Make sure the process is gone; politely first when stopping on purpose."""
+        if graceful and proc.returncode is None:
+            self._set_state(State.STOPPING)
+            with contextlib.suppress(WorkerGone, TimeoutError, protocol.RPCError):
+                await client.call(protocol.SHUTDOWN, timeout=2.0)
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        if graceful:
+            if await _wait_exit(proc, self.settings.worker_stop_timeout):
+                await client.close()
+                return
+            log.warning("%s: still running %.0fs after stdin closed; SIGTERM", self.id, self.settings.worker_stop_timeout)
+            _signal(proc, signal.SIGTERM)
+            if await _wait_exit(proc, self.settings.worker_stop_timeout):
+                await client.close()
+                return
+        # A crashed or wedged worker gets no courtesy.
+        _signal(proc, signal.SIGKILL)
+        await _wait_exit(proc, 10.0)
+        await client.close()
+
+    def _kill(self) -> None:
+        if self.process is not None:
+            _signal(self.process, signal.SIGKILL)
+
+    async def _relay_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        prefix = f"[{self.id} pid {proc.pid}]"
+        try:
+            while True:
+                try:
+                    line = await proc.stderr.readline()
+                except ValueError:  # an absurdly long line: skip it
+                    continue
+                if not line:
+                    return
+                worker_log.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip()[:4000])
+        except asyncio.CancelledError:
+            pass
+
+    def _set_state(self, state: State) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        self._up.set(1 if state is State.READY else 0)
+        self._on_change()
+
+
+async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+        return True
+    except TimeoutError:
+        return False
+
+
+def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def _describe_exit(returncode: int | None, closed: asyncio.Future) -> str:
+    if returncode is None:
+        reason = closed.result() if closed.done() else "unknown"
+        return f"lost contact: {reason}"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"

@@ -1,0 +1,287 @@
+"""The built-in demo model: a small llama with random weights, made offline.
+
+It is a real mlx-lm checkpoint (config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json with a chat template) so every code path that serves a
+downloaded model serves this one too. The tokenizer is word-level over a
+built-in word list, so sampled text reads as words. A few hand-set weights
+make it behave like a chat model: it ends most replies with its end-of-turn
+token after a few dozen words and rarely picks single-character tokens.
+
+Generation is deterministic for a given preset and seed, and cached under the
+user's cache directory, so the first `serve` builds it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEMO_MODEL_NAME = "mlx-gateway-demo"
+GENERATOR_VERSION = 1
+
+END_TOKEN = "<|end|>"
+ROLE_TOKENS = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "tool": "<|tool|>",
+}
+SPECIAL_TOKENS = ["<unk>", END_TOKEN, *ROLE_TOKENS.values()]
+SPACE = "\u2581"  # sentencepiece's word-boundary marker
+PUNCTUATION = [".", ",", "!", "?", ";", ":", "'"]
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] if message['role'] in "
+    "['system', 'user', 'assistant', 'tool'] else 'system' -%}"
+    "<|{{ role }}|> {{ message['content'] if message['content'] is string else '' }}"
+    "<|end|>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 4096
+
+
+PRESETS = {
+    # Tests: loads in well under a second and decodes thousands of tokens/s.
+    "tiny": Preset(64, 2, 128, 4, 2),
+    # `serve` with no --model: small enough for any laptop, big enough that
+    # the engine, not the gateway, is the bottleneck.
+    "small": Preset(512, 8, 1536, 8, 4),
+}
+
+
+def words() -> list[str]:
+    text = (Path(__file__).with_name("demo_words.txt")).read_text(encoding="utf-8")
+    seen: dict[str, None] = {}
+    for word in text.split():
+        seen.setdefault(word.lower(), None)
+    return list(seen)
+
+
+def vocabulary() -> list[str]:
+    """Token strings by id: specials, layout, punctuation, words, single characters."""
+    vocab = [*SPECIAL_TOKENS, "\n", SPACE, *PUNCTUATION]
+    vocab += [SPACE + w for w in words()]
+    # Single printable characters let any string be spelled out, which
+    # constrained decoding needs to produce arbitrary JSON.
+    taken = set(vocab)
+    vocab += [chr(c) for c in range(33, 127) if chr(c) not in taken]
+    return vocab
+
+
+def _tokenizer_json(vocab: list[str]) -> str:
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[ \t\r]+"), " "),
+         # A word after a line break still starts a word.
+         normalizers.Replace("\n", "\n ")]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    # Exactly the sentencepiece decoder, so mlx-lm picks its fast streaming
+    # detokenizer for this tokenizer.
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace(SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok.to_str()
+
+
+def _tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1_000_000,
+        "unk_token": "<unk>",
+        "eos_token": END_TOKEN,
+        "pad_token": END_TOKEN,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _model_config(preset: Preset, vocab_size: int) -> dict:
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": preset.hidden_size,
+        "num_hidden_layers": preset.num_hidden_layers,
+        "intermediate_size": preset.intermediate_size,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.num_key_value_heads,
+        "max_position_embeddings": preset.max_position_embeddings,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": 1,
+        "torch_dtype": "float32",
+    }
+
+
+def _weights(config: dict, vocab: list[str], seed: int) -> dict:
+    """Random llama weights plus a constant residual channel used as a bias.
+
+    Channel 0 of the residual stream is held at a constant (the embeddings set
+    it, no layer writes to it), so a column of the output projection acts as a
+    per-token logit bias: words get none, single characters a negative one,
+    the end-of-turn token a positive one and the other specials a large
+    negative one.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.eval()
+    params = dict(tree_flatten(model.parameters()))
+    hidden = config["hidden_size"]
+
+    embed = params["model.embed_tokens.weight"]
+    embed[:, 0] = 4.0
+    params["model.embed_tokens.weight"] = embed
+    for name in list(params):
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            w = params[name]
+            w[0, :] = 0.0
+            params[name] = w
+
+    # Measure the final hidden state on a sample to calibrate the output layer.
+    model.load_weights(list(params.items()))
+    sample = mx.random.randint(len(SPECIAL_TOKENS), len(vocab), (1, 64))
+    h = model.model(sample)[0]
+    mx.eval(h)
+    channel = float(h[:, 0].mean())
+    # Only the part of the hidden state that changes with the context may
+    # move the logits; the shared part would favour one word everywhere.
+    mean = h[:, 1:].mean(axis=0)
+    direction = mean / mx.linalg.norm(mean)
+    spread = float(mx.sqrt(((h[:, 1:] - mean) ** 2).mean()))
+
+    word_scale = 2.0  # logit standard deviation across words
+    head = mx.random.normal((len(vocab), hidden - 1)) * (word_scale / (spread * hidden**0.5))
+    head = head - (head @ direction)[:, None] * direction[None, :]
+    head = mx.concatenate([mx.zeros((len(vocab), 1)), head], axis=1)
+    bias = []
+    for token in vocab:
+        if token == END_TOKEN:
+            bias.append(5.5)
+        elif token in SPECIAL_TOKENS:
+            bias.append(-30.0)
+        elif token.startswith(SPACE) and len(token) > 1 or token in PUNCTUATION:
+            bias.append(0.0)
+        else:
+            bias.append(-4.0)
+    head[:, 0] = mx.array(bias) / channel
+    # The end-of-turn logit should not depend on the context.
+    end = vocab.index(END_TOKEN)
+    head[end, 1:] = 0.0
+    params["lm_head.weight"] = head
+    mx.eval(params)
+    return params
+
+
+def default_cache_dir() -> Path:
+    override = os.environ.get("MLX_GATEWAY_CACHE_DIR")
+    if override:
+        return Path(override)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "mlx-gateway"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx-gateway"
+
+
+def build(path: Path, preset: str = "small", seed: int = 0) -> Path:
+    """Write the demo checkpoint to `path` (a new directory)."""
+    import mlx.core as mx
+
+    spec = PRESETS[preset]
+    vocab = vocabulary()
+    config = _model_config(spec, len(vocab))
+    weights = _weights(config, vocab, seed)
+    path.mkdir(parents=True, exist_ok=False)
+    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "tokenizer.json").write_text(_tokenizer_json(vocab))
+    (path / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+    (path / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": END_TOKEN, "unk_token": "<unk>", "pad_token": END_TOKEN})
+    )
+    return path
+
+
+def ensure(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """The cached demo checkpoint for this preset and seed, built on first use."""
+    key = json.dumps(
+        {"v": GENERATOR_VERSION, "preset": asdict(PRESETS[preset]), "seed": seed,
+         "words": hashlib.sha256(" ".join(words()).encode()).hexdigest()},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    root = cache_dir or default_cache_dir()
+    final = root / f"demo-{preset}-{digest}"
+    if (final / "config.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so concurrent first runs never see
+    # a half-written checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root))
+    try:
+        build(staging / "model", preset, seed)
+        try:
+            os.replace(staging / "model", final)
+        except OSError:
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the demo model and print its path.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, help="write here instead of the cache")
+    args = parser.parse_args(argv)
+    if args.output:
+        print(build(args.output, args.preset, args.seed))
+    else:
+        print(ensure(args.preset, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The wire protocol between the gateway and a worker, defined in one place.
+
+Transport: newline-delimited JSON-RPC 2.0. The gateway writes requests to the
+worker's stdin; the worker writes responses and notifications to its stdout.
+stderr carries logs only. One frame is one JSON object on one line; JSON
+escapes newlines inside strings, so a raw b"\\n" only ever ends a frame.
+A trailing b"\\r" is tolerated (CRLF pipes).
+
+Methods (gateway -> worker):
+
+    load_model  {"path": str, "max_batch_size"?: int, "prefill_step_size"?: int}
+                -> {"model": str, "context_length": int | None, "load_s": float}
+    generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
+                plus sampling: max_tokens, temperature, top_p, top_k, min_p,
+                seed, stop (list of strings), stream (bool)
+                -> {"text", "finish_reason", "usage", "timings", "memory"}
+                While it runs with stream=true the worker sends `tokens`
+                notifications carrying the text deltas.
+    cancel      {"request_id": id} -> {"cancelled": bool}
+                The cancelled `generate` then fails with CANCELLED.
+    health      {} -> {"state", "model", "active", "queued", "pid", "memory", ...}
+    shutdown    {} -> {"ok": true}; the worker exits after replying.
+
+Notification (worker -> gateway):
+
+    tokens      {"deltas": [{"request_id": id, "text": str, "tokens": int}, ...]}
+                One notification per decode step carries the deltas of every
+                request that advanced in that step. `tokens` counts the tokens
+                behind the delta; `text` may be empty while the detokenizer or
+                a possible stop string holds text back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import orjson
+
+JSONRPC_VERSION = "2.0"
+
+# A frame may hold a long prompt; anything bigger is a bug or an attack.
+MAX_FRAME_BYTES = 32 * 1024 * 1024
+
+# Standard JSON-RPC 2.0 error codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+# Server error codes (the range JSON-RPC reserves for implementations).
+MODEL_NOT_LOADED = -32000
+OVERLOADED = -32001
+CANCELLED = -32002
+CONTEXT_LENGTH_EXCEEDED = -32003
+OUT_OF_MEMORY = -32004
+SHUTTING_DOWN = -32005
+
+ERROR_NAMES = {
+    PARSE_ERROR: "parse_error",
+    INVALID_REQUEST: "invalid_request",
+    METHOD_NOT_FOUND: "method_not_found",
+    INVALID_PARAMS: "invalid_params",
+    INTERNAL_ERROR: "internal_error",
+    MODEL_NOT_LOADED: "model_not_loaded",
+    OVERLOADED: "overloaded",
+    CANCELLED: "cancelled",
+    CONTEXT_LENGTH_EXCEEDED: "context_length_exceeded",
+    OUT_OF_MEMORY: "out_of_memory",
+    SHUTTING_DOWN: "shutting_down",
+}
+
+# Method and notification names.
+LOAD_MODEL = "load_model"
+GENERATE = "generate"
+CANCEL = "cancel"
+HEALTH = "health"
+SHUTDOWN = "shutdown"
+TOKENS = "tokens"
+
+RequestId = int | str
+
+
+class FrameError(Exception):
+    """The byte stream does not hold a well-formed frame."""
+
+
+class FrameTooLarge(FrameError):
+    pass
+
+
+class TruncatedFrame(FrameError):
+    """EOF arrived in the middle of a frame."""
+
+
+class EmbeddedNewline(FrameError):
+    pass
+
+
+class RPCError(Exception):
+    """A JSON-RPC error object, raised on the caller's side or sent by a handler."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+    @property
+    def name(self) -> str:
+        return ERROR_NAMES.get(self.code, "server_error")
+
+    def to_dict(self) -> dict:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    def __repr__(self) -> str:
+        return f"RPCError({self.code}, {self.message!r})"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    params: dict = field(default_factory=dict)
+    id: RequestId | None = None  # None makes it a notification
+
+    @property
+    def is_notification(self) -> bool:
+        return self.id is None
+
+    def to_dict(self) -> dict:
+        msg: dict[str, Any] = {"jsonrpc": JSONRPC_VERSION, "method": self.method}
+        if self.params:
+            msg["params"] = self.params
+        if self.id is not None:
+            msg["id"] = self.id
+        return msg
+
+
+@dataclass(slots=True)
+class Response:
+    id: RequestId | None
+    result: Any = None
+    error: RPCError | None = None
+
+    def to_dict(self) -> dict:
+        msg: dict[str, Any] = {"jsonrpc": JSONRPC_VERSION, "id": self.id}
+        if self.error is not None:
+            msg["error"] = self.error.to_dict()
+        else:
+            msg["result"] = self.result
+        return msg
+
+
+Message = Request | Response
+
+
+# --- framing -----------------------------------------------------------------
+
+
+def frame(payload: bytes, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """Terminate one serialized message with a newline, refusing bad payloads."""
+    if b"\n" in payload:
+        raise EmbeddedNewline("a frame payload may not contain a raw newline")
+    if len(payload) > max_bytes:
+        raise FrameTooLarge(f"frame of {len(payload)} bytes exceeds {max_bytes}")
+    return payload + b"\n"
+
+
+def encode(message: Message | dict, max_bytes: int = MAX_FRAME_BYTES) -> bytes:
+    """Serialize a message to one frame (orjson never emits a raw newline)."""
+    obj = message if isinstance(message, dict) else message.to_dict()
+    data = orjson.dumps(obj)
+    if len(data) > max_bytes:
+        raise FrameTooLarge(f"frame of {len(data)} bytes exceeds {max_bytes}")
+    return data + b"\n"
+
+
+def strip_line(line: bytes) -> bytes:
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    return line
+
+
+class FrameReader:
+    """Reads frames from a blocking binary stream (the worker's stdin)."""
+
+    def __init__(self, stream: BinaryIO, max_bytes: int = MAX_FRAME_BYTES):
+        self._stream = stream
+        self._max = max_bytes
+
+    def read(self) -> bytes | None:
+        """One frame without its terminator; None on a clean EOF.
+
+        Raises TruncatedFrame on EOF inside a frame and FrameTooLarge for an
+        oversized one (whose remainder is skipped, so reading can go on).
+        """
+        line = self._stream.readline(self._max + 1)
+        if not line:
+            return None
+        if line.endswith(b"\n"):
+            return strip_line(line)
+        if len(line) <= self._max:
+            raise TruncatedFrame(f"EOF after {len(line)} bytes of an unterminated frame")
+        self._skip_rest()
+        raise FrameTooLarge(f"frame exceeds {self._max} bytes")
+
+    def _skip_rest(self) -> None:
+        while True:
+            chunk = self._stream.readline(1 << 20)
+            if not chunk or chunk.endswith(b"\n"):
+                return
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """Async twin of FrameReader.read for the gateway's side of the pipe.
+
+    The StreamReader's `limit` is the frame cap; an oversized frame leaves the
+    stream unusable, so the caller must treat FrameTooLarge as fatal.
+    """
+    try:
+        line = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise TruncatedFrame(
+            f"EOF after {len(exc.partial)} bytes of an unterminated frame"
+        ) from None
+    except asyncio.LimitOverrunError as exc:
+        raise FrameTooLarge(f"frame exceeds {reader._limit} bytes") from exc  # noqa: SLF001
+    return strip_line(line)
+
+
+# --- decoding ------------------------------------------------------------------
+
+
+def decode(line: bytes) -> Message:
+    """Parse one frame into a Request or Response.
+
+    Raises RPCError(PARSE_ERROR) for bad JSON and RPCError(INVALID_REQUEST) for
+    JSON that is not a JSON-RPC 2.0 message. The error's `data` carries the id
+    when one could be read, so the receiver can still answer it.
+    """
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise RPCError(PARSE_ERROR, f"parse error: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RPCError(INVALID_REQUEST, "a message must be a JSON object")
+    msg_id = obj.get("id")
+    if msg_id is not None and not isinstance(msg_id, (int, str)) or isinstance(msg_id, bool):
+        raise RPCError(INVALID_REQUEST, "id must be a string, an integer or absent")
+    if obj.get("jsonrpc") != JSONRPC_VERSION:
+        raise RPCError(INVALID_REQUEST, 'jsonrpc must be "2.0"', {"id": msg_id})
+    if "method" in obj:
+        method = obj["method"]
+        if not isinstance(method, str) or not method:
+            raise RPCError(INVALID_REQUEST, "method must be a non-empty string", {"id": msg_id})
+        params = obj.get("params", {})
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise RPCError(INVALID_PARAMS, "params must be an object", {"id": msg_id})
+        return Request(method=method, params=params, id=msg_id)
+    if "result" in obj or "error" in obj:
+        error = obj.get("error")
+        if error is not None:
+            if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+                raise RPCError(INVALID_REQUEST, "malformed error object", {"id": msg_id})
+            err = RPCError(error["code"], str(error.get("message", "")), error.get("data"))
+            return Response(id=msg_id, error=err)
+        return Response(id=msg_id, result=obj.get("result"))
+    raise RPCError(INVALID_REQUEST, "neither a request nor a response", {"id": msg_id})
+
+
+def error_response(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
+    return encode(Response(id=request_id, error=RPCError(code, message, data)))
+
+
+def result_response(request_id: RequestId | None, result: Any) -> bytes:
+    return encode(Response(id=request_id, result=result))
+
+
+def notification(method: str, params: dict) -> bytes:
+    return encode(Request(method=method, params=params))
