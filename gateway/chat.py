@@ -23,6 +23,8 @@ def sampling_params(req: SamplingFields, max_tokens: int | None) -> dict[str, An
             params[name] = value
     if req.stop:
         params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.ignore_eos:
+        params["ignore_eos"] = True
     return params
 
 
@@ -116,8 +118,13 @@ class ChunkEncoder:
     def _choice(self, delta: bytes, finish_reason: str | None = None) -> bytes:
         finish = orjson.dumps(finish_reason)
         return (
-            self._head + b'[{"index":0,"delta":' + delta
-            + b',"logprobs":null,"finish_reason":' + finish + b"}]" + self._tail
+            self._head
+            + b'[{"index":0,"delta":'
+            + delta
+            + b',"logprobs":null,"finish_reason":'
+            + finish
+            + b"}]"
+            + self._tail
         )
 
     def role(self, text: str = "") -> bytes:

@@ -17,8 +17,15 @@ from .config import ModelSpec
 
 HF_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 HF_PATTERNS = [
-    "*.json", "model*.safetensors", "*.py", "tokenizer.model", "*.tiktoken",
-    "tiktoken.model", "*.txt", "*.jsonl", "*.jinja",
+    "*.json",
+    "model*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
 ]
 
 
@@ -34,12 +41,16 @@ def resolve(arg: str | None) -> ModelSpec:
     if arg == "demo" or arg.startswith("demo:"):
         preset = arg.partition(":")[2] or "small"
         if preset not in demo.PRESETS:
-            raise ModelSourceError(f"unknown demo preset {preset!r}; choose from {sorted(demo.PRESETS)}")
+            raise ModelSourceError(
+                f"unknown demo preset {preset!r}; choose from {sorted(demo.PRESETS)}"
+            )
         return ModelSpec(name or demo.DEMO_MODEL_NAME, str(demo.ensure(preset)))
     path = Path(arg).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelSourceError(f"{path} has no config.json, so it is not an MLX model directory")
+            raise ModelSourceError(
+                f"{path} has no config.json, so it is not an MLX model directory"
+            )
         return ModelSpec(name or path.name, str(path.resolve()))
     if path.exists():
         raise ModelSourceError(f"{path} is a file; --model needs a model directory")

@@ -45,9 +45,13 @@ def add(
             default = _truthy(raw)
         else:
             default = type(raw)
-    help = f"{help} [env {var}" + (f"; default {default}]" if default not in (None, [], False) else "]")
+    help = f"{help} [env {var}" + (
+        f"; default {default}]" if default not in (None, [], False) else "]"
+    )
     if switch:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=bool(default), help=help)
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=bool(default), help=help
+        )
     elif repeat:
         parser.add_argument(flag, action="append", default=None, help=help)
         parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
@@ -58,8 +62,13 @@ def add(
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = Settings()
     p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
-    add(p, "--model", "a local MLX model directory, a Hugging Face id or demo[:preset]; "
-        "prefix NAME= to set the served id; repeat to serve several", repeat=True)
+    add(
+        p,
+        "--model",
+        "a local MLX model directory, a Hugging Face id or demo[:preset]; "
+        "prefix NAME= to set the served id; repeat to serve several",
+        repeat=True,
+    )
     add(p, "--workers", "worker processes per model", int, d.workers)
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
@@ -67,21 +76,46 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
     add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
-    add(p, "--prefill-step-size", "prompt tokens per step, interleaved with decoding", int,
-        d.prefill_step_size)
+    add(
+        p,
+        "--prefill-step-size",
+        "prompt tokens per step, interleaved with decoding",
+        int,
+        d.prefill_step_size,
+    )
     add(p, "--max-queue", "requests allowed to wait per model before 503", int, d.max_queue)
     add(p, "--queue-timeout", "seconds a request may wait for a worker", float, d.queue_timeout)
     add(p, "--request-timeout", "seconds a request may take in all", float, d.request_timeout)
     add(p, "--load-timeout", "seconds a worker may take to load its model", float, d.load_timeout)
-    add(p, "--heartbeat-interval", "seconds between worker health checks", float,
-        d.heartbeat_interval)
-    add(p, "--heartbeat-timeout", "seconds a worker has to answer a health check", float,
-        d.heartbeat_timeout)
-    add(p, "--max-restarts", "crashes within the restart window before a model is failed", int,
-        d.max_restarts)
+    add(
+        p,
+        "--heartbeat-interval",
+        "seconds between worker health checks",
+        float,
+        d.heartbeat_interval,
+    )
+    add(
+        p,
+        "--heartbeat-timeout",
+        "seconds a worker has to answer a health check",
+        float,
+        d.heartbeat_timeout,
+    )
+    add(
+        p,
+        "--max-restarts",
+        "crashes within the restart window before a model is failed",
+        int,
+        d.max_restarts,
+    )
     add(p, "--restart-window", "seconds over which crashes are counted", float, d.restart_window)
-    add(p, "--shutdown-grace", "seconds in-flight requests get to finish on shutdown", float,
-        d.shutdown_grace)
+    add(
+        p,
+        "--shutdown-grace",
+        "seconds in-flight requests get to finish on shutdown",
+        float,
+        d.shutdown_grace,
+    )
     p.set_defaults(func=serve)
     return p
 
@@ -146,7 +180,11 @@ def serve(args: argparse.Namespace) -> int:
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C after a clean shutdown; nothing to report.
+        return 130
     return 0
 
 

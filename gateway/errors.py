@@ -35,12 +35,21 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> Response:
         return Response(
-            orjson.dumps(self.body()), status_code=self.status,
-            media_type="application/json", headers=self.headers,
+            orjson.dumps(self.body()),
+            status_code=self.status,
+            media_type="application/json",
+            headers=self.headers,
         )
 
 
@@ -50,7 +59,11 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def model_not_found(model: str) -> APIError:
     return APIError(
-        404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found"
+        404,
+        f"The model `{model}` does not exist.",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
     )
 
 
@@ -60,28 +73,42 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, Overloaded):
         return APIError(
-            503, str(exc), "server_error", None, "overloaded",
+            503,
+            str(exc),
+            "server_error",
+            None,
+            "overloaded",
             headers={"Retry-After": str(exc.retry_after)},
         )
     if isinstance(exc, ModelUnavailable):
         return APIError(503, str(exc), "server_error", "model", "model_unavailable")
     if isinstance(exc, WorkerGone):
         return APIError(
-            502, f"the worker serving this request stopped: {exc}", "server_error", None, "worker_crashed"
+            502,
+            f"the worker serving this request stopped: {exc}",
+            "server_error",
+            None,
+            "worker_crashed",
         )
     if isinstance(exc, TimeoutError):
         return APIError(504, "the request timed out", "server_error", None, "timeout")
     if isinstance(exc, protocol.RPCError):
         if exc.code == protocol.CONTEXT_LENGTH_EXCEEDED:
-            return APIError(400, exc.message, "invalid_request_error", "messages", "context_length_exceeded")
+            return APIError(
+                400, exc.message, "invalid_request_error", "messages", "context_length_exceeded"
+            )
         if exc.code == protocol.INVALID_PARAMS:
             return APIError(400, exc.message, "invalid_request_error", None, "invalid_value")
         if exc.code in (protocol.OVERLOADED, protocol.SHUTTING_DOWN, protocol.MODEL_NOT_LOADED):
-            return APIError(503, exc.message, "server_error", None, exc.name, headers={"Retry-After": "1"})
+            return APIError(
+                503, exc.message, "server_error", None, exc.name, headers={"Retry-After": "1"}
+            )
         if exc.code == protocol.OUT_OF_MEMORY:
             return APIError(503, exc.message, "server_error", None, "out_of_memory")
         return APIError(500, exc.message, "server_error", None, exc.name)
-    return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error")
+    return APIError(
+        500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error"
+    )
 
 
 def _param(loc: tuple) -> str | None:

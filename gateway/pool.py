@@ -67,7 +67,11 @@ class ModelPool:
 
     def describe(self) -> dict:
         state = "ready" if self.ready else "failed" if self.failed else "loading"
-        info = {"state": state, "waiting": self.waiting, "workers": [w.describe() for w in self.workers]}
+        info = {
+            "state": state,
+            "waiting": self.waiting,
+            "workers": [w.describe() for w in self.workers],
+        }
         if self.failed:
             info["failure"] = self.failure
         return info
@@ -77,7 +81,11 @@ class ModelPool:
     def _pick(self) -> Supervisor | None:
         best = None
         for w in self.workers:
-            if w.ready and w.in_flight < self.capacity and (best is None or w.in_flight < best.in_flight):
+            if (
+                w.ready
+                and w.in_flight < self.capacity
+                and (best is None or w.in_flight < best.in_flight)
+            ):
                 best = w
         return best
 
@@ -105,7 +113,9 @@ class ModelPool:
             self._abandon(future)
             raise
         finally:
-            self.metrics.request_queue_time.labels(self.spec.name).observe(time.perf_counter() - started)
+            self.metrics.request_queue_time.labels(self.spec.name).observe(
+                time.perf_counter() - started
+            )
         if not done:
             self._abandon(future)
             self.metrics.rejected_requests.labels(self.spec.name, "queue_timeout").inc()

@@ -138,7 +138,9 @@ class WorkerClient:
     def is_pending(self, request_id: int) -> bool:
         return request_id in self._generations
 
-    async def call(self, method: str, params: dict | None = None, timeout: float | None = None) -> Any:
+    async def call(
+        self, method: str, params: dict | None = None, timeout: float | None = None
+    ) -> Any:
         if self.is_closed:
             raise WorkerGone(self.closed.result())
         request_id = next(self._ids)
@@ -157,7 +159,9 @@ class WorkerClient:
         request_id = next(self._ids)
         generation = Generation(self, request_id, stream)
         self._generations[request_id] = generation
-        frame = protocol.encode(protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id))
+        frame = protocol.encode(
+            protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id)
+        )
         try:
             await self._send(frame)
         except BaseException:

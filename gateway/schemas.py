@@ -62,6 +62,7 @@ class SamplingFields(_Body):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens
 
 
 class ChatCompletionRequest(SamplingFields):

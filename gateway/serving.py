@@ -71,7 +71,9 @@ class Tracker:
         self.metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
 
 
-async def start(pool: ModelPool, params: dict, stream: bool, deadline: float, tracker: Tracker) -> Generation:
+async def start(
+    pool: ModelPool, params: dict, stream: bool, deadline: float, tracker: Tracker
+) -> Generation:
     """Admit the request and wait for its first token, within the deadline."""
     async with asyncio.timeout_at(deadline):
         generation = await pool.generate(params, stream)

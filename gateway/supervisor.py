@@ -124,7 +124,10 @@ class Supervisor:
             self.restarts += 1
             self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
             now = time.monotonic()
-            if self.ready_since is not None and now - self.ready_since > self.settings.restart_window:
+            if (
+                self.ready_since is not None
+                and now - self.ready_since > self.settings.restart_window
+            ):
                 backoff = self.settings.restart_backoff  # it ran well for a while
             self._crashes.append(now)
             while self._crashes and now - self._crashes[0] > self.settings.restart_window:
@@ -139,7 +142,10 @@ class Supervisor:
                 return
             log.warning(
                 "%s: worker lost after %.1fs (%s); restarting in %.0fs",
-                self.id, now - started, self.last_exit, backoff,
+                self.id,
+                now - started,
+                self.last_exit,
+                backoff,
             )
             self._set_state(State.BACKOFF)
             with contextlib.suppress(TimeoutError):
@@ -153,8 +159,11 @@ class Supervisor:
         self.ready_since = None
         try:
             self.process = await asyncio.create_subprocess_exec(
-                self.settings.worker_python, "-m", "worker",
-                "--log-level", self.settings.log_level,
+                self.settings.worker_python,
+                "-m",
+                "worker",
+                "--log-level",
+                self.settings.log_level,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -182,7 +191,9 @@ class Supervisor:
             await self._end(proc, client, graceful=self._stopping.is_set())
             relay.cancel()
             if client.protocol_errors:
-                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(client.protocol_errors)
+                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
+                    client.protocol_errors
+                )
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
         return reason
@@ -199,7 +210,8 @@ class Supervisor:
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             done, _ = await asyncio.wait(
-                {load, stop}, timeout=self.settings.load_timeout,
+                {load, stop},
+                timeout=self.settings.load_timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
@@ -219,7 +231,13 @@ class Supervisor:
             log.error("%s: %s", self.id, self.last_exit)
             return "load_failed"
         info = load.result()
-        log.info("%s: pid %s loaded %s in %.2fs", self.id, self.pid, self.spec.name, info.get("load_s", 0))
+        log.info(
+            "%s: pid %s loaded %s in %.2fs",
+            self.id,
+            self.pid,
+            self.spec.name,
+            info.get("load_s", 0),
+        )
         return "ready"
 
     async def _watch(self, client: WorkerClient) -> str:
@@ -250,7 +268,9 @@ class Supervisor:
         finally:
             stop.cancel()
 
-    async def _end(self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool) -> None:
+    async def _end(
+        self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool
+    ) -> None:
         """Make sure the process is gone; politely first when stopping on purpose."""
         if graceful and proc.returncode is None:
             self._set_state(State.STOPPING)
@@ -262,7 +282,11 @@ class Supervisor:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close()
                 return
-            log.warning("%s: still running %.0fs after stdin closed; SIGTERM", self.id, self.settings.worker_stop_timeout)
+            log.warning(
+                "%s: still running %.0fs after stdin closed; SIGTERM",
+                self.id,
+                self.settings.worker_stop_timeout,
+            )
             _signal(proc, signal.SIGTERM)
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close()

@@ -86,14 +86,24 @@ def vocabulary() -> list[str]:
 
 
 def _tokenizer_json(vocab: list[str]) -> str:
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from tokenizers import AddedToken
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+    )
 
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence(
-        [normalizers.Lowercase(), normalizers.Replace(Regex(r"[ \t\r]+"), " "),
-         # A word after a line break still starts a word.
-         normalizers.Replace("\n", "\n ")]
+        [
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r]+"), " "),
+            # A word after a line break still starts a word.
+            normalizers.Replace("\n", "\n "),
+        ]
     )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -200,7 +210,7 @@ def _weights(config: dict, vocab: list[str], seed: int) -> dict:
             bias.append(5.5)
         elif token in SPECIAL_TOKENS:
             bias.append(-30.0)
-        elif token.startswith(SPACE) and len(token) > 1 or token in PUNCTUATION:
+        elif (token.startswith(SPACE) and len(token) > 1) or token in PUNCTUATION:
             bias.append(0.0)
         else:
             bias.append(-4.0)
@@ -244,8 +254,12 @@ def build(path: Path, preset: str = "small", seed: int = 0) -> Path:
 def ensure(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) -> Path:
     """The cached demo checkpoint for this preset and seed, built on first use."""
     key = json.dumps(
-        {"v": GENERATOR_VERSION, "preset": asdict(PRESETS[preset]), "seed": seed,
-         "words": hashlib.sha256(" ".join(words()).encode()).hexdigest()},
+        {
+            "v": GENERATOR_VERSION,
+            "preset": asdict(PRESETS[preset]),
+            "seed": seed,
+            "words": hashlib.sha256(" ".join(words()).encode()).hexdigest(),
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

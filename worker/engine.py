@@ -38,6 +38,7 @@ class Job:
     params: SamplingParams
     max_tokens: int
     stream: bool
+    ignore_eos: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     detokenizer: Any = None
@@ -52,7 +53,7 @@ class Job:
         self.n_tokens += 1
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        if not (finish_reason == "stop" and token in eos):
+        if token not in eos:  # end tokens are never text, even with ignore_eos
             self.detokenizer.add_token(token)
         if finish_reason is not None:
             self.detokenizer.finalize()
@@ -92,7 +93,9 @@ class Job:
             "ttft_s": first - self.submitted_at,
             "decode_s": decode,
             "total_s": now - self.submitted_at,
-            "tokens_per_s": (self.n_tokens - 1) / decode if self.n_tokens > 1 and decode > 0 else None,
+            "tokens_per_s": (self.n_tokens - 1) / decode
+            if self.n_tokens > 1 and decode > 0
+            else None,
         }
 
 
@@ -212,7 +215,11 @@ class Engine:
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
             self.state = "empty"
-            self._send(protocol.error_response(rpc_id, protocol.INTERNAL_ERROR, f"cannot load model from {path}: {exc}"))
+            self._send(
+                protocol.error_response(
+                    rpc_id, protocol.INTERNAL_ERROR, f"cannot load model from {path}: {exc}"
+                )
+            )
             return
         self.max_batch_size = int(params.get("max_batch_size", self.max_batch_size))
         self.prefill_step_size = int(params.get("prefill_step_size", self.prefill_step_size))
@@ -231,14 +238,20 @@ class Engine:
         self._send(
             protocol.result_response(
                 rpc_id,
-                {"model": name, "context_length": context, "load_s": round(load_s, 3),
-                 "vocab_size": len(tokenizer)},
+                {
+                    "model": name,
+                    "context_length": context,
+                    "load_s": round(load_s, 3),
+                    "vocab_size": len(tokenizer),
+                },
             )
         )
 
     def _new_generator(self):
-        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.generate import BatchGenerator, StopSequences
 
+        self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
+        self._no_stop = StopSequences()
         return BatchGenerator(
             self.loaded.model,
             max_tokens=1,
@@ -263,10 +276,13 @@ class Engine:
                 [j.prompt for j in jobs],
                 max_tokens=[j.max_tokens for j in jobs],
                 samplers=[make_sampler(j.params) for j in jobs],
+                stop_sequences=[self._no_stop if j.ignore_eos else self._eos_stop for j in jobs],
             )
         except Exception as exc:
             for job in jobs:
-                self._send(protocol.error_response(job.request_id, protocol.INTERNAL_ERROR, str(exc)))
+                self._send(
+                    protocol.error_response(job.request_id, protocol.INTERNAL_ERROR, str(exc))
+                )
             return
         for job, uid in zip(jobs, uids, strict=True):
             job.uid = uid
@@ -303,7 +319,11 @@ class Engine:
             self._update_memory()
             now = time.perf_counter()
             for job, r in finished:
-                cache = r.prompt_cache if r.prompt_cache is not None else caches.get(job.uid, (None,))[0]
+                cache = (
+                    r.prompt_cache
+                    if r.prompt_cache is not None
+                    else caches.get(job.uid, (None,))[0]
+                )
                 self._finish(job, now, cache)
 
     def _finish(self, job: Job, now: float, cache: Any) -> None:
@@ -343,7 +363,11 @@ class Engine:
     def _shutdown(self, rpc_id: RequestId, pending: list[Job]) -> None:
         self.state = "stopping"
         for job in [*self._jobs.values(), *pending]:
-            self._send(protocol.error_response(job.request_id, protocol.SHUTTING_DOWN, "worker is shutting down"))
+            self._send(
+                protocol.error_response(
+                    job.request_id, protocol.SHUTTING_DOWN, "worker is shutting down"
+                )
+            )
         self._jobs.clear()
         self._by_request.clear()
         self._send(protocol.result_response(rpc_id, {"ok": True}))
@@ -354,7 +378,9 @@ class Engine:
         code = protocol.OUT_OF_MEMORY if _is_oom(exc) else protocol.INTERNAL_ERROR
         log.error("generation step failed (%s): %s", protocol.ERROR_NAMES[code], message)
         for job in list(self._jobs.values()):
-            self._send(protocol.error_response(job.request_id, code, f"generation failed: {message}"))
+            self._send(
+                protocol.error_response(job.request_id, code, f"generation failed: {message}")
+            )
         self._jobs.clear()
         self._by_request.clear()
         self._generator.close()
@@ -373,4 +399,3 @@ class Engine:
 def _is_oom(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, MemoryError) or "out of memory" in text or "insufficient memory" in text
-

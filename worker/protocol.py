@@ -12,7 +12,7 @@ Methods (gateway -> worker):
                 -> {"model": str, "context_length": int | None, "load_s": float}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
-                seed, stop (list of strings), stream (bool)
+                seed, stop (list of strings), ignore_eos (bool), stream (bool)
                 -> {"text", "finish_reason", "usage", "timings", "memory"}
                 While it runs with stream=true the worker sends `tokens`
                 notifications carrying the text deltas.
@@ -233,7 +233,7 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
             f"EOF after {len(exc.partial)} bytes of an unterminated frame"
         ) from None
     except asyncio.LimitOverrunError as exc:
-        raise FrameTooLarge(f"frame exceeds {reader._limit} bytes") from exc  # noqa: SLF001
+        raise FrameTooLarge(f"frame exceeds {reader._limit} bytes") from exc
     return strip_line(line)
 
 
@@ -254,7 +254,7 @@ def decode(line: bytes) -> Message:
     if not isinstance(obj, dict):
         raise RPCError(INVALID_REQUEST, "a message must be a JSON object")
     msg_id = obj.get("id")
-    if msg_id is not None and not isinstance(msg_id, (int, str)) or isinstance(msg_id, bool):
+    if (msg_id is not None and not isinstance(msg_id, (int, str))) or isinstance(msg_id, bool):
         raise RPCError(INVALID_REQUEST, "id must be a string, an integer or absent")
     if obj.get("jsonrpc") != JSONRPC_VERSION:
         raise RPCError(INVALID_REQUEST, 'jsonrpc must be "2.0"', {"id": msg_id})
@@ -279,7 +279,9 @@ def decode(line: bytes) -> Message:
     raise RPCError(INVALID_REQUEST, "neither a request nor a response", {"id": msg_id})
 
 
-def error_response(request_id: RequestId | None, code: int, message: str, data: Any = None) -> bytes:
+def error_response(
+    request_id: RequestId | None, code: int, message: str, data: Any = None
+) -> bytes:
     return encode(Response(id=request_id, error=RPCError(code, message, data)))
 
 

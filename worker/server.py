@@ -178,6 +178,7 @@ class Dispatcher:
             params=sampling,
             max_tokens=max_tokens,
             stream=bool(params.get("stream", False)),
+            ignore_eos=bool(params.get("ignore_eos", False)),
         )
 
 
@@ -219,15 +220,19 @@ def tokenize(tokenizer, params: dict) -> list[int]:
         if not isinstance(ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
         ):
-            raise RPCError(protocol.INVALID_PARAMS, f"prompt_tokens must be token ids below {vocab}")
+            raise RPCError(
+                protocol.INVALID_PARAMS, f"prompt_tokens must be token ids below {vocab}"
+            )
         return ids
     if "prompt" in params:
         if not isinstance(params["prompt"], str):
             raise RPCError(protocol.INVALID_PARAMS, "prompt must be a string")
         return tokenizer.encode(params["prompt"], add_special_tokens=True)
     messages = params.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
     ):
         raise RPCError(protocol.INVALID_PARAMS, "generate needs messages, prompt or prompt_tokens")
     if not tokenizer.has_chat_template:
@@ -239,7 +244,9 @@ def tokenize(tokenizer, params: dict) -> list[int]:
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     except Exception as exc:  # templates raise on conversations they do not accept
-        raise RPCError(protocol.INVALID_PARAMS, f"the chat template rejected the messages: {exc}") from None
+        raise RPCError(
+            protocol.INVALID_PARAMS, f"the chat template rejected the messages: {exc}"
+        ) from None
     return list(ids)
 
 

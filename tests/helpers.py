@@ -1,0 +1,119 @@
+"""Test helpers: bounded waiting, and a worker process driven over its pipes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll until predicate() is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class WorkerPipe:
+    """A real `python -m worker` process; frames are read by a thread."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--log-level", "warning", *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.frames: queue.Queue = queue.Queue()
+        self.raw_lines: list[bytes] = []
+        self._ids = itertools.count(1000)
+        self._stash: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.stderr: list[bytes] = []
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.raw_lines.append(line)
+            self.frames.put(json.loads(line))
+        self.frames.put(None)
+
+    def _read_err(self) -> None:
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+
+    def write(self, data: bytes) -> None:
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, method: str, params: dict | None = None, id: Any = "auto") -> Any:
+        msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+        if params is not None:
+            msg["params"] = params
+        if id == "auto":
+            id = next(self._ids)
+        if id is not None:
+            msg["id"] = id
+        self.write(json.dumps(msg).encode() + b"\n")
+        return id
+
+    def recv(self, timeout: float = 30) -> dict | None:
+        if self._stash:
+            return self._stash.pop(0)
+        return self.frames.get(timeout=timeout)
+
+    def wait_response(self, id: Any, timeout: float = 30) -> tuple[dict, list[dict]]:
+        """The response to `id`, and the notifications that came before it."""
+        deadline = time.monotonic() + timeout
+        notes: list[dict] = []
+        kept: list[dict] = []
+        while True:
+            frame = self.recv(max(0.01, deadline - time.monotonic()))
+            if frame is None:
+                raise AssertionError("worker closed its stdout")
+            if frame.get("id") == id and "method" not in frame:
+                self._stash = kept + self._stash
+                return frame, notes
+            if frame.get("method") == "tokens":
+                notes.append(frame)
+            else:
+                kept.append(frame)
+
+    def call(self, method: str, params: dict | None = None, timeout: float = 60) -> Any:
+        frame, _ = self.wait_response(self.send(method, params), timeout)
+        if "error" in frame:
+            raise AssertionError(f"{method} failed: {frame['error']}")
+        return frame["result"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def deltas_for(notes: list[dict], request_id: Any) -> list[dict]:
+    return [d for n in notes for d in n["params"]["deltas"] if d["request_id"] == request_id]

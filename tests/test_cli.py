@@ -1,0 +1,107 @@
+"""The command line: flags, environment variables and model sources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gateway import checkpoints, cli
+
+from .conftest import ROOT
+
+
+def parse(*argv: str, env: dict | None = None):
+    old = dict(os.environ)
+    try:
+        os.environ.update(env or {})
+        return cli.build_parser().parse_args(["serve", *argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_every_serve_flag_has_an_environment_variable():
+    parser = cli.build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    for action in serve._actions:
+        if action.option_strings and action.dest != "help":
+            flag = action.option_strings[0]
+            assert cli.env_name(flag) in action.help, flag
+
+
+def test_environment_sets_defaults_and_flags_win():
+    args = parse(
+        env={
+            "MLX_GATEWAY_WORKERS": "3",
+            "MLX_GATEWAY_PORT": "9001",
+            "MLX_GATEWAY_MODEL": "a=/x,b=/y",
+            "MLX_GATEWAY_ACCESS_LOG": "true",
+        }
+    )
+    assert args.workers == 3 and args.port == 9001 and args.access_log is True
+    assert args.model is None and args.model_env == ["a=/x", "b=/y"]
+    args = parse("--workers", "5", "--model", "/z", env={"MLX_GATEWAY_WORKERS": "3"})
+    assert args.workers == 5 and args.model == ["/z"]
+
+
+def test_defaults():
+    args = parse()
+    assert (args.host, args.port, args.workers, args.log_level) == ("127.0.0.1", 8000, 1, "info")
+
+
+def test_resolve_local_directory_and_names(tiny_model):
+    spec = checkpoints.resolve(str(tiny_model))
+    assert spec.name == tiny_model.name and spec.path == str(tiny_model)
+    named = checkpoints.resolve(f"chat={tiny_model}")
+    assert named.name == "chat" and named.path == str(tiny_model)
+
+
+def test_resolve_errors_are_clear(tmp_path):
+    with pytest.raises(checkpoints.ModelSourceError, match=r"no config\.json"):
+        checkpoints.resolve(str(tmp_path))
+    with pytest.raises(checkpoints.ModelSourceError, match="neither an existing directory"):
+        checkpoints.resolve("./no/such/dir")
+    with pytest.raises(checkpoints.ModelSourceError, match="unknown demo preset"):
+        checkpoints.resolve("demo:huge")
+
+
+def test_hugging_face_id_without_network_fails_with_a_clear_message(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--model", "mlx-community/not-downloaded-4bit"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert (
+        "could not fetch 'mlx-community/not-downloaded-4bit' from the Hugging Face Hub"
+        in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_model_directory_exits_2(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--model", str(tmp_path / "nope")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_console_script_and_module_share_the_cli():
+    for cmd in (
+        [sys.executable, "-m", "gateway", "--help"],
+        [os.path.join(os.path.dirname(sys.executable), "mlx-gateway"), "serve", "--help"],
+    ):
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0
+        assert "serve" in out.stdout

@@ -1,0 +1,108 @@
+"""End to end: stopping the gateway drains in-flight work and leaves no worker behind."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import MODEL_NAME
+from .helpers import wait_until
+
+MESSAGES = [{"role": "user", "content": "tell me about the river and the mountain"}]
+
+
+def stream_all(url: str, max_tokens: int, out: list, first_chunk: threading.Event) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    lines = []
+    try:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                    first_chunk.set()
+    except httpx.HTTPError as exc:
+        lines.append(f"transport error: {exc}")
+    out.append(lines)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_drains_in_flight_streams_then_stops_workers(start_gateway, sig):
+    gw = start_gateway("--workers", "2", "--shutdown-grace", "30")
+    workers = [psutil.Process(pid) for pid in gw.worker_pids()]
+    assert len(workers) == 2
+    results: list = []
+    started = [threading.Event() for _ in range(4)]
+    threads = [
+        threading.Thread(target=stream_all, args=(gw.url, 600, results, started[i]))
+        for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(30)
+    gw.proc.send_signal(sig)
+    # new connections are refused while the old ones finish
+    wait_until(lambda: _refused(gw.url), 10, "the listener to close")
+    for t in threads:
+        t.join(60)
+    assert len(results) == 4
+    for lines in results:
+        assert lines[-1] == "data: [DONE]", lines[-3:]
+        assert '"completion_tokens":600' in lines[-2]
+    # uvicorn re-raises the signal once it has shut down cleanly
+    assert gw.proc.wait(30) in (0, 130, -sig)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    log = gw.log()
+    assert "Finished server process" in log
+    assert "Traceback" not in log
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        return False
+    return False
+
+
+def test_grace_period_bounds_the_drain(start_gateway):
+    gw = start_gateway("--shutdown-grace", "2")
+    results: list = []
+    first = threading.Event()
+    t = threading.Thread(target=stream_all, args=(gw.url, 4000, results, first))
+    t.start()
+    assert first.wait(30)
+    (pid,) = gw.worker_pids()
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(30)
+    took = time.monotonic() - started
+    t.join(30)
+    assert took < 15, f"shutdown took {took:.1f}s with a 2 s grace period"
+    assert results and results[0][-1] != "data: [DONE]"  # cut off at the deadline
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_sigkilled_gateway_leaves_no_worker_alive(start_gateway):
+    gw = start_gateway("--workers", "2")
+    workers = [psutil.Process(pid) for pid in gw.worker_pids()]
+    gw.proc.send_signal(signal.SIGKILL)
+    gw.proc.wait(10)
+    # workers notice their stdin closing and exit by themselves
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"orphaned workers: {alive}"
