@@ -39,7 +39,7 @@ def test_generate_streams_deltas_then_result(worker):
     result = frame["result"]
     deltas = deltas_for(notes, rid)
     assert result["usage"]["completion_tokens"] == sum(d["tokens"] for d in deltas)
-    assert "".join(d["text"] for d in deltas) == result["text"]
+    assert "".join(d.get("text", "") for d in deltas) == result["text"]
     assert result["finish_reason"] in ("stop", "length")
     if result["finish_reason"] == "length":
         assert result["usage"]["completion_tokens"] == 12
@@ -100,7 +100,7 @@ def test_stop_string_cuts_exactly(worker):
     result = frame["result"]
     assert result["finish_reason"] == "stop"
     assert result["text"] == expected
-    assert "".join(d["text"] for d in deltas_for(notes, rid)) == expected
+    assert "".join(d.get("text", "") for d in deltas_for(notes, rid)) == expected
     assert result["usage"]["completion_tokens"] < 30
 
 

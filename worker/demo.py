@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEMO_MODEL_NAME = "mlx-gateway-demo"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 END_TOKEN = "<|end|>"
 ROLE_TOKENS = {
@@ -33,17 +33,38 @@ ROLE_TOKENS = {
     "tool": "<|tool|>",
 }
 SPECIAL_TOKENS = ["<unk>", END_TOKEN, *ROLE_TOKENS.values()]
+# Markers the model's output may contain; mlx-lm finds them by name.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+THINK_TOKENS = ["<think>", "</think>"]
 SPACE = "\u2581"  # sentencepiece's word-boundary marker
 PUNCTUATION = [".", ",", "!", "?", ";", ":", "'"]
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
+# Tools are listed in a system turn and calls are written as
+# <tool_call>{"name": ..., "arguments": ...}</tool_call>, the format mlx-lm's
+# json_tools parser reads. A reasoning model starts its turn inside <think>.
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "<|system|> You may call these tools. To call one, reply with "
+    '<tool_call>{"name": ..., "arguments": ...}</tool_call>.'
+    "{%- for tool in tools %} {{ tool | tojson }}{%- endfor -%}<|end|>"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- set role = message['role'] if message['role'] in "
     "['system', 'user', 'assistant', 'tool'] else 'system' -%}"
-    "<|{{ role }}|> {{ message['content'] if message['content'] is string else '' }}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "<|{{ role }}|> {{ content }}"
+    "{%- for tool_call in message.get('tool_calls') or [] -%}"
+    "{%- set tool_call = tool_call.function if tool_call.function is defined else tool_call -%}"
+    '<tool_call>{"name": {{ tool_call.name | tojson }}, "arguments": '
+    "{{ tool_call.arguments if tool_call.arguments is string else tool_call.arguments | tojson }}"
+    "}</tool_call>"
+    "{%- endfor -%}"
     "<|end|>"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>"
+    "{%- if enable_thinking is defined and enable_thinking -%}<think>{%- endif -%}"
+    "{%- endif -%}"
 )
 
 
@@ -58,6 +79,9 @@ class Preset:
     # Scales what each layer adds to the residual stream: smaller keeps the
     # current token's embedding dominant, so replies wander instead of looping.
     layer_scale: float = 1.0
+    # A reasoning model: <think> tokens in the vocabulary, so mlx-lm treats it
+    # as one, and a likely </think> so its reasoning ends after a few words.
+    reasoning: bool = False
 
 
 PRESETS = {
@@ -65,6 +89,8 @@ PRESETS = {
     "tiny": Preset(64, 2, 128, 4, 2, layer_scale=0.5),
     # `serve` with no --model: quick on any laptop, even on a CPU.
     "small": Preset(256, 4, 768, 4, 2, layer_scale=0.5),
+    # Tests of reasoning output.
+    "tiny-reasoning": Preset(64, 2, 128, 4, 2, layer_scale=0.5, reasoning=True),
 }
 
 
@@ -76,36 +102,33 @@ def words() -> list[str]:
     return list(seen)
 
 
-def vocabulary() -> list[str]:
-    """Token strings by id: specials, layout, punctuation, words, single characters."""
-    vocab = [*SPECIAL_TOKENS, "\n", SPACE, *PUNCTUATION]
+def vocabulary(preset: Preset | None = None) -> list[str]:
+    """Token strings by id: specials, markers, layout, words, characters, bytes."""
+    markers = TOOL_TOKENS + (THINK_TOKENS if preset is not None and preset.reasoning else [])
+    vocab = [*SPECIAL_TOKENS, *markers, "\n", SPACE, *PUNCTUATION]
     vocab += [SPACE + w for w in words()]
-    # Single printable characters let any string be spelled out, which
-    # constrained decoding needs to produce arbitrary JSON.
+    # Single characters and bytes spell out anything that is not a listed
+    # word, so the tokenizer is lossless and constrained decoding can write
+    # any JSON.
     taken = set(vocab)
     vocab += [chr(c) for c in range(33, 127) if chr(c) not in taken]
+    vocab += BYTE_TOKENS
     return vocab
 
 
 def _tokenizer_json(vocab: list[str]) -> str:
-    from tokenizers import (
-        AddedToken,
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-    )
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence(
-        [
-            normalizers.Lowercase(),
-            normalizers.Replace(Regex(r"[ \t\r]+"), " "),
-            # A word after a line break still starts a word.
-            normalizers.Replace("\n", "\n "),
-        ]
+    # BPE with no merges and ignore_merges is a word-level tokenizer that
+    # spells unknown words with characters, and bytes when it must.
+    tok = Tokenizer(
+        models.BPE(
+            {t: i for i, t in enumerate(vocab)},
+            [],
+            unk_token="<unk>",
+            byte_fallback=True,
+            ignore_merges=True,
+        )
     )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -125,6 +148,8 @@ def _tokenizer_json(vocab: list[str]) -> str:
         ]
     )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    markers = [t for t in TOOL_TOKENS + THINK_TOKENS if t in vocab]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in markers])
     return tok.to_str()
 
 
@@ -210,7 +235,9 @@ def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> d
     for token in vocab:
         if token == END_TOKEN:
             bias.append(5.5)
-        elif token in SPECIAL_TOKENS:
+        elif token == "</think>":
+            bias.append(5.0)
+        elif token in SPECIAL_TOKENS or token in BYTE_TOKENS or token.startswith("<"):
             bias.append(-30.0)
         elif (token.startswith(SPACE) and len(token) > 1) or token in PUNCTUATION:
             bias.append(0.0)
@@ -239,7 +266,7 @@ def build(path: Path, preset: str = "small", seed: int = 0) -> Path:
     import mlx.core as mx
 
     spec = PRESETS[preset]
-    vocab = vocabulary()
+    vocab = vocabulary(spec)
     config = _model_config(spec, len(vocab))
     weights = _weights(config, vocab, seed, spec.layer_scale)
     path.mkdir(parents=True, exist_ok=False)

@@ -21,94 +21,14 @@ from typing import Any
 import mlx.core as mx
 
 from . import protocol
+from .constraints import Grammars
+from .job import Job
 from .protocol import RequestId
-from .sampling import SamplingParams, make_sampler
+from .sampling import make_sampler
 
 log = logging.getLogger("worker.engine")
 
 MB = 1024 * 1024
-
-
-@dataclass(eq=False)
-class Job:
-    """One `generate` call from arrival to its final response."""
-
-    request_id: RequestId
-    prompt: list[int]
-    params: SamplingParams
-    max_tokens: int
-    stream: bool
-    ignore_eos: bool = False
-    submitted_at: float = field(default_factory=time.perf_counter)
-    uid: int | None = None
-    detokenizer: Any = None
-    emitted: int = 0  # characters of the detokenized text already sent
-    n_tokens: int = 0
-    first_token_at: float | None = None
-    finish_reason: str | None = None
-    text: str = ""
-
-    def advance(self, token: int, finish_reason: str | None, eos: set[int]) -> str:
-        """Take one sampled token; return the text that may be sent now."""
-        self.n_tokens += 1
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        if token not in eos:  # end tokens are never text, even with ignore_eos
-            self.detokenizer.add_token(token)
-        if finish_reason is not None:
-            self.detokenizer.finalize()
-        text = self.detokenizer.text
-        start = self.emitted
-
-        stop_at = None
-        for s in self.params.stop:
-            i = text.find(s, start)
-            if i != -1 and (stop_at is None or i < stop_at):
-                stop_at = i
-        if stop_at is not None:
-            self.finish_reason = "stop"
-            end = stop_at
-        elif finish_reason is not None:
-            self.finish_reason = finish_reason
-            end = len(text)
-        else:
-            end = len(text) - _held_back(text, start, self.params.stop)
-        self.emitted = max(end, start)
-        if self.finish_reason is not None:
-            self.text = text[: self.emitted]
-        return text[start : self.emitted]
-
-    def usage(self) -> dict:
-        return {
-            "prompt_tokens": len(self.prompt),
-            "completion_tokens": self.n_tokens,
-            "total_tokens": len(self.prompt) + self.n_tokens,
-            "cached_tokens": 0,
-        }
-
-    def timings(self, now: float) -> dict:
-        first = self.first_token_at or now
-        decode = now - first
-        return {
-            "ttft_s": first - self.submitted_at,
-            "decode_s": decode,
-            "total_s": now - self.submitted_at,
-            "tokens_per_s": (self.n_tokens - 1) / decode
-            if self.n_tokens > 1 and decode > 0
-            else None,
-        }
-
-
-def _held_back(text: str, start: int, stops: list[str]) -> int:
-    """Length of the longest tail of text[start:] that could begin a stop string."""
-    hold = 0
-    tail_len = len(text) - start
-    for s in stops:
-        for k in range(min(len(s) - 1, tail_len), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    return hold
 
 
 @dataclass
@@ -119,6 +39,16 @@ class LoadedModel:
     tokenizer: Any
     context_length: int | None
     eos: set[int]
+    vocab_size: int
+    grammars: Grammars
+    machines: dict = field(default_factory=dict)  # TextStateMachines by (reasoning, tools)
+    _token_bytes: list[bytes] | None = None
+
+    def token_bytes(self) -> list[bytes]:
+        """Each token's bytes, as it reads inside a text (logprobs need them)."""
+        if self._token_bytes is None:
+            self._token_bytes = _token_bytes_table(self.tokenizer, self.vocab_size)
+        return self._token_bytes
 
 
 class Engine:
@@ -228,7 +158,14 @@ class Engine:
             "max_position_embeddings"
         )
         name = params.get("name") or Path(path).name
-        self.loaded = LoadedModel(name, path, model, tokenizer, context, eos)
+        vocab_size = (
+            int(model.args.vocab_size)
+            if hasattr(model, "args") and hasattr(model.args, "vocab_size")
+            else len(tokenizer)
+        )
+        self.loaded = LoadedModel(
+            name, path, model, tokenizer, context, eos, vocab_size, Grammars(tokenizer, vocab_size)
+        )
         self._generator = self._new_generator()
         self._warm_up()
         self.state = "ready"
@@ -270,12 +207,12 @@ class Engine:
             pass
 
     def _insert(self, jobs: list[Job]) -> None:
-        tokenizer = self.loaded.tokenizer
         try:
             uids = self._generator.insert(
                 [j.prompt for j in jobs],
                 max_tokens=[j.max_tokens for j in jobs],
                 samplers=[make_sampler(j.params) for j in jobs],
+                logits_processors=[j.processors for j in jobs],
                 stop_sequences=[self._no_stop if j.ignore_eos else self._eos_stop for j in jobs],
             )
         except Exception as exc:
@@ -286,7 +223,6 @@ class Engine:
             return
         for job, uid in zip(jobs, uids, strict=True):
             job.uid = uid
-            job.detokenizer = tokenizer.detokenizer
             self._jobs[uid] = job
             self._by_request[job.request_id] = job
 
@@ -299,19 +235,22 @@ class Engine:
         self.steps += 1
         self.last_step_at = time.monotonic()
         eos = self.loaded.eos
-        deltas = []
-        finished: list[tuple[Job, Any]] = []
+        advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:
             job = self._jobs.get(r.uid)
-            if job is None:
-                continue
-            text = job.advance(r.token, r.finish_reason, eos)
+            if job is not None:
+                advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+        if any(job.logprobs is not None for job, _, _ in advanced):
+            self._logprobs(advanced)
+        deltas = []
+        for job, _, delta in advanced:
             if job.stream:
-                deltas.append({"request_id": job.request_id, "text": text, "tokens": 1})
-            if job.finish_reason is not None:
-                finished.append((job, r))
+                delta["request_id"] = job.request_id
+                delta["tokens"] = 1
+                deltas.append(delta)
         if deltas:
             self._send(protocol.notification(protocol.TOKENS, {"deltas": deltas}))
+        finished = [(job, r) for job, r, _ in advanced if job.finish_reason is not None]
         if finished:
             # A stop string ends a job the generator still holds.
             early = [job.uid for job, r in finished if r.finish_reason is None]
@@ -319,24 +258,51 @@ class Engine:
             self._update_memory()
             now = time.perf_counter()
             for job, r in finished:
-                cache = (
-                    r.prompt_cache
-                    if r.prompt_cache is not None
-                    else caches.get(job.uid, (None,))[0]
-                )
+                cache = r.prompt_cache
+                if cache is None:
+                    cache = caches.get(job.uid, (None,))[0]
                 self._finish(job, now, cache)
+
+    def _logprobs(self, advanced: list[tuple[Job, Any, dict]]) -> None:
+        """Log-probabilities of the sampled tokens and the top alternatives,
+        computed for all requests that asked in one evaluation."""
+        wanted = [(job, r, d) for job, r, d in advanced if job.logprobs is not None]
+        rows = mx.stack([r.logprobs.reshape(-1) for _, r, _ in wanted])
+        tokens = mx.array([r.token for _, r, _ in wanted])
+        chosen = rows[mx.arange(len(wanted)), tokens]
+        k = max(job.logprobs for job, _, _ in wanted)
+        top_ids = top_vals = None
+        if k > 0:
+            top_ids = mx.argpartition(-rows, k - 1, axis=-1)[:, :k]
+            top_vals = mx.take_along_axis(rows, top_ids, axis=-1)
+            mx.eval(chosen, top_ids, top_vals)
+            top_ids, top_vals = top_ids.tolist(), top_vals.tolist()
+        else:
+            mx.eval(chosen)
+        chosen = chosen.tolist()
+        pieces = self.loaded.token_bytes()
+        eos = self.loaded.eos
+        for i, (job, r, delta) in enumerate(wanted):
+            if r.token in eos:
+                continue
+            entry = _logprob_entry(pieces[r.token], chosen[i])
+            if job.logprobs:
+                ranked = sorted(zip(top_vals[i], top_ids[i], strict=True), reverse=True)
+                entry["top_logprobs"] = [
+                    _logprob_entry(pieces[t], v) for v, t in ranked[: job.logprobs]
+                ]
+            else:
+                entry["top_logprobs"] = []
+            job.logprob_entries.append(entry)
+            delta["logprobs"] = [entry]
 
     def _finish(self, job: Job, now: float, cache: Any) -> None:
         self._forget(job)
         kv_bytes = sum(c.nbytes for c in cache) if cache else 0
-        memory = dict(self.memory, kv_cache_mb=round(kv_bytes / MB, 3))
-        result = {
-            "text": job.text,
-            "finish_reason": job.finish_reason,
-            "usage": job.usage(),
-            "timings": job.timings(now),
-            "memory": memory,
-        }
+        result = job.result()
+        result["usage"] = job.usage()
+        result["timings"] = job.timings(now)
+        result["memory"] = dict(self.memory, kv_cache_mb=round(kv_bytes / MB, 3))
         self._send(protocol.result_response(job.request_id, result))
 
     def _forget(self, job: Job) -> None:
@@ -394,6 +360,33 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+
+
+def _logprob_entry(piece: bytes, logprob: float) -> dict:
+    # JSON has no -inf; OpenAI writes -9999.0 for "impossible".
+    value = logprob if logprob > -9999.0 else -9999.0
+    return {"token": piece.decode("utf-8", "replace"), "logprob": value, "bytes": list(piece)}
+
+
+def _token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
+    from mlx_lm.tokenizer_utils import (
+        BPEStreamingDetokenizer,
+        SPMStreamingDetokenizer,
+        _byte_decoder,
+    )
+
+    detok = tokenizer._detokenizer
+    if isinstance(detok, SPMStreamingDetokenizer):
+        table = [t.replace(detok._sep, b" ") for t in detok.tokenmap]
+    elif isinstance(detok, BPEStreamingDetokenizer):
+        decoder = _byte_decoder()
+        table = [
+            b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in t)
+            for t in detok.tokenmap
+        ]
+    else:
+        table = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
+    return table + [b""] * max(0, vocab_size - len(table))
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Any
 
-from . import protocol
-from .engine import Engine, Job
+from . import protocol, requests
+from .engine import Engine
+from .job import Job
 from .protocol import RequestId, RPCError
-from .sampling import SamplingParams
 
 log = logging.getLogger("worker")
 
@@ -146,108 +146,7 @@ class Dispatcher:
             raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
         if engine.pending() >= self.max_pending:
             raise RPCError(protocol.OVERLOADED, "worker queue is full")
-        sampling = parse_sampling(params, len(loaded.tokenizer))
-        prompt = tokenize(loaded.tokenizer, params)
-        n = len(prompt)
-        if n == 0:
-            raise RPCError(protocol.INVALID_PARAMS, "the prompt is empty")
-        context = loaded.context_length
-        max_tokens = sampling.max_tokens
-        if context:
-            data = {"prompt_tokens": n, "max_tokens": max_tokens, "context_length": context}
-            if n >= context:
-                raise RPCError(
-                    protocol.CONTEXT_LENGTH_EXCEEDED,
-                    f"the prompt has {n} tokens; this model's context is {context} tokens",
-                    data,
-                )
-            if max_tokens is None:
-                max_tokens = context - n
-            elif n + max_tokens > context:
-                raise RPCError(
-                    protocol.CONTEXT_LENGTH_EXCEEDED,
-                    f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds this "
-                    f"model's context of {context} tokens",
-                    data,
-                )
-        elif max_tokens is None:
-            max_tokens = 4096
-        return Job(
-            request_id=request_id,
-            prompt=prompt,
-            params=sampling,
-            max_tokens=max_tokens,
-            stream=bool(params.get("stream", False)),
-            ignore_eos=bool(params.get("ignore_eos", False)),
-        )
-
-
-def _number(params: dict, name: str, default, lo=None, hi=None, integer=False):
-    value = params.get(name)
-    if value is None:
-        return default
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok_type or isinstance(value, bool):
-        kind = "an integer" if integer else "a number"
-        raise RPCError(protocol.INVALID_PARAMS, f"{name} must be {kind}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RPCError(protocol.INVALID_PARAMS, f"{name}={value} is out of range [{lo}, {hi}]")
-    return value
-
-
-def parse_sampling(params: dict, vocab_size: int) -> SamplingParams:
-    stop = params.get("stop") or []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise RPCError(protocol.INVALID_PARAMS, "stop must be a string or a list of strings")
-    top_k = _number(params, "top_k", 0, 0, None, integer=True)
-    return SamplingParams(
-        max_tokens=_number(params, "max_tokens", None, 1, None, integer=True),
-        temperature=float(_number(params, "temperature", 1.0, 0, 2)),
-        top_p=float(_number(params, "top_p", 1.0, 0, 1)),
-        top_k=top_k if top_k < vocab_size else 0,
-        min_p=float(_number(params, "min_p", 0.0, 0, 1)),
-        seed=_number(params, "seed", None, integer=True),
-        stop=[s for s in stop if s],
-    )
-
-
-def tokenize(tokenizer, params: dict) -> list[int]:
-    if "prompt_tokens" in params:
-        ids = params["prompt_tokens"]
-        vocab = len(tokenizer)
-        if not isinstance(ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
-        ):
-            raise RPCError(
-                protocol.INVALID_PARAMS, f"prompt_tokens must be token ids below {vocab}"
-            )
-        return ids
-    if "prompt" in params:
-        if not isinstance(params["prompt"], str):
-            raise RPCError(protocol.INVALID_PARAMS, "prompt must be a string")
-        return tokenizer.encode(params["prompt"], add_special_tokens=True)
-    messages = params.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
-    ):
-        raise RPCError(protocol.INVALID_PARAMS, "generate needs messages, prompt or prompt_tokens")
-    if not tokenizer.has_chat_template:
-        text = "\n".join(str(m.get("content") or "") for m in messages)
-        return tokenizer.encode(text, add_special_tokens=True)
-    kwargs = {}
-    if params.get("tools"):
-        kwargs["tools"] = params["tools"]
-    try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
-    except Exception as exc:  # templates raise on conversations they do not accept
-        raise RPCError(
-            protocol.INVALID_PARAMS, f"the chat template rejected the messages: {exc}"
-        ) from None
-    return list(ids)
+        return requests.prepare(loaded, request_id, params)
 
 
 def main(argv: list[str] | None = None) -> None:

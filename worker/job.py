@@ -1,0 +1,255 @@
+"""One `generate` call: what was asked, and turning its tokens into deltas.
+
+Output splits the detokenized text into reasoning (between the model's
+thinking markers), tool calls (between its tool-call markers, parsed with
+mlx-lm's parser for the model) and content, and cuts content at the first
+stop string, holding back any tail that might still become one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlx_lm.generate import TextStateMachine
+
+from .constraints import parse_forced_calls
+from .protocol import RequestId
+from .sampling import SamplingParams
+
+log = logging.getLogger("worker.job")
+
+
+@dataclass(eq=False)
+class Job:
+    request_id: RequestId
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stream: bool
+    output: Output
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; else how many alternatives per token
+    processors: list = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    uid: int | None = None
+    n_tokens: int = 0
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    logprob_entries: list = field(default_factory=list)
+
+    def usage(self) -> dict:
+        return {
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": self.n_tokens,
+            "total_tokens": len(self.prompt) + self.n_tokens,
+            "cached_tokens": 0,
+        }
+
+    def timings(self, now: float) -> dict:
+        first = self.first_token_at or now
+        decode = now - first
+        rate = (self.n_tokens - 1) / decode if self.n_tokens > 1 and decode > 0 else None
+        return {
+            "ttft_s": first - self.submitted_at,
+            "decode_s": decode,
+            "total_s": now - self.submitted_at,
+            "tokens_per_s": rate,
+        }
+
+    def advance(self, token: int, finish_reason: str | None, eos: set[int]) -> dict:
+        """Take one sampled token; return the delta it produced (maybe empty)."""
+        self.n_tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        delta = self.output.feed(None if token in eos else token, finish_reason is not None)
+        if self.output.stopped:
+            self.finish_reason = "stop"
+        elif finish_reason is not None:
+            self.finish_reason = finish_reason
+        if self.finish_reason is not None and self.output.calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        return delta
+
+    def result(self) -> dict:
+        out = self.output
+        result: dict[str, Any] = {"text": out.text, "finish_reason": self.finish_reason}
+        if out.reasoning:
+            result["reasoning"] = out.reasoning
+        if out.calls:
+            result["tool_calls"] = out.calls
+        if self.logprobs is not None:
+            result["logprobs"] = self.logprob_entries
+        return result
+
+
+@dataclass
+class ToolMode:
+    """How tool calls are found in the output."""
+
+    tools: list[dict]
+    forced: bool = False  # output is constrained JSON (tool_choice required/named)
+    name: str | None = None  # the named function, when tool_choice names one
+    parser: Any = None  # mlx-lm's parser for the model's own format (auto)
+
+
+class Output:
+    def __init__(
+        self,
+        detokenizer,
+        stops: list[str],
+        machine: TextStateMachine | None = None,
+        initial_state: str = "normal",
+        tools: ToolMode | None = None,
+    ):
+        self.detokenizer = detokenizer
+        self.stops = stops
+        self.machine = machine
+        self.state = machine.make_state(initial_state) if machine else None
+        self.tools = tools
+        self.text = ""  # content sent so far
+        self.reasoning = ""
+        self.calls: list[dict] = []
+        self.stopped = False
+        self._read = 0  # characters of detokenizer.text consumed
+        self._held = ""  # content that might be the start of a stop string
+        self._prev_state = initial_state
+        self._tool_text = ""
+        self._forced_text = ""
+
+    def feed(self, token: int | None, finishing: bool) -> dict:
+        if token is not None:
+            self.detokenizer.add_token(token)
+        if finishing:
+            self.detokenizer.finalize()
+        full = self.detokenizer.text
+        new = full[self._read :]
+        self._read = len(full)
+        delta: dict[str, Any] = {}
+        if self.tools is not None and self.tools.forced:
+            self._forced(new, finishing, delta)
+            return delta
+
+        if self.machine is not None:
+            self.state, segments = TextStateMachine.split(self.state, new)
+            if finishing:
+                self.state, rest, name = TextStateMachine.flush(self.state)
+                segments.append((name, rest))
+        else:
+            segments = [("normal", new)]
+        content = ""
+        reasoning = ""
+        for state, piece in segments:
+            if state == "reasoning":
+                reasoning += piece
+            elif state == "tool":
+                self._tool_text += piece
+            else:
+                if self._prev_state == "tool":
+                    content += self._end_tool_call(delta)
+                content += piece
+            self._prev_state = state
+        if finishing and self._prev_state == "tool" and self._tool_text.strip():
+            content += self._end_tool_call(delta)
+        if reasoning:
+            self.reasoning += reasoning
+            delta["reasoning"] = reasoning
+        text = self._cut(content, finishing)
+        if text:
+            self.text += text
+            delta["text"] = text
+        return delta
+
+    def _cut(self, content: str, finishing: bool) -> str:
+        """Content that may be sent now, honouring stop strings."""
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return content
+        buf = self._held + content
+        hit = None
+        for s in self.stops:
+            i = buf.find(s)
+            if i != -1 and (hit is None or i < hit):
+                hit = i
+        if hit is not None:
+            self.stopped = True
+            self._held = ""
+            return buf[:hit]
+        hold = 0 if finishing else _held_back(buf, self.stops)
+        self._held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def _end_tool_call(self, delta: dict) -> str:
+        """Parse the buffered tool-call text; return it as content if it is not a call."""
+        text, self._tool_text = self._tool_text, ""
+        try:
+            parsed = self.tools.parser(text, self.tools.tools)
+        except Exception as exc:  # the model wrote something that is not a call
+            log.info("unparseable tool call (%s): %.200r", exc, text)
+            return text
+        for call in parsed if isinstance(parsed, list) else [parsed]:
+            arguments = call.get("arguments", {})
+            if not isinstance(arguments, str):
+                arguments = json.dumps(arguments, ensure_ascii=False)
+            self._add_call(delta, call.get("name", ""), arguments)
+        return ""
+
+    def _add_call(self, delta: dict, name: str, arguments: str) -> None:
+        index = len(self.calls)
+        self.calls.append({"name": name, "arguments": arguments})
+        delta.setdefault("tool_calls", []).append(
+            {"index": index, "name": name, "arguments": arguments}
+        )
+
+    def _forced(self, new: str, finishing: bool, delta: dict) -> None:
+        """Constrained tool calls: JSON arguments of one named function, or an
+        array of calls. A named call streams its arguments as they come."""
+        mode = self.tools
+        self._forced_text += new
+        if mode.name is not None:
+            if not self.calls:
+                self.calls.append({"name": mode.name, "arguments": ""})
+                delta["tool_calls"] = [{"index": 0, "name": mode.name, "arguments": new}]
+            elif new:
+                delta["tool_calls"] = [{"index": 0, "arguments": new}]
+            self.calls[0]["arguments"] += new
+            return
+        if not finishing:
+            return
+        calls = parse_forced_calls(self._forced_text, None)
+        if calls is None:  # cut short by max_tokens: give back what there is
+            self.text = self._forced_text
+            delta["text"] = self._forced_text
+            return
+        for call in calls:
+            self._add_call(delta, call["name"], call["arguments"])
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that could begin a stop string."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def machine_for(tokenizer, reasoning: bool, tool_calls: bool) -> TextStateMachine | None:
+    """A text state machine with the model's thinking and/or tool-call markers."""
+    transitions: dict[str, list] = {}
+    if reasoning:
+        transitions["normal"] = [(tokenizer.think_start, "reasoning")]
+        transitions["reasoning"] = [(tokenizer.think_end, "normal")]
+    if tool_calls:
+        transitions.setdefault("normal", []).append((tokenizer.tool_call_start, "tool"))
+        if reasoning:
+            transitions["reasoning"].append((tokenizer.tool_call_start, "tool"))
+        end = tokenizer.tool_call_end
+        transitions["tool"] = [(end, "normal")] if end else []
+    return TextStateMachine(transitions) if transitions else None

@@ -1,0 +1,206 @@
+"""Turning `generate` params into a Job: validation, chat template, limits.
+
+Runs on the stdin reader thread, so templating, tokenizing and compiling a
+grammar never hold up a decode step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import protocol
+from .constraints import response_format_grammar, tool_grammar
+from .engine import LoadedModel
+from .job import Job, Output, ToolMode, machine_for
+from .protocol import RequestId, RPCError
+from .sampling import SamplingParams, make_processors
+
+# Default reply limit for models that do not state a context length.
+DEFAULT_MAX_TOKENS = 4096
+
+
+def invalid(message: str) -> RPCError:
+    return RPCError(protocol.INVALID_PARAMS, message)
+
+
+def _number(params: dict, name: str, default, lo=None, hi=None, integer=False):
+    value = params.get(name)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok_type or isinstance(value, bool):
+        raise invalid(f"{name} must be {'an integer' if integer else 'a number'}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise invalid(f"{name}={value} is out of range [{lo}, {hi}]")
+    return value
+
+
+def parse_sampling(params: dict, vocab_size: int) -> SamplingParams:
+    stop = params.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise invalid("stop must be a string or a list of strings")
+    bias = params.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise invalid("logit_bias must map token ids to numbers")
+    logit_bias = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise invalid(f"logit_bias key {key!r} is not a token id") from None
+        if not 0 <= token < vocab_size:
+            raise invalid(
+                f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})"
+            )
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not -100 <= value <= 100
+        ):
+            raise invalid(f"logit_bias for token {token} must be a number in [-100, 100]")
+        logit_bias[token] = float(value)
+    top_k = _number(params, "top_k", 0, 0, None, integer=True)
+    return SamplingParams(
+        max_tokens=_number(params, "max_tokens", None, 1, None, integer=True),
+        temperature=float(_number(params, "temperature", 1.0, 0, 2)),
+        top_p=float(_number(params, "top_p", 1.0, 0, 1)),
+        top_k=top_k if top_k < vocab_size else 0,
+        min_p=float(_number(params, "min_p", 0.0, 0, 1)),
+        seed=_number(params, "seed", None, integer=True),
+        stop=[s for s in stop if s],
+        presence_penalty=float(_number(params, "presence_penalty", 0.0, -2, 2)),
+        frequency_penalty=float(_number(params, "frequency_penalty", 0.0, -2, 2)),
+        repetition_penalty=_number(params, "repetition_penalty", None, 0, 10),
+        logit_bias=logit_bias,
+    )
+
+
+def tokenize(tokenizer, params: dict) -> list[int]:
+    if "prompt_tokens" in params:
+        ids = params["prompt_tokens"]
+        vocab = len(tokenizer)
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
+        ):
+            raise invalid(f"prompt_tokens must be token ids below {vocab}")
+        return ids
+    if "prompt" in params:
+        if not isinstance(params["prompt"], str):
+            raise invalid("prompt must be a string")
+        return tokenizer.encode(params["prompt"], add_special_tokens=True)
+    messages = params.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    ):
+        raise invalid("generate needs messages, prompt or prompt_tokens")
+    if not tokenizer.has_chat_template:
+        text = "\n".join(str(m.get("content") or "") for m in messages)
+        return tokenizer.encode(text, add_special_tokens=True)
+    kwargs: dict[str, Any] = dict(params.get("chat_template_kwargs") or {})
+    if params.get("tools"):
+        kwargs["tools"] = params["tools"]
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except Exception as exc:  # templates raise on conversations they do not accept
+        raise invalid(f"the chat template rejected the messages: {exc}") from None
+    return list(ids)
+
+
+def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str | None]:
+    """How to read tool calls, and the grammar that forces them (if any)."""
+    tools = params.get("tools") or []
+    if not isinstance(tools, list):
+        raise invalid("tools must be a list")
+    choice = params.get("tool_choice", "auto")
+    if not tools or choice == "none":
+        return None, None
+    parallel = params.get("parallel_tool_calls", True) is not False
+    if choice == "required" or isinstance(choice, dict):
+        name = choice.get("name") if isinstance(choice, dict) else None
+        return ToolMode(tools, forced=True, name=name), tool_grammar(tools, name, parallel)
+    if choice != "auto":
+        raise invalid(f"unknown tool_choice {choice!r}")
+    tokenizer = loaded.tokenizer
+    if not tokenizer.has_tool_calling:
+        return None, None  # the model has no tool-call format we can read
+    return ToolMode(tools, parser=tokenizer.tool_parser), None
+
+
+def _initial_state(tokenizer, prompt: list[int]) -> str:
+    """'reasoning' when the prompt leaves the model inside its thinking block."""
+    if not tokenizer.has_thinking:
+        return "normal"
+    start = tokenizer.rfind_think_start(prompt)
+    return "reasoning" if start != -1 and start > tokenizer.rfind_think_end(prompt) else "normal"
+
+
+def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
+    tokenizer = loaded.tokenizer
+    sampling = parse_sampling(params, loaded.vocab_size)
+    logprobs = _number(params, "logprobs", None, 0, 20, integer=True)
+    prompt = tokenize(tokenizer, params)
+    n = len(prompt)
+    if n == 0:
+        raise invalid("the prompt is empty")
+    max_tokens = _limit(loaded.context_length, n, sampling.max_tokens)
+
+    tools, grammar = _tool_mode(loaded, params)
+    if grammar is None and params.get("response_format"):
+        if not isinstance(params["response_format"], dict):
+            raise invalid("response_format must be an object")
+        grammar = response_format_grammar(params["response_format"])
+    processors = make_processors(sampling)
+    if grammar is not None:
+        # First, so the penalties only reorder tokens the grammar allows.
+        processors.insert(0, loaded.grammars.processor(grammar))
+
+    reasoning = tokenizer.has_thinking
+    parse_tools = tools is not None and not tools.forced
+    key = (reasoning, parse_tools)
+    if key not in loaded.machines:
+        loaded.machines[key] = machine_for(tokenizer, reasoning, parse_tools)
+    output = Output(
+        tokenizer.detokenizer,
+        sampling.stop,
+        machine=None if tools is not None and tools.forced else loaded.machines[key],
+        initial_state=_initial_state(tokenizer, prompt),
+        tools=tools,
+    )
+    return Job(
+        request_id=request_id,
+        prompt=prompt,
+        params=sampling,
+        max_tokens=max_tokens,
+        stream=bool(params.get("stream", False)),
+        output=output,
+        ignore_eos=bool(params.get("ignore_eos", False)),
+        logprobs=logprobs,
+        processors=processors,
+    )
+
+
+def _limit(context: int | None, n: int, max_tokens: int | None) -> int:
+    """The number of tokens the reply may have; refuses what cannot fit."""
+    if not context:
+        return max_tokens or DEFAULT_MAX_TOKENS
+    data = {"prompt_tokens": n, "max_tokens": max_tokens, "context_length": context}
+    if n >= context:
+        raise RPCError(
+            protocol.CONTEXT_LENGTH_EXCEEDED,
+            f"the prompt has {n} tokens; this model's context is {context} tokens",
+            data,
+        )
+    if max_tokens is None:
+        return context - n
+    if n + max_tokens > context:
+        raise RPCError(
+            protocol.CONTEXT_LENGTH_EXCEEDED,
+            f"the prompt ({n} tokens) plus max_tokens ({max_tokens}) exceeds this "
+            f"model's context of {context} tokens",
+            data,
+        )
+    return max_tokens
