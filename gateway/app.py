@@ -5,22 +5,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from . import __version__, chat, errors, serving
+from . import __version__, chat, completions, errors, schemas, serving
 from .config import Settings
 from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .middleware import BodySizeLimit
 from .pool import ModelPool, Pool
-from .schemas import ChatCompletionRequest
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+ERRORS = {
+    status: {"model": schemas.ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request (`param` names the field), or the prompt does not fit the context",
+        404: "Unknown model",
+        413: "Request body too large",
+        502: "The worker serving the request stopped",
+        503: "Overloaded (see Retry-After) or the model is unavailable",
+        504: "The request timed out",
+    }.items()
+}
+
+
+def _generating(model: type) -> dict:
+    """OpenAPI responses of a generating endpoint: JSON, or SSE when streaming."""
+    return {
+        200: {
+            "model": model,
+            "description": "The completion; with `stream: true`, Server-Sent Events of chunks "
+            "ending in `data: [DONE]`",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **ERRORS,
+    }
 
 
 def json_response(body: object, status: int = 200) -> Response:
@@ -44,10 +72,17 @@ def create_app(settings: Settings) -> FastAPI:
             await pool.stop()
             AppStatus.should_exit = True
 
-    app = FastAPI(title="mlx-gateway", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="mlx-gateway",
+        version=__version__,
+        description="OpenAI-compatible API in front of supervised mlx-lm workers.",
+        lifespan=lifespan,
+    )
+    app.openapi = lambda: _openapi(app)
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(errors.APIError, errors.api_error_handler)
@@ -61,71 +96,127 @@ def create_app(settings: Settings) -> FastAPI:
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "mlx-gateway"}
 
-    @app.get("/health")
-    async def health() -> Response:
-        return json_response(pool.health(), 200 if pool.ready else 503)
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def list_models() -> Response:
-        return json_response({"object": "list", "data": [model_card(n) for n in pool.models]})
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> Response:
-        model_pool(model_id)
-        return json_response(model_card(model_id))
-
-    @app.post(CHAT)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        # Label unknown names as "" so bad requests cannot grow the label set.
-        tracker = serving.Tracker(metrics, body.model if body.model in pool.models else "", CHAT)
+    async def generate(
+        endpoint: str,
+        model: str,
+        build: Callable[[], list[dict]],
+        stream: bool,
+        encoder: Callable[[], serving.Encoder],
+        include_usage: bool,
+        render: Callable[[list[dict]], dict],
+    ) -> Response:
+        """Admit, start and serve the choices of one request."""
+        # Unknown names are labelled "" so bad requests cannot grow the label set.
+        tracker = serving.Tracker(metrics, model if model in pool.models else "", endpoint)
+        deadline = asyncio.get_running_loop().time() + settings.request_timeout
         try:
-            target = model_pool(body.model)
-            params = chat.worker_params(body)
-        except errors.APIError as exc:
-            tracker.status = exc.status
-            tracker.close()
-            raise
-        deadline = _deadline(settings)
-        try:
-            generation = await serving.start(target, params, body.stream, deadline, tracker)
-        except BaseException as exc:
+            target = model_pool(model)
+            params = build()
+            generations = await serving.start(target, params, stream, deadline, tracker)
+        except Exception as exc:
             error = errors.from_exception(exc)
             tracker.status = error.status
             tracker.close()
-            if isinstance(exc, Exception):
-                return error.response()
+            return error.response()
+        except BaseException:
+            tracker.close()
             raise
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            encoder = chat.ChunkEncoder(body.model, include_usage)
-
-            def end(result: dict) -> list[bytes]:
-                lines = [encoder.finish(result["finish_reason"])]
-                if include_usage:
-                    lines.append(encoder.usage(result))
-                return lines
-
-            events = serving.stream_events(
-                generation, deadline, tracker, encoder.role, encoder.content, end
-            )
+        if stream:
+            events = serving.stream_events(generations, deadline, tracker, encoder(), include_usage)
             return EventSourceResponse(events, ping=15, sep="\n")
         try:
-            result = await serving.complete(generation, deadline)
+            results = await serving.complete(generations, deadline)
         except Exception as exc:
             error = errors.from_exception(exc)
             tracker.status = error.status
             return error.response()
         finally:
             tracker.close()
-        tracker.finished(generation, result)
-        return json_response(chat.completion(body.model, result))
+        tracker.finished(generations, results)
+        return json_response(render(results))
+
+    @app.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
+    async def health() -> Response:
+        """200 when every model has a ready worker, else 503; lists every worker."""
+        return json_response(pool.health(), 200 if pool.ready else 503)
+
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus() -> Response:
+        """Prometheus metrics."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=schemas.ModelList)
+    async def list_models() -> Response:
+        """The served models."""
+        return json_response({"object": "list", "data": [model_card(n) for n in pool.models]})
+
+    @app.get(
+        "/v1/models/{model_id:path}", response_model=schemas.Model, responses={404: ERRORS[404]}
+    )
+    async def get_model(model_id: str) -> Response:
+        """One served model."""
+        model_pool(model_id)
+        return json_response(model_card(model_id))
+
+    @app.post(
+        CHAT, response_model=schemas.ChatCompletion, responses=_generating(schemas.ChatCompletion)
+    )
+    async def chat_completions(body: schemas.ChatCompletionRequest) -> Response:
+        """Chat completions, streaming or not."""
+        logprobs = bool(body.logprobs)
+        return await generate(
+            CHAT,
+            body.model,
+            lambda: chat.choice_params(chat.worker_params(body, settings.max_tokens_cap), body.n),
+            body.stream,
+            lambda: chat.ChunkEncoder(body.model, _include_usage(body), logprobs),
+            _include_usage(body),
+            lambda results: chat.completion(body.model, results, logprobs),
+        )
+
+    @app.post(
+        COMPLETIONS, response_model=schemas.Completion, responses=_generating(schemas.Completion)
+    )
+    async def text_completions(body: schemas.CompletionRequest) -> Response:
+        """Text completions (the legacy API), streaming or not."""
+        echoes: list[str] = []
+        logprobs = body.logprobs is not None
+
+        def build() -> list[dict]:
+            params, found = completions.worker_params(body, settings.max_tokens_cap)
+            echoes.extend(found)
+            return params
+
+        return await generate(
+            COMPLETIONS,
+            body.model,
+            build,
+            body.stream,
+            lambda: completions.ChunkEncoder(
+                body.model, _include_usage(body), logprobs, echoes, body.n
+            ),
+            _include_usage(body),
+            lambda results: completions.completion(body.model, results, echoes, logprobs, body.n),
+        )
 
     return app
 
 
-def _deadline(settings: Settings) -> float:
-    return asyncio.get_running_loop().time() + settings.request_timeout
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, minus the 422 it assumes: validation errors are 400s here."""
+    if app.openapi_schema is None:
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in spec["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        components = spec.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        app.openapi_schema = spec
+    return app.openapi_schema
+
+
+def _include_usage(body: schemas.SamplingFields) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)

@@ -116,8 +116,43 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         float,
         d.shutdown_grace,
     )
+    add(
+        p,
+        "--max-body-size",
+        "largest request body in bytes (larger gets 413)",
+        int,
+        d.max_body_size,
+    )
+    add(p, "--max-tokens-cap", "most tokens a reply may have; larger max_tokens gets 400", int)
     p.set_defaults(func=serve)
     return p
+
+
+def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("openapi", help="print (or write) the OpenAPI spec of the HTTP API")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=openapi)
+    return p
+
+
+def openapi_spec() -> str:
+    """The OpenAPI document, rendered stably (checked in as openapi/openapi.json)."""
+    import json
+
+    from .app import create_app
+
+    spec = create_app(Settings()).openapi()
+    return json.dumps(spec, indent=2, sort_keys=True) + "\n"
+
+
+def openapi(args: argparse.Namespace) -> int:
+    text = openapi_spec()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlx-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve_parser(sub)
+    openapi_parser(sub)
     return parser
 
 
@@ -168,6 +204,8 @@ def serve(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts,
         restart_window=args.restart_window,
         shutdown_grace=args.shutdown_grace,
+        max_body_size=args.max_body_size,
+        max_tokens_cap=args.max_tokens_cap,
     )
     for spec in specs:
         logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)

@@ -36,6 +36,8 @@ class Settings:
     max_restarts: int = 5  # crashes within restart_window before the model is failed
     restart_window: float = 120.0
     shutdown_grace: float = 30.0
+    max_body_size: int = 16 * 1024 * 1024  # bytes; larger requests get 413
+    max_tokens_cap: int | None = None  # most tokens one reply may ask for
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
 
     def model(self, name: str) -> ModelSpec | None:

@@ -26,11 +26,39 @@ class WorkerGone(Exception):
     """The worker exited, closed its pipes or broke the protocol."""
 
 
+class Delta:
+    """What a generation produced since it was last read; merges as it grows."""
+
+    __slots__ = ("logprobs", "reasoning", "text", "tokens", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.reasoning = ""
+        self.tool_calls: list[dict] = []
+        self.logprobs: list[dict] = []
+        self.tokens = 0
+
+    def add(self, delta: dict) -> None:
+        self.tokens += delta.get("tokens", 0)
+        if "text" in delta:
+            self.text += delta["text"]
+        if "reasoning" in delta:
+            self.reasoning += delta["reasoning"]
+        if "logprobs" in delta:
+            self.logprobs += delta["logprobs"]
+        for call in delta.get("tool_calls", ()):
+            last = self.tool_calls[-1] if self.tool_calls else None
+            if last is not None and last["index"] == call["index"]:
+                last["arguments"] += call.get("arguments", "")
+            else:
+                self.tool_calls.append(dict(call))
+
+
 class Generation:
-    """A `generate` call in flight: its text deltas and its final result.
+    """A `generate` call in flight: its deltas and its final result.
 
     Deltas that arrive while the consumer is busy are merged, so a slow reader
-    costs one string per request, never a growing queue of chunks.
+    costs one growing Delta per request, never a queue of chunks.
     """
 
     def __init__(self, client: WorkerClient, request_id: int, stream: bool):
@@ -38,8 +66,7 @@ class Generation:
         self.id = request_id
         self.stream = stream
         self.result: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._parts: list[str] = []
-        self._tokens = 0
+        self._pending: Delta | None = None
         self._wake = asyncio.Event()
         self.tokens_seen = 0
         self.started_at = time.perf_counter()
@@ -52,16 +79,17 @@ class Generation:
         """Whether any token has come back (after which a retry is unsafe)."""
         return self.tokens_seen > 0
 
-    def _push(self, text: str, tokens: int, now: float) -> None:
+    def _push(self, delta: dict, now: float) -> None:
+        tokens = delta.get("tokens", 0)
         if self.first_token_at is None:
             self.first_token_at = now
         elif tokens:
             self.gaps.append((now - self.last_token_at, tokens))
         self.last_token_at = now
         self.tokens_seen += tokens
-        if text:
-            self._parts.append(text)
-        self._tokens += tokens
+        if self._pending is None:
+            self._pending = Delta()
+        self._pending.add(delta)
         self._wake.set()
 
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
@@ -84,18 +112,15 @@ class Generation:
         if self.result.done() and self.result.exception() is not None:
             raise self.result.exception()
 
-    async def next(self) -> tuple[str, int] | None:
-        """Text and token count that arrived since the last call; None at the end.
+    async def next(self) -> Delta | None:
+        """What arrived since the last call; None at the end.
 
-        Raises the call's error once the pending text is consumed.
+        Raises the call's error once the pending output is consumed.
         """
         while True:
-            if self._parts or self._tokens:
-                text = "".join(self._parts)
-                tokens = self._tokens
-                self._parts.clear()
-                self._tokens = 0
-                return text, tokens
+            if self._pending is not None:
+                delta, self._pending = self._pending, None
+                return delta
             if self.result.done():
                 error = self.result.exception()
                 if error is not None:
@@ -230,7 +255,7 @@ class WorkerClient:
                 for delta in msg.params.get("deltas", ()):
                     generation = self._generations.get(delta.get("request_id"))
                     if generation is not None:
-                        generation._push(delta.get("text", ""), delta.get("tokens", 0), now)
+                        generation._push(delta, now)
             else:
                 log.debug("%s: ignoring notification %s", self.name, msg.method)
             return

@@ -1,7 +1,7 @@
-"""Running one generation for an HTTP request: timeouts, metrics, SSE framing.
+"""Running the generations of one HTTP request: deadlines, metrics, SSE framing.
 
 Shared by every generating endpoint; the endpoint modules only translate
-requests and results to and from the OpenAI shapes.
+requests and results to and from the OpenAI shapes (an Encoder).
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 import orjson
 
@@ -18,11 +19,17 @@ from worker.protocol import RPCError
 from . import errors
 from .metrics import Metrics
 from .pool import ModelPool
-from .rpc import Generation, WorkerGone
+from .rpc import Delta, Generation, WorkerGone
 
 log = logging.getLogger("gateway.serving")
 
 DONE = b"data: [DONE]\n\n"
+
+
+class Encoder(Protocol):
+    def delta(self, index: int, delta: Delta | None, first: bool) -> bytes | None: ...
+    def finish(self, index: int, result: dict) -> bytes: ...
+    def usage(self, results: list[dict]) -> bytes: ...
 
 
 class Tracker:
@@ -40,29 +47,30 @@ class Tracker:
         self._running = True
         self.metrics.num_requests_running.labels(self.model).inc()
 
-    def finished(self, generation: Generation, result: dict) -> None:
+    def finished(self, generations: list[Generation], results: list[dict]) -> None:
         m, model = self.metrics, self.model
-        now = time.perf_counter()
-        used = result["usage"]
-        m.prompt_tokens.labels(model).inc(used["prompt_tokens"])
-        m.generation_tokens.labels(model).inc(used["completion_tokens"])
-        m.request_success.labels(model, result["finish_reason"]).inc()
-        m.e2e_request_latency.labels(model).observe(now - self.started)
+        m.e2e_request_latency.labels(model).observe(time.perf_counter() - self.started)
+        m.prompt_tokens.labels(model).inc(results[0]["usage"]["prompt_tokens"])
         itl = m.inter_token_latency.labels(model)
-        if generation.first_token_at is not None:
-            m.time_to_first_token.labels(model).observe(generation.first_token_at - self.started)
-            for gap, tokens in generation.gaps:
-                for _ in range(tokens):
-                    itl.observe(gap / tokens)
-        else:  # not streamed: the worker measured it
-            timings = result.get("timings") or {}
-            ttft = generation.started_at - self.started + timings.get("ttft_s", 0.0)
-            m.time_to_first_token.labels(model).observe(ttft)
-            n = used["completion_tokens"]
-            if n > 1 and timings.get("decode_s"):
-                gap = timings["decode_s"] / (n - 1)
-                for _ in range(n - 1):
-                    itl.observe(gap)
+        first_token = None
+        for generation, result in zip(generations, results, strict=True):
+            n = result["usage"]["completion_tokens"]
+            m.generation_tokens.labels(model).inc(n)
+            m.request_success.labels(model, result["finish_reason"]).inc()
+            if generation.first_token_at is not None:
+                first = generation.first_token_at
+                for gap, tokens in generation.gaps:
+                    for _ in range(tokens):
+                        itl.observe(gap / tokens)
+            else:  # not streamed: the worker measured it
+                timings = result.get("timings") or {}
+                first = generation.started_at + timings.get("ttft_s", 0.0)
+                if n > 1 and timings.get("decode_s"):
+                    gap = timings["decode_s"] / (n - 1)
+                    for _ in range(n - 1):
+                        itl.observe(gap)
+            first_token = first if first_token is None else min(first_token, first)
+        m.time_to_first_token.labels(model).observe(first_token - self.started)
 
     def close(self) -> None:
         if self._running:
@@ -71,22 +79,36 @@ class Tracker:
         self.metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
 
 
+def cancel_all(generations: list[Generation]) -> None:
+    for generation in generations:
+        generation.cancel()
+
+
 async def start(
-    pool: ModelPool, params: dict, stream: bool, deadline: float, tracker: Tracker
-) -> Generation:
-    """Admit the request and wait for its first token, within the deadline."""
-    async with asyncio.timeout_at(deadline):
-        generation = await pool.generate(params, stream)
-    tracker.running()
-    return generation
-
-
-async def complete(generation: Generation, deadline: float) -> dict:
+    pool: ModelPool, params: list[dict], stream: bool, deadline: float, tracker: Tracker
+) -> list[Generation]:
+    """Admit every choice and wait for their first tokens, within the deadline."""
+    tasks = [asyncio.ensure_future(pool.generate(p, stream)) for p in params]
     try:
         async with asyncio.timeout_at(deadline):
-            return await generation.wait()
+            generations = list(await asyncio.gather(*tasks))
     except BaseException:
-        generation.cancel()
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled() and task.exception() is None:
+                task.result().cancel()
+        raise
+    tracker.running()
+    return generations
+
+
+async def complete(generations: list[Generation], deadline: float) -> list[dict]:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return list(await asyncio.gather(*(g.wait() for g in generations)))
+    except BaseException:
+        cancel_all(generations)
         raise
 
 
@@ -94,53 +116,97 @@ def error_event(exc: BaseException) -> bytes:
     return b"event: error\ndata: " + orjson.dumps(errors.from_exception(exc).body()) + b"\n\n"
 
 
+class _Merge:
+    """Deltas of several generations in arrival order: (index, Delta | None at its end)."""
+
+    def __init__(self, generations: list[Generation]):
+        # Bounded: while the client is slow, each generation keeps merging
+        # its own output instead of this queue growing.
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(generations))
+        self._tasks = [asyncio.create_task(self._pump(i, g)) for i, g in enumerate(generations)]
+
+    async def _pump(self, index: int, generation: Generation) -> None:
+        try:
+            while (delta := await generation.next()) is not None:
+                await self._queue.put((index, delta))
+            await self._queue.put((index, None))
+        except Exception as exc:
+            await self._queue.put((index, exc))
+
+    async def get(self) -> tuple[int, Delta | None]:
+        index, item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return index, item
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+class _Single:
+    def __init__(self, generation: Generation):
+        self._generation = generation
+
+    async def get(self) -> tuple[int, Delta | None]:
+        return 0, await self._generation.next()
+
+    def close(self) -> None:
+        pass
+
+
 async def stream_events(
-    generation: Generation,
+    generations: list[Generation],
     deadline: float,
     tracker: Tracker,
-    first: Callable[[str], bytes],
-    delta: Callable[[str], bytes],
-    end: Callable[[dict], list[bytes]],
+    encoder: Encoder,
+    include_usage: bool,
 ) -> AsyncIterator[bytes]:
-    """SSE lines for a started generation: first chunk, deltas, end, [DONE].
+    """SSE lines for started generations: deltas, finish chunks, usage, [DONE].
 
     An error after the first chunk becomes an `error` event and ends the
-    stream. A client that leaves cancels the generation in the worker.
+    stream. A client that leaves cancels the generations in the workers.
     """
+    n = len(generations)
+    source = _Single(generations[0]) if n == 1 else _Merge(generations)
+    results: list[dict] = [{}] * n
+    first = [True] * n
+    remaining = n
     done = False
-    sent_first = False
     try:
-        while True:
+        while remaining:
             try:
                 async with asyncio.timeout_at(deadline):
-                    item = await generation.next()
+                    index, delta = await source.get()
             except (WorkerGone, RPCError, TimeoutError) as exc:
-                if not sent_first:
-                    yield first("")
+                if all(first):
+                    yield encoder.delta(0, None, True)
                 yield error_event(exc)
                 tracker.status = errors.from_exception(exc).status
                 log.warning("stream ended early: %s", exc)
                 return
-            if item is None:
-                break
-            text = item[0]
-            if not sent_first:
-                sent_first = True
-                yield first(text)
-            elif text:
-                yield delta(text)
-        if not sent_first:
-            yield first("")
-        result = generation.result.result()
-        for line in end(result):
-            yield line
+            if delta is None:
+                remaining -= 1
+                if first[index]:
+                    first[index] = False
+                    yield encoder.delta(index, None, True)
+                results[index] = generations[index].result.result()
+                yield encoder.finish(index, results[index])
+                continue
+            chunk = encoder.delta(index, delta, first[index])
+            if chunk is not None:
+                first[index] = False
+                yield chunk
+        if include_usage:
+            yield encoder.usage(results)
         yield DONE
         done = True
-        tracker.finished(generation, result)
+        tracker.finished(generations, results)
     except (asyncio.CancelledError, GeneratorExit):
         tracker.metrics.client_disconnects.labels(tracker.model).inc()
         raise
     finally:
+        source.close()
         if not done:
-            generation.cancel()
+            cancel_all(generations)
         tracker.close()

@@ -332,9 +332,11 @@ async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
+    # os.kill, not proc.send_signal: the latter polls, which can reap the
+    # child behind asyncio's back and lose its exit status.
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(sig)
+            os.kill(proc.pid, sig)
 
 
 def _describe_exit(returncode: int | None, closed: asyncio.Future) -> str:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DEMO_MODEL_NAME = "mlx-gateway-demo"
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 5
 
 END_TOKEN = "<|end|>"
 ROLE_TOKENS = {
@@ -231,18 +231,7 @@ def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> d
     head = mx.random.normal((len(vocab), hidden - 1)) * (word_scale / (spread * hidden**0.5))
     head = head - (head @ direction)[:, None] * direction[None, :]
     head = mx.concatenate([mx.zeros((len(vocab), 1)), head], axis=1)
-    bias = []
-    for token in vocab:
-        if token == END_TOKEN:
-            bias.append(5.5)
-        elif token == "</think>":
-            bias.append(5.0)
-        elif token in SPECIAL_TOKENS or token in BYTE_TOKENS or token.startswith("<"):
-            bias.append(-30.0)
-        elif (token.startswith(SPACE) and len(token) > 1) or token in PUNCTUATION:
-            bias.append(0.0)
-        else:
-            bias.append(-4.0)
+    bias = [_logit_bias(token) for token in vocab]
     head[:, 0] = mx.array(bias) / channel
     # The end-of-turn logit should not depend on the context.
     end = vocab.index(END_TOKEN)
@@ -250,6 +239,25 @@ def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> d
     params["lm_head.weight"] = head
     mx.eval(params)
     return params
+
+
+def _logit_bias(token: str) -> float:
+    """The constant logit offset of a token, relative to a word's."""
+    if token == END_TOKEN:
+        return 5.5  # ends a reply after a few dozen words
+    if token == "</think>":
+        return 5.0  # ends reasoning after a few dozen words
+    if token == '"':
+        # Closes a JSON string within a few dozen tokens, so constrained
+        # output finishes; in free text it is an occasional quote.
+        return 4.5
+    if token in SPECIAL_TOKENS or token in BYTE_TOKENS or token in TOOL_TOKENS + THINK_TOKENS:
+        return -30.0  # only ever written when a grammar demands it
+    if (token.startswith(SPACE) and len(token) > 1) or token in [*PUNCTUATION, "{", "}", "[", "]"]:
+        # Words, punctuation, and JSON's brackets as likely as its comma,
+        # so constrained arrays and objects end as often as they go on.
+        return 0.0
+    return -4.0  # single characters: rare in free text
 
 
 def default_cache_dir() -> Path:

@@ -104,8 +104,13 @@ class Output:
         machine: TextStateMachine | None = None,
         initial_state: str = "normal",
         tools: ToolMode | None = None,
+        pieces: list[bytes] | None = None,
     ):
         self.detokenizer = detokenizer
+        # Token bytes, given for a raw prompt: its continuation keeps the
+        # leading space that detokenizers drop at the start of a text.
+        self._pieces = pieces
+        self._lead: str | None = None
         self.stops = stops
         self.machine = machine
         self.state = machine.make_state(initial_state) if machine else None
@@ -122,12 +127,19 @@ class Output:
 
     def feed(self, token: int | None, finishing: bool) -> dict:
         if token is not None:
+            if self._lead is None:
+                space = self._pieces is not None and self._pieces[token].startswith(b" ")
+                self._lead = " " if space else ""
             self.detokenizer.add_token(token)
         if finishing:
             self.detokenizer.finalize()
         full = self.detokenizer.text
         new = full[self._read :]
         self._read = len(full)
+        if self._lead and new:
+            if not full.startswith(" "):
+                new = self._lead + new
+            self._lead = ""
         delta: dict[str, Any] = {}
         if self.tools is not None and self.tools.forced:
             self._forced(new, finishing, delta)

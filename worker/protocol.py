@@ -12,8 +12,14 @@ Methods (gateway -> worker):
                 -> {"model": str, "context_length": int | None, "load_s": float}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
-                seed, stop (list of strings), ignore_eos (bool), stream (bool)
-                -> {"text", "finish_reason", "usage", "timings", "memory"}
+                seed, stop (list of strings), presence_penalty, frequency_penalty,
+                repetition_penalty, logit_bias ({token id: bias}), logprobs (int:
+                alternatives per token), ignore_eos, max_tokens_cap, stream (bool);
+                tools, tool_choice ("auto" | "none" | "required" | {"name"}),
+                parallel_tool_calls, response_format ({"type": "json_object"} or
+                {"type": "json_schema", "schema"}), chat_template_kwargs
+                -> {"text", "finish_reason", "usage", "timings", "memory",
+                    "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?}
                 While it runs with stream=true the worker sends `tokens`
                 notifications carrying the text deltas.
     cancel      {"request_id": id} -> {"cancelled": bool}
@@ -23,7 +29,9 @@ Methods (gateway -> worker):
 
 Notification (worker -> gateway):
 
-    tokens      {"deltas": [{"request_id": id, "text": str, "tokens": int}, ...]}
+    tokens      {"deltas": [{"request_id": id, "tokens": int, "text"?: str,
+                  "reasoning"?: str, "tool_calls"?: [{"index", "name"?, "arguments"}],
+                  "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"}]}, ...]}
                 One notification per decode step carries the deltas of every
                 request that advanced in that step. `tokens` counts the tokens
                 behind the delta; `text` may be empty while the detokenizer or

@@ -146,7 +146,8 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     n = len(prompt)
     if n == 0:
         raise invalid("the prompt is empty")
-    max_tokens = _limit(loaded.context_length, n, sampling.max_tokens)
+    cap = _number(params, "max_tokens_cap", None, 1, None, integer=True)
+    max_tokens = _limit(loaded.context_length, n, sampling.max_tokens, cap)
 
     tools, grammar = _tool_mode(loaded, params)
     if grammar is None and params.get("response_format"):
@@ -169,6 +170,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         machine=None if tools is not None and tools.forced else loaded.machines[key],
         initial_state=_initial_state(tokenizer, prompt),
         tools=tools,
+        pieces=loaded.token_bytes() if "messages" not in params else None,
     )
     return Job(
         request_id=request_id,
@@ -183,8 +185,17 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     )
 
 
-def _limit(context: int | None, n: int, max_tokens: int | None) -> int:
-    """The number of tokens the reply may have; refuses what cannot fit."""
+def _limit(context: int | None, n: int, max_tokens: int | None, cap: int | None) -> int:
+    """The number of tokens the reply may have; refuses what cannot fit.
+
+    Without max_tokens a reply may run to the end of the context, or to the
+    operator's cap."""
+    if max_tokens is None and cap is not None:
+        room = context - n if context else cap
+        if room <= 0:
+            max_tokens = cap  # let the check below explain
+        else:
+            return min(cap, room)
     if not context:
         return max_tokens or DEFAULT_MAX_TOKENS
     data = {"prompt_tokens": n, "max_tokens": max_tokens, "context_length": context}
