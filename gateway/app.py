@@ -38,6 +38,20 @@ ERRORS = {
 }
 
 
+# One Server-Sent Event: `data` is a JSON chunk, `[DONE]`, or (with `event:
+# error`) an error object.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "event": {"type": "string"},
+        "data": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
 def _generating(model: type) -> dict:
     """OpenAPI responses of a generating endpoint: JSON, or SSE when streaming."""
     return {
@@ -45,7 +59,7 @@ def _generating(model: type) -> dict:
             "model": model,
             "description": "The completion; with `stream: true`, Server-Sent Events of chunks "
             "ending in `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
         **ERRORS,
     }

@@ -69,7 +69,10 @@ def choice_params(params: dict, n: int) -> list[dict]:
     if n == 1:
         return [params]
     seed = params.get("seed")
-    return [params if seed is None else {**params, "seed": seed + i} for i in range(n)]
+    if seed is None:
+        return [params] * n
+    # Wrap within the 64-bit range, as the worker reads seeds modulo 2**64.
+    return [{**params, "seed": (seed + i + 2**63) % 2**64 - 2**63} for i in range(n)]
 
 
 def _content(message: ChatMessage, index: int) -> str:

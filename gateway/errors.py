@@ -112,13 +112,24 @@ def from_exception(exc: BaseException) -> APIError:
 
 
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """`messages[0].content` from pydantic's ("body", "messages", 0, "content")."""
+    parts = [p for p in loc if p != "body"]
+    # Union members show up as extra path parts; they name types, not fields.
+    parts = [p for p in parts if isinstance(p, int) or not _is_type_name(p)]
     if not parts:
         return None
-    out = parts[0]
+    out = str(parts[0])
     for p in parts[1:]:
-        out += f"[{p}]" if p.isdigit() else f".{p}"
+        out += f"[{p}]" if isinstance(p, int) else f".{p}"
     return out
+
+
+def _is_type_name(part: str) -> bool:
+    return (
+        part[:1].isupper()
+        or part in {"str", "int", "float", "bool", "list", "dict", "none"}
+        or ("[" in part and "]" in part)
+    )
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> Response:

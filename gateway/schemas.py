@@ -104,6 +104,7 @@ class StreamOptions(_Body):
 
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class SamplingFields(_Body):
@@ -113,7 +114,7 @@ class SamplingFields(_Body):
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
     stop: Stop = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -141,7 +142,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None

@@ -39,6 +39,11 @@ def tiny_model(tmp_path_factory) -> Path:
     return demo.build(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def reasoning_model(tmp_path_factory) -> Path:
+    return demo.build(tmp_path_factory.mktemp("models") / "think", preset="tiny-reasoning", seed=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -283,9 +283,11 @@ class Engine:
         pieces = self.loaded.token_bytes()
         eos = self.loaded.eos
         for i, (job, r, delta) in enumerate(wanted):
-            if r.token in eos:
-                continue
-            entry = _logprob_entry(pieces[r.token], chosen[i])
+            if r.token in eos and r.finish_reason == "stop":
+                continue  # the end of the reply is not part of it
+            # An end token inside the reply (ignore_eos) reads as nothing.
+            piece = b"" if r.token in eos else pieces[r.token]
+            entry = _logprob_entry(piece, chosen[i])
             if job.logprobs:
                 ranked = sorted(zip(top_vals[i], top_ids[i], strict=True), reverse=True)
                 entry["top_logprobs"] = [

@@ -55,7 +55,8 @@ def make_sampler(params: SamplingParams):
         top_k = params.top_k
         filters.append(lambda x: apply_top_k(x, top_k))
     scale = 1.0 / params.temperature
-    key = mx.random.key(params.seed) if params.seed is not None else None
+    # Any 64-bit seed, negative ones included (OpenAI's range), maps to a key.
+    key = mx.random.key(params.seed % 2**64) if params.seed is not None else None
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
