@@ -11,7 +11,6 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -136,10 +135,10 @@ def create_app(settings: Settings) -> FastAPI:
             tracker.close()
             raise
         if stream:
-            events = serving.stream_events(generations, deadline, tracker, encoder(), include_usage)
-            return EventSourceResponse(events, ping=15, sep="\n")
+            events = serving.stream_events(generations, tracker, encoder(), include_usage)
+            return serving.SSEResponse(events, ping=15, sep="\n")
         try:
-            results = await serving.complete(generations, deadline)
+            results = await serving.complete(generations)
         except Exception as exc:
             error = errors.from_exception(exc)
             tracker.status = error.status

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve_parser(sub)
     openapi_parser(sub)
+    from . import bench
+
+    bench.add_parser(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from worker.protocol import RPCError
 log = logging.getLogger("gateway.rpc")
 
 WRITE_TIMEOUT_S = 5.0
+READ_CHUNK = 256 * 1024
 
 
 class WorkerGone(Exception):
@@ -73,6 +74,7 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
+        self._deadline: asyncio.TimerHandle | None = None
 
     @property
     def started(self) -> bool:
@@ -92,9 +94,22 @@ class Generation:
         self._pending.add(delta)
         self._wake.set()
 
+    def set_deadline(self, when: float) -> None:
+        """Fail with TimeoutError (and cancel in the worker) at loop time `when`.
+
+        One timer per request, rather than a timeout around every await.
+        """
+        self._deadline = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self.cancel()
+        self._finish(error=TimeoutError("the request timed out"))
+
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         if self.result.done():
             return
+        if self._deadline is not None:
+            self._deadline.cancel()
         if error is not None:
             self.result.set_exception(error)
             # Mark it retrieved: a caller that already left must not trigger
@@ -219,26 +234,21 @@ class WorkerClient:
 
     async def _read_loop(self) -> None:
         reason = "worker closed its stdout"
+        frames = protocol.FrameBuffer()
         try:
             while True:
-                try:
-                    line = await protocol.read_frame(self._reader)
-                except protocol.FrameError as exc:
-                    self.protocol_errors += 1
-                    reason = f"corrupt protocol stream: {exc}"
+                # Whole chunks, not lines: one wake-up handles every frame
+                # that arrived meanwhile.
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
+                    frames.close()
                     break
-                if line is None:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    msg = protocol.decode(line)
-                except RPCError as exc:
-                    # Garbage on the pipe (a stray print): count it, keep going.
-                    self.protocol_errors += 1
-                    log.warning("%s: unreadable frame (%s): %.200r", self.name, exc.message, line)
-                    continue
-                self._dispatch(msg)
+                for line in frames.feed(chunk):
+                    if line.strip():
+                        self._handle(line)
+        except protocol.FrameError as exc:
+            self.protocol_errors += 1
+            reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
             reason = "client closed"
             raise
@@ -247,6 +257,16 @@ class WorkerClient:
             reason = f"reader failed: {exc}"
         finally:
             self._fail_all(reason)
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            msg = protocol.decode(line)
+        except RPCError as exc:
+            # Garbage on the pipe (a stray print): count it, keep going.
+            self.protocol_errors += 1
+            log.warning("%s: unreadable frame (%s): %.200r", self.name, exc.message, line)
+            return
+        self._dispatch(msg)
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Request):

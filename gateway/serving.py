@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import orjson
+from sse_starlette import EventSourceResponse
+from starlette.types import Message, Send
 
 from worker.protocol import RPCError
 
@@ -24,6 +26,17 @@ from .rpc import Delta, Generation, WorkerGone
 log = logging.getLogger("gateway.serving")
 
 DONE = b"data: [DONE]\n\n"
+
+
+class SSEResponse(EventSourceResponse):
+    """sse-starlette's response, minus a cancel scope per chunk when no send
+    timeout is set (a tenth of the gateway's CPU per token otherwise)."""
+
+    async def _send_with_timeout(self, send: Send, message: Message) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
 
 
 class Encoder(Protocol):
@@ -92,6 +105,8 @@ async def start(
     try:
         async with asyncio.timeout_at(deadline):
             generations = list(await asyncio.gather(*tasks))
+        for generation in generations:
+            generation.set_deadline(deadline)
     except BaseException:
         for task in tasks:
             if not task.done():
@@ -103,10 +118,9 @@ async def start(
     return generations
 
 
-async def complete(generations: list[Generation], deadline: float) -> list[dict]:
+async def complete(generations: list[Generation]) -> list[dict]:
     try:
-        async with asyncio.timeout_at(deadline):
-            return list(await asyncio.gather(*(g.wait() for g in generations)))
+        return list(await asyncio.gather(*(g.wait() for g in generations)))
     except BaseException:
         cancel_all(generations)
         raise
@@ -157,7 +171,6 @@ class _Single:
 
 async def stream_events(
     generations: list[Generation],
-    deadline: float,
     tracker: Tracker,
     encoder: Encoder,
     include_usage: bool,
@@ -176,8 +189,7 @@ async def stream_events(
     try:
         while remaining:
             try:
-                async with asyncio.timeout_at(deadline):
-                    index, delta = await source.get()
+                index, delta = await source.get()
             except (WorkerGone, RPCError, TimeoutError) as exc:
                 if all(first):
                     yield encoder.delta(0, None, True)

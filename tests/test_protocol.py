@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import orjson
@@ -70,26 +69,31 @@ def test_large_payload_round_trip():
     assert protocol.decode(line).result["text"] == text
 
 
-def test_async_reader_frames_eof_and_truncation():
-    async def run():
-        reader = asyncio.StreamReader(limit=1024)
-        reader.feed_data(b'{"jsonrpc":"2.0","id":1,"result":1}\r\n{"partial"')
-        reader.feed_eof()
-        first = await protocol.read_frame(reader)
-        assert protocol.decode(first).result == 1
-        with pytest.raises(protocol.TruncatedFrame):
-            await protocol.read_frame(reader)
+def test_frame_buffer_splits_chunks_anywhere():
+    frames = [
+        protocol.encode(protocol.Request("m", {"i": i, "pad": "x" * i}, i)) for i in range(50)
+    ]
+    stream = b"".join(frames)
+    for size in (1, 7, 64, len(stream)):
+        buffer = protocol.FrameBuffer()
+        out = []
+        for i in range(0, len(stream), size):
+            out += buffer.feed(stream[i : i + size])
+        buffer.close()
+        assert [protocol.decode(f).id for f in out] == list(range(50))
 
-        empty = asyncio.StreamReader()
-        empty.feed_eof()
-        assert await protocol.read_frame(empty) is None
 
-        small = asyncio.StreamReader(limit=64)
-        small.feed_data(b"y" * 200 + b"\n")
-        with pytest.raises(protocol.FrameTooLarge):
-            await protocol.read_frame(small)
-
-    asyncio.run(run())
+def test_frame_buffer_crlf_truncation_and_size_cap():
+    buffer = protocol.FrameBuffer()
+    assert buffer.feed(b'{"jsonrpc":"2.0","id":1,"result":1}\r\n{"partial"') == [
+        b'{"jsonrpc":"2.0","id":1,"result":1}'
+    ]
+    with pytest.raises(protocol.TruncatedFrame):
+        buffer.close()
+    protocol.FrameBuffer().close()  # a clean EOF
+    small = protocol.FrameBuffer(max_bytes=64)
+    with pytest.raises(protocol.FrameTooLarge):
+        small.feed(b"y" * 200)
 
 
 def test_decode_rejects_wrong_version():

@@ -82,6 +82,9 @@ class Preset:
     # A reasoning model: <think> tokens in the vocabulary, so mlx-lm treats it
     # as one, and a likely </think> so its reasoning ends after a few words.
     reasoning: bool = False
+    # Never picks its end token: benchmarks get replies of exactly max_tokens
+    # from any server, with no logits processor to pay for.
+    endless: bool = False
 
 
 PRESETS = {
@@ -91,6 +94,9 @@ PRESETS = {
     "small": Preset(256, 4, 768, 4, 2, layer_scale=0.5),
     # Tests of reasoning output.
     "tiny-reasoning": Preset(64, 2, 128, 4, 2, layer_scale=0.5, reasoning=True),
+    # Benchmarks: "small" and "tiny" that never end a reply by themselves.
+    "small-endless": Preset(256, 4, 768, 4, 2, layer_scale=0.5, endless=True),
+    "tiny-endless": Preset(64, 2, 128, 4, 2, layer_scale=0.5, endless=True),
 }
 
 
@@ -187,7 +193,7 @@ def _model_config(preset: Preset, vocab_size: int) -> dict:
     }
 
 
-def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> dict:
+def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float, endless: bool) -> dict:
     """Random llama weights plus a constant residual channel used as a bias.
 
     Channel 0 of the residual stream is held at a constant (the embeddings set
@@ -231,7 +237,7 @@ def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> d
     head = mx.random.normal((len(vocab), hidden - 1)) * (word_scale / (spread * hidden**0.5))
     head = head - (head @ direction)[:, None] * direction[None, :]
     head = mx.concatenate([mx.zeros((len(vocab), 1)), head], axis=1)
-    bias = [_logit_bias(token) for token in vocab]
+    bias = [_logit_bias(token, endless) for token in vocab]
     head[:, 0] = mx.array(bias) / channel
     # The end-of-turn logit should not depend on the context.
     end = vocab.index(END_TOKEN)
@@ -241,10 +247,10 @@ def _weights(config: dict, vocab: list[str], seed: int, layer_scale: float) -> d
     return params
 
 
-def _logit_bias(token: str) -> float:
+def _logit_bias(token: str, endless: bool) -> float:
     """The constant logit offset of a token, relative to a word's."""
     if token == END_TOKEN:
-        return 5.5  # ends a reply after a few dozen words
+        return -30.0 if endless else 5.5  # ends a reply after a few dozen words
     if token == "</think>":
         return 5.0  # ends reasoning after a few dozen words
     if token == '"':
@@ -276,7 +282,7 @@ def build(path: Path, preset: str = "small", seed: int = 0) -> Path:
     spec = PRESETS[preset]
     vocab = vocabulary(spec)
     config = _model_config(spec, len(vocab))
-    weights = _weights(config, vocab, seed, spec.layer_scale)
+    weights = _weights(config, vocab, seed, spec.layer_scale, spec.endless)
     path.mkdir(parents=True, exist_ok=False)
     mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(config, indent=2))

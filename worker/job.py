@@ -124,6 +124,7 @@ class Output:
         self._prev_state = initial_state
         self._tool_text = ""
         self._forced_text = ""
+        self._plain = machine is None and tools is None and not stops
 
     def feed(self, token: int | None, finishing: bool) -> dict:
         if token is not None:
@@ -140,6 +141,11 @@ class Output:
             if not full.startswith(" "):
                 new = self._lead + new
             self._lead = ""
+        if self._plain:  # the common case, on the per-token path
+            if not new:
+                return {}
+            self.text += new
+            return {"text": new}
         delta: dict[str, Any] = {}
         if self.tools is not None and self.tools.forced:
             self._forced(new, finishing, delta)

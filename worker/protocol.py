@@ -40,7 +40,6 @@ Notification (worker -> gateway):
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -226,23 +225,43 @@ class FrameReader:
                 return
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
-    """Async twin of FrameReader.read for the gateway's side of the pipe.
+class FrameBuffer:
+    """Splits a byte stream into frames, for readers that receive chunks.
 
-    The StreamReader's `limit` is the frame cap; an oversized frame leaves the
-    stream unusable, so the caller must treat FrameTooLarge as fatal.
+    The gateway reads its workers' stdout in large chunks and splits them
+    here, instead of awaiting each line: one wake-up can then carry the
+    frames of many decode steps.
     """
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise TruncatedFrame(
-            f"EOF after {len(exc.partial)} bytes of an unterminated frame"
-        ) from None
-    except asyncio.LimitOverrunError as exc:
-        raise FrameTooLarge(f"frame exceeds {reader._limit} bytes") from exc
-    return strip_line(line)
+
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES):
+        self._max = max_bytes
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already known to hold no newline
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete frames (without terminators) now available.
+
+        Raises FrameTooLarge once an unterminated frame exceeds the cap; the
+        stream cannot be trusted after that.
+        """
+        buf = self._buf
+        buf += chunk
+        frames = []
+        start = 0
+        search = self._scanned
+        while (end := buf.find(b"\n", search)) != -1:
+            frames.append(strip_line(bytes(buf[start : end + 1])))
+            start = search = end + 1
+        del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > self._max:
+            raise FrameTooLarge(f"frame exceeds {self._max} bytes")
+        return frames
+
+    def close(self) -> None:
+        """At EOF: raises TruncatedFrame if a frame was cut off."""
+        if self._buf:
+            raise TruncatedFrame(f"EOF after {len(self._buf)} bytes of an unterminated frame")
 
 
 # --- decoding ------------------------------------------------------------------

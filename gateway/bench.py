@@ -1,0 +1,716 @@
+"""`mlx-gateway bench`: load generator and side-by-side comparison.
+
+A closed-loop load generator for any OpenAI-compatible server, in the spirit
+of `vllm bench serve`: `concurrency` clients each send streaming chat
+requests back to back. Everything is counted from the stream itself: the
+first content delta gives the time to first token, the gaps between deltas
+the inter-token latency, the usage chunk the token counts.
+
+`--compare` runs, on one model file and in one go, the in-process engine
+limit (mlx-lm's stream_generate and BatchGenerator), this gateway and
+`mlx_lm.server`, and prints the table with ratios. `--ipc` measures the
+JSON-RPC pipe alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+# --- load generation -----------------------------------------------------------------
+
+# Byte patterns instead of JSON parsing, for any server's spacing style.
+CONTENT = re.compile(rb'"content":\s*"[^"]')
+USAGE = re.compile(rb'"usage":\s*\{')
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    error: str | None = None
+    ttft: float | None = None
+    latency: float = 0.0
+    tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return {
+        "p50": pick(0.5),
+        "p90": pick(0.9),
+        "p99": pick(0.99),
+        "mean": statistics.fmean(ordered),
+    }
+
+
+@dataclass
+class LevelReport:
+    concurrency: int
+    completed: int
+    failed: int
+    duration_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_s: dict
+    itl_s: dict
+    e2e_s: dict
+    errors: list[str]
+
+
+class Prompts:
+    """Chat prompts of about `tokens` words, the first `shared` of them common
+    to every request (a shared system prompt or conversation history)."""
+
+    def __init__(self, tokens: int, shared: int, seed: int = 0):
+        from worker.demo import words
+
+        self.vocab = words()
+        rng = random.Random(seed)
+        self.shared = " ".join(rng.choice(self.vocab) for _ in range(min(shared, tokens)))
+        self.own = max(0, tokens - shared)
+        self.rng = rng
+
+    def messages(self) -> list[dict]:
+        own = " ".join(self.rng.choice(self.vocab) for _ in range(self.own))
+        messages = []
+        if self.shared:
+            messages.append({"role": "system", "content": self.shared})
+        messages.append({"role": "user", "content": own or "hello"})
+        return messages
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcome:
+    """One streamed request. Events are split from raw bytes and only the
+    usage chunk is parsed: on a small machine the client must not eat the
+    CPU the server under test needs."""
+    started = time.perf_counter()
+    last = None
+    outcome = Outcome(ok=False)
+    pending = b""
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return Outcome(ok=False, error=f"HTTP {response.status_code}: {text[:200]}")
+            async for data in response.aiter_raw():
+                now = time.perf_counter()
+                events = (pending + data).split(b"\n\n")
+                pending = events.pop()
+                for event in events:
+                    if event.startswith(b"event: error") or b'"error"' in event[:20]:
+                        outcome.error = event.decode(errors="replace")[:200]
+                    elif USAGE.search(event):
+                        usage = orjson.loads(event[event.index(b"{") :])["usage"]
+                        outcome.tokens = usage.get("completion_tokens", 0)
+                        outcome.prompt_tokens = usage.get("prompt_tokens", 0)
+                        details = usage.get("prompt_tokens_details") or {}
+                        outcome.cached_tokens = details.get("cached_tokens") or 0
+                    elif CONTENT.search(event):
+                        if last is None:
+                            outcome.ttft = now - started
+                        else:
+                            outcome.gaps.append(now - last)
+                        last = now
+    except httpx.HTTPError as exc:
+        return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}")
+    outcome.latency = time.perf_counter() - started
+    outcome.ok = outcome.error is None and outcome.ttft is not None
+    return outcome
+
+
+async def run_level(
+    base_url: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    duration: float | None,
+    max_tokens: int,
+    prompts: Prompts,
+    extra: dict,
+    progress: bool,
+) -> tuple[LevelReport, list[Outcome]]:
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+    outcomes: list[Outcome] = []
+    sent = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=None if duration else requests,
+            desc=f"concurrency {concurrency}",
+            unit="req",
+            file=sys.stderr,
+            leave=False,
+        )
+    started = time.perf_counter()
+    deadline = started + duration if duration else None
+    limits = httpx.Limits(
+        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
+    )
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
+
+        async def user() -> None:
+            nonlocal sent
+            while (deadline is None and sent < requests) or (
+                deadline and time.perf_counter() < deadline
+            ):
+                sent += 1
+                body = {
+                    "model": model,
+                    "messages": prompts.messages(),
+                    "max_tokens": max_tokens,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "temperature": 0,
+                    **extra,
+                }
+                outcomes.append(await one_request(client, url, body))
+                if bar is not None:
+                    bar.update(1)
+
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    good = [o for o in outcomes if o.ok]
+    tokens = sum(o.tokens for o in good)
+    report = LevelReport(
+        concurrency=concurrency,
+        completed=len(good),
+        failed=len(outcomes) - len(good),
+        duration_s=elapsed,
+        output_tokens=tokens,
+        output_tokens_per_s=tokens / elapsed if elapsed else 0.0,
+        requests_per_s=len(good) / elapsed if elapsed else 0.0,
+        ttft_s=percentiles([o.ttft for o in good if o.ttft is not None]),
+        itl_s=percentiles([g for o in good for g in o.gaps]),
+        e2e_s=percentiles([o.latency for o in good]),
+        errors=sorted({o.error for o in outcomes if o.error})[:5],
+    )
+    return report, outcomes
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def print_reports(reports: list[LevelReport], title: str = "") -> None:
+    if title:
+        print(f"\n{title}")
+    header = (
+        f"{'conc':>5} {'done':>6} {'fail':>5} {'tok/s':>9} {'req/s':>7} "
+        f"{'ttft p50/p90/p99 ms':>22} {'itl p50/p90/p99 ms':>22} {'e2e p50/p99 s':>15}"
+    )
+    print(header)
+    for r in reports:
+        ttft = "/".join(_ms(r.ttft_s[k]) for k in ("p50", "p90", "p99"))
+        itl = "/".join(_ms(r.itl_s[k]) for k in ("p50", "p90", "p99"))
+        e2e = "/".join("-" if r.e2e_s[k] is None else f"{r.e2e_s[k]:.2f}" for k in ("p50", "p99"))
+        print(
+            f"{r.concurrency:>5} {r.completed:>6} {r.failed:>5} {r.output_tokens_per_s:>9.1f} "
+            f"{r.requests_per_s:>7.2f} {ttft:>22} {itl:>22} {e2e:>15}"
+        )
+        for error in r.errors:
+            print(f"      error: {error}")
+
+
+def sweep(args: argparse.Namespace, url: str, model: str, extra: dict) -> list[LevelReport]:
+    prompts = Prompts(args.prompt_tokens, args.shared_prefix_tokens)
+    reports = []
+    for concurrency in args.concurrency:
+        if args.warmup:
+            asyncio.run(
+                run_level(url, model, concurrency, concurrency, None, 4, prompts, extra, False)
+            )
+        report, _ = asyncio.run(
+            run_level(
+                url,
+                model,
+                concurrency,
+                args.requests,
+                args.duration,
+                args.max_tokens,
+                prompts,
+                extra,
+                progress=args.progress,
+            )
+        )
+        reports.append(report)
+    return reports
+
+
+# --- the in-process engine limit -------------------------------------------------------
+
+
+def engine_limit(
+    model_path: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompt_tokens: int,
+    mask_eos: bool,
+) -> dict:
+    """Output tokens/s of mlx-lm alone, counted like the HTTP runs (tokens over
+    wall time, prefill included): for one stream the faster of stream_generate
+    and a one-sequence BatchGenerator, for several a closed-loop
+    BatchGenerator. Runs in this process."""
+    import mlx.core as mx
+    from mlx_lm import load, stream_generate
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tokenizer = load(model_path)
+    prompts = Prompts(prompt_tokens, 0, seed=1)
+    # What the HTTP runs send, when the model can end a reply by itself.
+    bias = {t: -100.0 for t in tokenizer.eos_token_ids} if mask_eos else None
+
+    def prompt_ids() -> list[int]:
+        return tokenizer.apply_chat_template(prompts.messages(), add_generation_prompt=True)
+
+    def processors() -> list:
+        return make_logits_processors(bias) if bias else []
+
+    result: dict[str, Any] = {"concurrency": concurrency}
+    if concurrency == 1:
+        rates = []
+        for _ in range(min(requests, 8)):
+            tokens = 0
+            started = time.perf_counter()
+            for _ in stream_generate(
+                model,
+                tokenizer,
+                prompt_ids(),
+                max_tokens=max_tokens,
+                logits_processors=processors(),
+            ):
+                tokens += 1
+            rates.append(tokens / (time.perf_counter() - started))
+        result["stream_generate_tokens_per_s"] = statistics.median(rates[1:])
+
+    gen = BatchGenerator(
+        model,
+        max_tokens=max_tokens,
+        completion_batch_size=max(32, concurrency),
+        prefill_step_size=512,
+    )
+    inserted = done = tokens = 0
+
+    def add(n: int) -> None:
+        nonlocal inserted
+        gen.insert(
+            [prompt_ids() for _ in range(n)],
+            max_tokens=[max_tokens] * n,
+            logits_processors=[processors() for _ in range(n)],
+        )
+        inserted += n
+
+    add(min(concurrency, requests))  # warm the compile caches, then measure from scratch
+    while done < min(concurrency, requests):
+        done += sum(1 for r in gen.next_generated() if r.finish_reason)
+    inserted = done = 0
+    add(min(concurrency, requests))
+    started = time.perf_counter()
+    while done < requests:
+        for r in gen.next_generated():
+            tokens += 1
+            if r.finish_reason is not None:
+                done += 1
+                if inserted < requests:
+                    add(1)
+    elapsed = time.perf_counter() - started
+    mx.clear_cache()
+    result["batch_generator_tokens_per_s"] = tokens / elapsed
+    result["output_tokens_per_s"] = max(
+        result["batch_generator_tokens_per_s"], result.get("stream_generate_tokens_per_s", 0.0)
+    )
+    return result
+
+
+# --- servers started for --compare -------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def start_server(cmd: list[str], url: str, ready_path: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        wait_ready(url, proc, ready_path)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def eos_bias(model_path: str) -> dict[str, float]:
+    """logit_bias that rules out the end token, so every server generates
+    exactly max_tokens (mlx_lm.server has no ignore_eos)."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    ids = config.get("eos_token_id")
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if not ids:
+        ids = [AutoTokenizer.from_pretrained(model_path).eos_token_id]
+    return {str(i): -100.0 for i in ids if i is not None}
+
+
+def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: bool) -> dict:
+    """engine_limit in a fresh process, so it has the machine to itself."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway.bench",
+        "--engine",
+        path,
+        str(concurrency),
+        str(args.requests),
+        str(args.max_tokens),
+        str(args.prompt_tokens),
+        str(int(mask_eos)),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Engine limit, this gateway and mlx_lm.server on one model, side by side.
+
+    Both servers stay up (idle servers cost nothing) while `rounds` rounds
+    measure the three in turn at each concurrency, so slow drifts of a
+    shared machine hit all three alike; the table reports medians.
+    """
+    from .checkpoints import resolve
+
+    path = resolve(args.model_path).path
+    # The endless demo model never ends a reply; any other gets its end
+    # token masked, so every server generates exactly max_tokens.
+    mask_eos = "endless" not in args.model_path
+    extra = {"logit_bias": eos_bias(path)} if mask_eos else {}
+    batch = str(max(32, max(args.concurrency)))
+    gw_port, srv_port = free_port(), free_port()
+    gw_url, srv_url = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{srv_port}"
+    gateway = start_server(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--model",
+            f"bench={path}",
+            "--port",
+            str(gw_port),
+            "--log-level",
+            "warning",
+            "--max-batch-size",
+            batch,
+        ],
+        gw_url,
+        "/health",
+    )
+    try:
+        server = start_server(
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "server",
+                "--model",
+                path,
+                "--port",
+                str(srv_port),
+                "--log-level",
+                "WARNING",
+                "--decode-concurrency",
+                batch,
+                "--prompt-concurrency",
+                "8",
+            ],
+            srv_url,
+            "/v1/models",
+        )
+    except BaseException:
+        stop_server(gateway)
+        raise
+    runs: dict[str, dict[int, list]] = {"engine": {}, "gateway": {}, "mlx_lm_server": {}}
+    try:
+        for _ in range(args.rounds):
+            for c in args.concurrency:
+                one = argparse.Namespace(**{**vars(args), "concurrency": [c]})
+                runs["engine"].setdefault(c, []).append(engine_run(path, args, c, mask_eos))
+                gw = sweep(one, gw_url, "bench", extra)[0]
+                runs["gateway"].setdefault(c, []).append(asdict(gw))
+                srv = sweep(one, srv_url, path, extra)[0]
+                runs["mlx_lm_server"].setdefault(c, []).append(asdict(srv))
+    finally:
+        stop_server(gateway)
+        stop_server(server)
+    return {
+        "model": path,
+        "masked": mask_eos,
+        "settings": {
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "prompt_tokens": args.prompt_tokens,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+        },
+        "runs": runs,
+    }
+
+
+def _median(runs: list[dict], key: str, sub: str | None = None) -> float | None:
+    values = [r[key][sub] if sub else r[key] for r in runs]
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def print_compare(results: dict) -> None:
+    s = results["settings"]
+    ending = "end token masked" if results["masked"] else "a model that never ends a reply"
+    print(f"\nmodel: {results['model']}")
+    print(
+        f"{s['rounds']} rounds x {s['requests']} requests per level, max_tokens "
+        f"{s['max_tokens']}, {s['prompt_tokens']}-word prompts, greedy, {ending}; medians"
+    )
+    print(
+        f"\n{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'mlx_lm.server':>14} "
+        f"{'gw/engine':>10} {'gw/server':>10} {'gw ttft p50':>12} {'srv ttft p50':>13}"
+    )
+    runs = results["runs"]
+    for c in s["concurrency"]:
+        e, g, m = runs["engine"][c], runs["gateway"][c], runs["mlx_lm_server"][c]
+        et = _median(e, "output_tokens_per_s")
+        gt = _median(g, "output_tokens_per_s")
+        mt = _median(m, "output_tokens_per_s")
+        gw_engine = statistics.median(
+            x["output_tokens_per_s"] / y["output_tokens_per_s"] for x, y in zip(g, e, strict=True)
+        )
+        gw_server = statistics.median(
+            x["output_tokens_per_s"] / max(y["output_tokens_per_s"], 1e-9)
+            for x, y in zip(g, m, strict=True)
+        )
+        print(
+            f"{c:>5} {et:>13.1f} {gt:>14.1f} {mt:>14.1f} {gw_engine:>10.2f} {gw_server:>10.2f} "
+            f"{_ms(_median(g, 'ttft_s', 'p50')):>12} {_ms(_median(m, 'ttft_s', 'p50')):>13}"
+        )
+
+
+# --- the pipe alone ----------------------------------------------------------------------
+
+
+def ipc_bench(calls: int = 2000, notifications: int = 200_000) -> dict:
+    """RPC round trip to a real worker, and notifications/s one pipe can carry,
+    on the event loop the server uses (uvloop where installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_ipc(calls, notifications))
+    return uvloop.run(_ipc(calls, notifications))
+
+
+async def _ipc(calls: int, notifications: int) -> dict:
+    from worker import protocol
+
+    from .rpc import WorkerClient
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "--log-level",
+        "warning",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=protocol.MAX_FRAME_BYTES + 1,
+    )
+    client = WorkerClient(proc.stdout, proc.stdin, "bench")
+    for _ in range(100):
+        await client.call(protocol.HEALTH)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        await client.call(protocol.HEALTH)
+        times.append(time.perf_counter() - t)
+    proc.stdin.close()
+    await proc.wait()
+    await client.close()
+    rtt = percentiles(times)
+
+    # A producer writing `tokens` frames as fast as a worker could, read by
+    # the same client code the gateway uses, into a live Generation.
+    frame = protocol.notification(
+        protocol.TOKENS, {"deltas": [{"request_id": 1, "text": " word", "tokens": 1}]}
+    )
+    producer = (
+        "import os, sys\n"
+        f"frame = {frame!r}\n"
+        f"batch = frame * 1000\n"
+        f"for _ in range({notifications // 1000}):\n"
+        "    os.write(1, batch)\n"
+        'os.write(1, b\'{"jsonrpc":"2.0","id":1,"result":{}}\\n\')\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        producer,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=protocol.MAX_FRAME_BYTES + 1,
+    )
+    client = WorkerClient(proc.stdout, proc.stdin, "bench")
+    from .rpc import Generation
+
+    generation = Generation(client, 1, True)
+    client._generations[1] = generation
+    started = time.perf_counter()
+    received = 0
+    while (delta := await generation.next()) is not None:
+        received += delta.tokens
+    elapsed = time.perf_counter() - started
+    await proc.wait()
+    await client.close()
+    return {
+        "rpc_round_trip_s": rtt,
+        "notifications": received,
+        "notifications_per_s": received / elapsed,
+    }
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark an OpenAI-compatible server (or compare them)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server to load")
+    p.add_argument("--model", default=None, help="model id to request (default: the first served)")
+    p.add_argument(
+        "--concurrency",
+        default="1,4,16",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="clients sending requests back to back; a comma list sweeps",
+    )
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument(
+        "--duration", type=float, default=None, help="seconds per level instead of a request count"
+    )
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=64, help="words in each prompt")
+    p.add_argument(
+        "--shared-prefix-tokens",
+        type=int,
+        default=0,
+        help="leading prompt words common to all requests",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="ask for exactly max_tokens (vLLM's extension; this gateway has it)",
+    )
+    p.add_argument("--no-warmup", dest="warmup", action="store_false")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="engine limit vs this gateway vs mlx_lm.server on one model",
+    )
+    p.add_argument(
+        "--model-path",
+        default="demo:small-endless",
+        help="for --compare: model directory, Hugging Face id or demo[:preset]",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="for --compare: rounds to take medians of")
+    p.add_argument("--ipc", action="store_true", help="measure the JSON-RPC pipe alone")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    args.progress = sys.stderr.isatty() and not args.json
+    if args.ipc:
+        result = ipc_bench()
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            rtt = result["rpc_round_trip_s"]
+            print(f"RPC round trip: p50 {rtt['p50'] * 1e6:.0f} us, p99 {rtt['p99'] * 1e6:.0f} us")
+            print(f"token notifications through one pipe: {result['notifications_per_s']:,.0f}/s")
+        return 0
+    if args.compare:
+        result = compare(args)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_compare(result)
+        return 0
+    model = args.model
+    if model is None:
+        model = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=10).json()["data"][0]["id"]
+    extra = {"ignore_eos": True} if args.ignore_eos else {}
+    reports = sweep(args, args.url, model, extra)
+    if args.json:
+        print(json.dumps([asdict(r) for r in reports], indent=2))
+    else:
+        print_reports(reports, f"{args.url} model {model}")
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--engine":
+    _, _, path, conc, reqs, toks, prompt, mask = sys.argv
+    print(json.dumps(engine_limit(path, int(conc), int(reqs), int(toks), int(prompt), mask == "1")))
