@@ -124,6 +124,21 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         d.max_body_size,
     )
     add(p, "--max-tokens-cap", "most tokens a reply may have; larger max_tokens gets 400", int)
+    add(
+        p,
+        "--prompt-cache-bytes",
+        "per worker: bytes of KV cache kept for reuse by later "
+        "requests with the same prefix (0 turns it off)",
+        int,
+        d.prompt_cache_bytes,
+    )
+    add(
+        p,
+        "--prompt-cache-size",
+        "per worker: most prompts kept in the prompt cache",
+        int,
+        d.prompt_cache_size,
+    )
     p.set_defaults(func=serve)
     return p
 
@@ -209,6 +224,8 @@ def serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         max_body_size=args.max_body_size,
         max_tokens_cap=args.max_tokens_cap,
+        prompt_cache_bytes=args.prompt_cache_bytes,
+        prompt_cache_size=args.prompt_cache_size,
     )
     for spec in specs:
         logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)

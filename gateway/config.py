@@ -38,6 +38,8 @@ class Settings:
     shutdown_grace: float = 30.0
     max_body_size: int = 16 * 1024 * 1024  # bytes; larger requests get 413
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
+    prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
+    prompt_cache_size: int = 64  # per worker: most prompts kept
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
 
     def model(self, name: str) -> ModelSpec | None:

@@ -174,6 +174,24 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prefix_cache_queries = Counter(
+            p + "prefix_cache_queries",
+            "Prompt tokens looked up in the workers' prompt caches.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            p + "prefix_cache_hits",
+            "Prompt tokens served from the workers' prompt caches.",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_cache_requests = Counter(
+            p + "prefix_cache_requests",
+            "Requests by prompt cache outcome (hit or miss).",
+            ["model", "result"],
+            registry=r,
+        )
         self.protocol_errors = Counter(
             p + "worker_protocol_errors",
             "Unreadable frames received from workers.",

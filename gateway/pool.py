@@ -10,10 +10,13 @@ or the model has failed.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
+
+import orjson
 
 from .config import ModelSpec, Settings
 from .metrics import Metrics
@@ -21,6 +24,38 @@ from .rpc import Generation, WorkerGone
 from .supervisor import State, Supervisor
 
 log = logging.getLogger("gateway.pool")
+
+
+# Prefixes remembered for routing, per model.
+AFFINITY_ENTRIES = 65536
+PROMPT_BLOCK = 256  # characters (or tokens) per prefix block of a raw prompt
+
+
+def prefix_keys(params: dict) -> list[str]:
+    """Hashes of the request's prefixes, longest first: every leading run of
+    whole messages but the last, or of whole blocks of a raw prompt. Two
+    requests that share a key share that much of their prompt."""
+    if "messages" in params:
+        parts = [orjson.dumps(m, option=orjson.OPT_SORT_KEYS) for m in params["messages"][:-1]]
+    elif isinstance(params.get("prompt"), str):
+        text = params["prompt"].encode()
+        parts = [
+            text[i : i + PROMPT_BLOCK] for i in range(0, len(text) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
+        ]
+    elif isinstance(params.get("prompt_tokens"), list):
+        ids = params["prompt_tokens"]
+        parts = [
+            orjson.dumps(ids[i : i + PROMPT_BLOCK])
+            for i in range(0, len(ids) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
+        ]
+    else:
+        return []
+    keys = []
+    digest = hashlib.blake2b(digest_size=12)
+    for part in parts:
+        digest.update(part)
+        keys.append(digest.hexdigest())
+    return keys[::-1]
 
 
 class Overloaded(Exception):
@@ -44,6 +79,9 @@ class ModelPool:
             for i in range(settings.workers)
         ]
         self._waiters: deque[asyncio.Future] = deque()
+        # Which worker last served each prefix: its prompt cache likely has it.
+        self._affinity: OrderedDict[str, Supervisor] = OrderedDict()
+        self.affinity_slack = max(2, self.capacity // 4)
         self._completions: deque[float] = deque(maxlen=256)
         self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
 
@@ -78,23 +116,39 @@ class ModelPool:
 
     # --- admission ---------------------------------------------------------------
 
-    def _pick(self) -> Supervisor | None:
-        best = None
-        for w in self.workers:
-            if (
-                w.ready
-                and w.in_flight < self.capacity
-                and (best is None or w.in_flight < best.in_flight)
-            ):
-                best = w
+    def _pick(self, keys: list[str]) -> Supervisor | None:
+        """The worker most likely to hold the request's prefix in its prompt
+        cache, unless it is much busier than the least loaded one."""
+        free = [w for w in self.workers if w.ready and w.in_flight < self.capacity]
+        if not free:
+            return None
+        best = min(free, key=lambda w: w.in_flight)
+        for key in keys:
+            holder = self._affinity.get(key)
+            if holder is not None:
+                if holder in free and holder.in_flight <= best.in_flight + self.affinity_slack:
+                    return holder
+                break
         return best
 
-    async def acquire(self) -> Supervisor:
+    def _take(self, worker: Supervisor, keys: list[str]) -> Supervisor:
+        worker.in_flight += 1
+        for key in keys:
+            self._affinity[key] = worker
+            self._affinity.move_to_end(key)
+        while len(self._affinity) > AFFINITY_ENTRIES:
+            self._affinity.popitem(last=False)
+        return worker
+
+    async def acquire(self, keys: list[str] = ()) -> Supervisor:
+        """A worker for the request, waiting in line if all are busy.
+
+        `keys` name the request's prefixes, longest first (see prefix_keys).
+        """
         if not self._waiters:
-            worker = self._pick()
+            worker = self._pick(keys)
             if worker is not None:
-                worker.in_flight += 1
-                return worker
+                return self._take(worker, keys)
         if self.failed:
             raise ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
         if len(self._waiters) >= self.settings.max_queue:
@@ -104,6 +158,7 @@ class ModelPool:
                 self.retry_after(),
             )
         future = asyncio.get_running_loop().create_future()
+        future.keys = keys  # read by _dispatch
         self._waiters.append(future)
         self._waiting_gauge.set(len(self._waiters))
         started = time.perf_counter()
@@ -149,11 +204,11 @@ class ModelPool:
             if self._waiters[0].done():
                 self._waiters.popleft()
                 continue
-            worker = self._pick()
+            worker = self._pick(self._waiters[0].keys)
             if worker is None:
                 break
-            worker.in_flight += 1
-            self._waiters.popleft().set_result(worker)
+            future = self._waiters.popleft()
+            future.set_result(self._take(worker, future.keys))
         if self.failed:
             error = ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
             while self._waiters:
@@ -180,9 +235,10 @@ class ModelPool:
         nothing: the request is sent once more to another (or the restarted)
         worker. After the first token, a death is the caller's error to see.
         """
+        keys = prefix_keys(params)
         attempt = 0
         while True:
-            worker = await self.acquire()
+            worker = await self.acquire(keys)
             client = worker.client
             try:
                 if client is None:

@@ -64,6 +64,12 @@ class Tracker:
         m, model = self.metrics, self.model
         m.e2e_request_latency.labels(model).observe(time.perf_counter() - self.started)
         m.prompt_tokens.labels(model).inc(results[0]["usage"]["prompt_tokens"])
+        for result in results:
+            usage = result["usage"]
+            cached = usage.get("cached_tokens", 0)
+            m.prefix_cache_queries.labels(model).inc(usage["prompt_tokens"])
+            m.prefix_cache_hits.labels(model).inc(cached)
+            m.prefix_cache_requests.labels(model, "hit" if cached else "miss").inc()
         itl = m.inter_token_latency.labels(model)
         first_token = None
         for generation, result in zip(generations, results, strict=True):

@@ -205,6 +205,8 @@ class Supervisor:
             "name": self.spec.name,
             "max_batch_size": self.settings.max_batch_size,
             "prefill_step_size": self.settings.prefill_step_size,
+            "prompt_cache_bytes": self.settings.prompt_cache_bytes,
+            "prompt_cache_size": self.settings.prompt_cache_size,
         }
         load = asyncio.ensure_future(client.call(protocol.LOAD_MODEL, params))
         stop = asyncio.ensure_future(self._stopping.wait())

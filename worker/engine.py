@@ -29,6 +29,10 @@ from .sampling import make_sampler
 log = logging.getLogger("worker.engine")
 
 MB = 1024 * 1024
+# The prompt cache is per worker and per model, so one key is enough.
+PROMPT_CACHE_KEY = "model"
+DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
+DEFAULT_PROMPT_CACHE_SIZE = 64
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Engine:
         self.last_step_at = time.monotonic()
         self.steps = 0
         self.memory: dict[str, float] = {}
+        self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
+        self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
 
     # --- called from the reader thread -----------------------------------------
 
@@ -93,6 +99,11 @@ class Engine:
             "steps": self.steps,
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "memory": dict(self.memory),
+            "prompt_cache": {
+                **self.cache_stats,
+                "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
+                "bytes": self.prompt_cache.nbytes if self.prompt_cache is not None else 0,
+            },
         }
 
     # --- the engine thread -----------------------------------------------------
@@ -152,6 +163,14 @@ class Engine:
             )
             return
         self.max_batch_size = int(params.get("max_batch_size", self.max_batch_size))
+        cache_bytes = int(params.get("prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
+        if cache_bytes > 0:
+            from mlx_lm.models.cache import LRUPromptCache
+
+            self.prompt_cache = LRUPromptCache(
+                max_size=int(params.get("prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE)),
+                max_bytes=cache_bytes,
+            )
         self.prefill_step_size = int(params.get("prefill_step_size", self.prefill_step_size))
         eos = set(tokenizer.eos_token_ids)
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
@@ -206,10 +225,37 @@ class Engine:
         while not any(r.uid == uid for r in gen.next_generated()):
             pass
 
+    def _reuse(self, job: Job) -> tuple[Any, list[int]]:
+        """The KV cache of the longest cached prefix of the prompt, and the
+        prompt tokens still to process (at least the last one, whose logits
+        start the reply)."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        prompt = job.prompt
+        if self.prompt_cache is None or len(prompt) < 2:
+            return None, prompt
+        cache, rest = self.prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
+        if cache is not None and not rest:
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        if cache is None:
+            self.cache_stats["misses"] += 1
+            return None, prompt
+        job.cached_tokens = len(prompt) - len(rest)
+        self.cache_stats["hits"] += 1
+        self.cache_stats["cached_tokens"] += job.cached_tokens
+        return cache, rest
+
     def _insert(self, jobs: list[Job]) -> None:
+        reused = [self._reuse(j) for j in jobs]
         try:
             uids = self._generator.insert(
-                [j.prompt for j in jobs],
+                [rest for _, rest in reused],
+                caches=[cache for cache, _ in reused],
+                all_tokens=[j.prompt[: j.cached_tokens] for j in jobs],
                 max_tokens=[j.max_tokens for j in jobs],
                 samplers=[make_sampler(j.params) for j in jobs],
                 logits_processors=[j.processors for j in jobs],
@@ -258,10 +304,15 @@ class Engine:
             self._update_memory()
             now = time.perf_counter()
             for job, r in finished:
-                cache = r.prompt_cache
-                if cache is None:
-                    cache = caches.get(job.uid, (None,))[0]
+                if r.prompt_cache is not None:
+                    cache, tokens = r.prompt_cache, r.all_tokens
+                else:
+                    cache, tokens = caches.get(job.uid, (None, None))
                 self._finish(job, now, cache)
+                if cache and tokens and self.prompt_cache is not None:
+                    # Kept for later requests that share a prefix (a system
+                    # prompt, the turns of a conversation).
+                    self.prompt_cache.insert_cache(PROMPT_CACHE_KEY, list(tokens), cache)
 
     def _logprobs(self, advanced: list[tuple[Job, Any, dict]]) -> None:
         """Log-probabilities of the sampled tokens and the top alternatives,

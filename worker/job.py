@@ -40,13 +40,14 @@ class Job:
     first_token_at: float | None = None
     finish_reason: str | None = None
     logprob_entries: list = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
 
     def usage(self) -> dict:
         return {
             "prompt_tokens": len(self.prompt),
             "completion_tokens": self.n_tokens,
             "total_tokens": len(self.prompt) + self.n_tokens,
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
         }
 
     def timings(self, now: float) -> dict:

@@ -1,0 +1,121 @@
+"""The prompt (prefix) cache in the worker, and cache-aware routing in the gateway."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.pool import prefix_keys
+
+from .conftest import MODEL_NAME
+from .helpers import WorkerPipe
+
+SYSTEM = " ".join(["the river runs to the cold sea under a gray sky"] * 30)
+
+
+def ask(worker: WorkerPipe, user: str, **extra) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    params = {"messages": messages, "max_tokens": 12, "temperature": 0, **extra}
+    frame, _ = worker.wait_response(worker.send("generate", params))
+    return frame["result"]
+
+
+def test_shared_prefix_is_served_from_the_cache_with_identical_output(tiny_model):
+    cached = WorkerPipe()
+    plain = WorkerPipe()
+    try:
+        cached.call("load_model", {"path": str(tiny_model)})
+        plain.call("load_model", {"path": str(tiny_model), "prompt_cache_bytes": 0})
+        first = ask(cached, "tell me about the mountain")
+        assert first["usage"]["cached_tokens"] == 0
+        second = ask(cached, "and the forest")
+        prompt = second["usage"]["prompt_tokens"]
+        assert second["usage"]["cached_tokens"] > 300  # the system prompt
+        assert second["usage"]["cached_tokens"] < prompt
+        again = ask(cached, "and the forest")
+        assert (
+            again["usage"]["cached_tokens"] == prompt - 1
+        )  # all but the token that starts the reply
+        # reusing the cache changes nothing in what is generated
+        for user in ("and the forest", "tell me about the mountain"):
+            assert ask(plain, user)["text"] == ask(cached, user)["text"]
+        assert ask(plain, "and the forest")["usage"]["cached_tokens"] == 0
+        stats = cached.call("health")["prompt_cache"]
+        assert stats["hits"] >= 3 and stats["entries"] >= 1 and stats["bytes"] > 0
+    finally:
+        cached.close()
+        plain.close()
+
+
+def test_multi_turn_conversation_reuses_the_previous_turn(tiny_model):
+    worker = WorkerPipe()
+    try:
+        worker.call("load_model", {"path": str(tiny_model)})
+        messages = [{"role": "user", "content": SYSTEM}]
+        for turn in range(3):
+            frame, _ = worker.wait_response(
+                worker.send("generate", {"messages": messages, "max_tokens": 10, "seed": turn})
+            )
+            result = frame["result"]
+            if turn:
+                assert result["usage"]["cached_tokens"] > 0.8 * result["usage"]["prompt_tokens"]
+            messages = [
+                *messages,
+                {"role": "assistant", "content": result["text"]},
+                {"role": "user", "content": f"and then {turn}"},
+            ]
+    finally:
+        worker.close()
+
+
+def test_prefix_keys_name_shared_prefixes():
+    a = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}
+    b = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "y"}]}
+    c = {"messages": [{"role": "system", "content": "t"}, {"role": "user", "content": "x"}]}
+    assert prefix_keys(a) == prefix_keys(b) and len(prefix_keys(a)) == 1
+    assert prefix_keys(a) != prefix_keys(c)
+    longer = {
+        "messages": [
+            *a["messages"],
+            {"role": "assistant", "content": "z"},
+            {"role": "user", "content": "w"},
+        ]
+    }
+    assert prefix_keys(longer)[-1] == prefix_keys(a)[0]  # its shortest prefix is a's
+    assert prefix_keys({"prompt": "short"}) == []
+    assert len(prefix_keys({"prompt": "x" * 600})) == 2
+
+
+@pytest.fixture
+def two_workers(start_gateway):
+    return start_gateway("--workers", "2")
+
+
+def test_conversations_stick_to_the_worker_that_holds_their_prefix(two_workers):
+    client = openai.OpenAI(base_url=two_workers.url + "/v1", api_key="x", max_retries=0)
+    conversations = [[{"role": "system", "content": f"{i} {SYSTEM}"}] for i in range(6)]
+    cached = []
+    for turn in range(3):
+        for messages in conversations:
+            messages.append({"role": "user", "content": f"question {turn}"})
+            reply = client.chat.completions.create(
+                model=MODEL_NAME, messages=messages, max_tokens=8
+            )
+            messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+            if turn:
+                cached.append(
+                    reply.usage.prompt_tokens_details.cached_tokens / reply.usage.prompt_tokens
+                )
+    # with random routing across two workers about half of these would miss
+    assert min(cached) > 0.8
+    samples = {
+        (s.name, s.labels.get("result")): s.value
+        for family in text_string_to_metric_families(two_workers.metrics())
+        for s in family.samples
+    }
+    assert samples[("mlx_gateway_prefix_cache_requests_total", "hit")] >= 12
+    assert (
+        samples[("mlx_gateway_prefix_cache_hits_total", None)]
+        > 0.8 * samples[("mlx_gateway_prefix_cache_queries_total", None)] * 2 / 3
+    )
