@@ -461,6 +461,7 @@ def compare(args: argparse.Namespace) -> dict:
             "warning",
             "--max-batch-size",
             batch,
+            *args.gateway_args.split(),
         ],
         gw_url,
         "/health",
@@ -677,6 +678,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="for --compare: model directory, Hugging Face id or demo[:preset]",
     )
     p.add_argument("--rounds", type=int, default=3, help="for --compare: rounds to take medians of")
+    p.add_argument("--gateway-args", default="", help="for --compare: extra `serve` flags")
     p.add_argument("--ipc", action="store_true", help="measure the JSON-RPC pipe alone")
     p.set_defaults(func=main)
 

@@ -139,6 +139,14 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         int,
         d.prompt_cache_size,
     )
+    add(
+        p,
+        "--stream-interval-ms",
+        "least time between streamed updates of a request: tokens that come faster share "
+        "an update (first and last tokens always go at once; 0 sends every token)",
+        float,
+        d.stream_interval_ms,
+    )
     p.set_defaults(func=serve)
     return p
 
@@ -226,6 +234,7 @@ def serve(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
+        stream_interval_ms=args.stream_interval_ms,
     )
     for spec in specs:
         logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)

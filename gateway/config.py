@@ -40,6 +40,9 @@ class Settings:
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
     prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
     prompt_cache_size: int = 64  # per worker: most prompts kept
+    # Least time between streamed updates of one request; faster tokens share
+    # an update. 10 ms (100 updates/s) reads as smooth as one per token.
+    stream_interval_ms: float = 10.0
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
 
     def model(self, name: str) -> ModelSpec | None:

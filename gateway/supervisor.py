@@ -207,6 +207,7 @@ class Supervisor:
             "prefill_step_size": self.settings.prefill_step_size,
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
+            "stream_interval_ms": self.settings.stream_interval_ms,
         }
         load = asyncio.ensure_future(client.call(protocol.LOAD_MODEL, params))
         stop = asyncio.ensure_future(self._stopping.wait())

@@ -432,12 +432,21 @@ def validate_completion_chunk(chunk: Completion) -> None:
 
 def test_completions_text_and_stream(client):
     resp = client.completions.create(
-        model=MODEL_NAME, prompt="the river", max_tokens=6, extra_body={"ignore_eos": True}
+        model=MODEL_NAME,
+        prompt="the river",
+        max_tokens=6,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
     )
     Completion.model_validate(resp.model_dump())
     assert resp.object == "text_completion"
     assert resp.usage.completion_tokens == 6
-    assert resp.choices[0].text.startswith(" ")  # a continuation keeps its space
+    # a continuation keeps the leading space its first token carries
+    assert resp.choices[0].text == "".join(resp.choices[0].logprobs.tokens)
+    spaced = client.completions.create(
+        model=MODEL_NAME, prompt="the river", max_tokens=2, logit_bias={"300": 100}
+    )
+    assert spaced.choices[0].text.startswith(" ")  # token 300 is a word: "\u2581..."
     default = client.completions.create(
         model=MODEL_NAME, prompt="the river", extra_body={"ignore_eos": True}
     )

@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from . import protocol
 from .constraints import Grammars
-from .job import Job
+from .job import Job, merge_delta
 from .protocol import RequestId
 from .sampling import make_sampler
 
@@ -76,6 +76,7 @@ class Engine:
         self.steps = 0
         self.memory: dict[str, float] = {}
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
+        self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
 
     # --- called from the reader thread -----------------------------------------
@@ -163,6 +164,7 @@ class Engine:
             )
             return
         self.max_batch_size = int(params.get("max_batch_size", self.max_batch_size))
+        self.stream_interval = max(0.0, float(params.get("stream_interval_ms", 0)) / 1000)
         cache_bytes = int(params.get("prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
         if cache_bytes > 0:
             from mlx_lm.models.cache import LRUPromptCache
@@ -289,11 +291,24 @@ class Engine:
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         deltas = []
+        now = time.perf_counter()
         for job, _, delta in advanced:
-            if job.stream:
+            if not job.stream:
+                continue
+            delta["tokens"] = 1
+            if job.unsent is not None:
+                delta = merge_delta(job.unsent, delta)
+                job.unsent = None
+            # First and last tokens go out at once; the rest at most every
+            # stream_interval seconds per request, so a fast model's tokens
+            # share notifications (and the gateway's wake-ups) while a slow
+            # model's go one by one.
+            if job.finish_reason is not None or now - job.sent_at >= self.stream_interval:
                 delta["request_id"] = job.request_id
-                delta["tokens"] = 1
                 deltas.append(delta)
+                job.sent_at = now
+            else:
+                job.unsent = delta
         if deltas:
             self._send(protocol.notification(protocol.TOKENS, {"deltas": deltas}))
         finished = [(job, r) for job, r, _ in advanced if job.finish_reason is not None]

@@ -41,6 +41,8 @@ class Job:
     finish_reason: str | None = None
     logprob_entries: list = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
+    unsent: dict | None = None  # a streamed delta held until the next notification
+    sent_at: float = 0.0  # when the last notification for this job went out
 
     def usage(self) -> dict:
         return {
@@ -246,6 +248,26 @@ class Output:
             return
         for call in calls:
             self._add_call(delta, call["name"], call["arguments"])
+
+
+def merge_delta(into: dict, delta: dict) -> dict:
+    """Fold a later delta into an earlier one of the same request."""
+    into["tokens"] = into.get("tokens", 0) + delta.get("tokens", 0)
+    for key in ("text", "reasoning"):
+        if key in delta:
+            into[key] = into.get(key, "") + delta[key]
+    if "logprobs" in delta:
+        into["logprobs"] = into.get("logprobs", []) + delta["logprobs"]
+    for call in delta.get("tool_calls", ()):
+        calls = into.setdefault("tool_calls", [])
+        if calls and calls[-1]["index"] == call["index"]:
+            calls[-1] = {
+                **calls[-1],
+                "arguments": calls[-1].get("arguments", "") + call.get("arguments", ""),
+            }
+        else:
+            calls.append(dict(call))
+    return into
 
 
 def _held_back(text: str, stops: list[str]) -> int:
