@@ -8,17 +8,18 @@ import time
 from collections.abc import Callable
 
 import orjson
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from . import __version__, chat, completions, errors, schemas, serving
 from .config import Settings
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .middleware import BodySizeLimit
+from .middleware import ApiKeyAuth, BodySizeLimit, api_key_of
 from .pool import ModelPool, Pool
 
 CHAT = "/v1/chat/completions"
@@ -95,7 +96,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
+    # The last added runs first: CORS answers preflights before auth looks.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
+    if settings.api_keys:
+        app.add_middleware(
+            ApiKeyAuth, keys=settings.api_keys, protect_metrics=settings.protect_metrics
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+        )
+    key_limits = serving.KeyLimits(settings.max_concurrent_per_key)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(errors.APIError, errors.api_error_handler)
@@ -110,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"id": name, "object": "model", "created": created, "owned_by": "mlx-gateway"}
 
     async def generate(
+        request: Request,
         endpoint: str,
         model: str,
         build: Callable[[], list[dict]],
@@ -122,9 +137,25 @@ def create_app(settings: Settings) -> FastAPI:
         # Unknown names are labelled "" so bad requests cannot grow the label set.
         tracker = serving.Tracker(metrics, model if model in pool.models else "", endpoint)
         deadline = asyncio.get_running_loop().time() + settings.request_timeout
+        key = api_key_of(request.scope)
+        if not key_limits.enter(key):
+            tracker.status = 429
+            tracker.close()
+            metrics.rejected_requests.labels(tracker.model, "key_limit").inc()
+            return errors.APIError(
+                429,
+                f"This API key already has {settings.max_concurrent_per_key} requests in flight.",
+                "rate_limit_error",
+                None,
+                "rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ).response()
+        tracker.on_close.append(lambda: key_limits.leave(key))
         try:
             target = model_pool(model)
             params = build()
+            if settings.log_prompts:
+                tracker.log_prompts = params
             generations = await serving.start(target, params, stream, deadline, tracker)
         except Exception as exc:
             error = errors.from_exception(exc)
@@ -174,10 +205,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post(
         CHAT, response_model=schemas.ChatCompletion, responses=_generating(schemas.ChatCompletion)
     )
-    async def chat_completions(body: schemas.ChatCompletionRequest) -> Response:
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
         """Chat completions, streaming or not."""
         logprobs = bool(body.logprobs)
         return await generate(
+            request,
             CHAT,
             body.model,
             lambda: chat.choice_params(chat.worker_params(body, settings.max_tokens_cap), body.n),
@@ -190,7 +222,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post(
         COMPLETIONS, response_model=schemas.Completion, responses=_generating(schemas.Completion)
     )
-    async def text_completions(body: schemas.CompletionRequest) -> Response:
+    async def text_completions(body: schemas.CompletionRequest, request: Request) -> Response:
         """Text completions (the legacy API), streaming or not."""
         echoes: list[str] = []
         logprobs = body.logprobs is not None
@@ -201,6 +233,7 @@ def create_app(settings: Settings) -> FastAPI:
             return params
 
         return await generate(
+            request,
             COMPLETIONS,
             body.model,
             build,

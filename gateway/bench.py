@@ -80,16 +80,21 @@ class LevelReport:
     itl_s: dict
     e2e_s: dict
     errors: list[str]
+    ttft_first_s: float | None = None  # the level's first request (cold caches)
+    ttft_rest_p50_s: float | None = None  # the others
+    cached_prompt_fraction: float = 0.0  # prompt tokens served from prompt caches
 
 
 class Prompts:
     """Chat prompts of about `tokens` words, the first `shared` of them common
     to every request (a shared system prompt or conversation history)."""
 
-    def __init__(self, tokens: int, shared: int, seed: int = 0):
+    def __init__(self, tokens: int, shared: int, seed: int | None = None):
         from worker.demo import words
 
         self.vocab = words()
+        # Fresh prompts for every run unless a seed is given: a repeated
+        # prompt would be served from a prompt cache and flatter the server.
         rng = random.Random(seed)
         self.shared = " ".join(rng.choice(self.vocab) for _ in range(min(shared, tokens)))
         self.own = max(0, tokens - shared)
@@ -200,6 +205,7 @@ async def run_level(
         bar.close()
     good = [o for o in outcomes if o.ok]
     tokens = sum(o.tokens for o in good)
+    prompt = sum(o.prompt_tokens for o in good)
     report = LevelReport(
         concurrency=concurrency,
         completed=len(good),
@@ -212,6 +218,9 @@ async def run_level(
         itl_s=percentiles([g for o in good for g in o.gaps]),
         e2e_s=percentiles([o.latency for o in good]),
         errors=sorted({o.error for o in outcomes if o.error})[:5],
+        ttft_first_s=good[0].ttft if good else None,
+        ttft_rest_p50_s=percentiles([o.ttft for o in good[1:] if o.ttft is not None])["p50"],
+        cached_prompt_fraction=sum(o.cached_tokens for o in good) / prompt if prompt else 0.0,
     )
     return report, outcomes
 
@@ -236,6 +245,11 @@ def print_reports(reports: list[LevelReport], title: str = "") -> None:
             f"{r.concurrency:>5} {r.completed:>6} {r.failed:>5} {r.output_tokens_per_s:>9.1f} "
             f"{r.requests_per_s:>7.2f} {ttft:>22} {itl:>22} {e2e:>15}"
         )
+        if r.cached_prompt_fraction:
+            print(
+                f"      prompt cache: {r.cached_prompt_fraction:.0%} of prompt tokens; "
+                f"ttft first {_ms(r.ttft_first_s)} ms, then p50 {_ms(r.ttft_rest_p50_s)} ms"
+            )
         for error in r.errors:
             print(f"      error: {error}")
 
@@ -286,7 +300,7 @@ def engine_limit(
     from mlx_lm.sample_utils import make_logits_processors
 
     model, tokenizer = load(model_path)
-    prompts = Prompts(prompt_tokens, 0, seed=1)
+    prompts = Prompts(prompt_tokens, 0)
     # What the HTTP runs send, when the model can end a reply by itself.
     bias = {t: -100.0 for t in tokenizer.eos_token_ids} if mask_eos else None
 
@@ -537,7 +551,10 @@ def print_compare(results: dict) -> None:
     )
     runs = results["runs"]
     for c in s["concurrency"]:
-        e, g, m = runs["engine"][c], runs["gateway"][c], runs["mlx_lm_server"][c]
+        # (integer keys come back as strings from --json output)
+        e, g, m = (
+            runs[k].get(c) or runs[k][str(c)] for k in ("engine", "gateway", "mlx_lm_server")
+        )
         et = _median(e, "output_tokens_per_s")
         gt = _median(g, "output_tokens_per_s")
         mt = _median(m, "output_tokens_per_s")

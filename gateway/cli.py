@@ -147,8 +147,61 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         float,
         d.stream_interval_ms,
     )
+    add(
+        p,
+        "--max-queued-prompt-tokens",
+        "per model: estimated prompt tokens allowed to wait before 503",
+        int,
+    )
+    add(p, "--max-concurrent-per-key", "requests one API key may have in flight (429 beyond)", int)
+    add(
+        p,
+        "--stall-timeout",
+        "seconds a worker may make no progress with requests in flight "
+        "before it is killed and replaced (0 disables)",
+        float,
+        d.stall_timeout,
+    )
+    add(
+        p,
+        "--circuit-reset",
+        "seconds a failed model waits before a probe restart (doubles "
+        "after each failed probe; 0 never retries)",
+        float,
+        d.circuit_reset,
+    )
+    add(
+        p,
+        "--memory-limit-mb",
+        "per worker: MLX memory in MB above which it takes no new "
+        "requests (they go to another worker or wait)",
+        float,
+    )
+    add(
+        p,
+        "--api-key",
+        "require this API key (Authorization: Bearer KEY); repeat for several",
+        repeat=True,
+    )
+    add(p, "--api-key-file", "require one of the API keys in this file (one per line)")
+    add(p, "--protect-metrics", "require an API key for /metrics too", switch=True)
+    add(
+        p,
+        "--cors-origin",
+        "allow browser requests from this origin ('*' for any); repeat",
+        repeat=True,
+    )
+    add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
     p.set_defaults(func=serve)
     return p
+
+
+def api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key or args.api_key_env or [])
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return keys
 
 
 def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -207,6 +260,11 @@ def serve(args: argparse.Namespace) -> int:
     except ModelSourceError as exc:
         print(f"mlx-gateway: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        keys = api_keys(args)
+    except OSError as exc:
+        print(f"mlx-gateway: error: cannot read the API key file: {exc}", file=sys.stderr)
+        return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
@@ -235,6 +293,15 @@ def serve(args: argparse.Namespace) -> int:
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
         stream_interval_ms=args.stream_interval_ms,
+        max_queued_prompt_tokens=args.max_queued_prompt_tokens,
+        max_concurrent_per_key=args.max_concurrent_per_key,
+        stall_timeout=args.stall_timeout,
+        circuit_reset=args.circuit_reset,
+        memory_limit_mb=args.memory_limit_mb,
+        api_keys=keys,
+        protect_metrics=args.protect_metrics,
+        cors_origins=list(args.cors_origin or args.cors_origin_env or []),
+        log_prompts=args.log_prompts,
     )
     for spec in specs:
         logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)

@@ -35,6 +35,8 @@ class Settings:
     restart_backoff_max: float = 60.0
     max_restarts: int = 5  # crashes within restart_window before the model is failed
     restart_window: float = 120.0
+    circuit_reset: float = 60.0  # seconds before a failed model's first probe start (doubles)
+    stall_timeout: float = 60.0  # no decode step this long with requests in flight: wedged
     shutdown_grace: float = 30.0
     max_body_size: int = 16 * 1024 * 1024  # bytes; larger requests get 413
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
@@ -43,6 +45,13 @@ class Settings:
     # Least time between streamed updates of one request; faster tokens share
     # an update. 10 ms (100 updates/s) reads as smooth as one per token.
     stream_interval_ms: float = 10.0
+    memory_limit_mb: float | None = None  # per worker: MLX memory above which it admits no more
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    protect_metrics: bool = False
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
+    max_concurrent_per_key: int | None = None  # in-flight requests per API key (429 beyond)
+    max_queued_prompt_tokens: int | None = None  # per model, estimated from the request size
+    log_prompts: bool = False  # log prompts and completions (debugging only)
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
 
     def model(self, name: str) -> ModelSpec | None:

@@ -12,6 +12,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -91,6 +92,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The gateway's own process_* figures (RSS, CPU, open fds) where the
+        # platform has them.
+        ProcessCollector(registry=r)
         p = PREFIX
         self.requests = Counter(
             p + "requests",
@@ -190,6 +194,18 @@ class Metrics:
             p + "prefix_cache_requests",
             "Requests by prompt cache outcome (hit or miss).",
             ["model", "result"],
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            p + "model_circuit_state",
+            "Per model: 0 closed (serving), 1 half-open (probing a restart), 2 open (failed).",
+            ["model"],
+            registry=r,
+        )
+        self.worker_memory = Gauge(
+            p + "worker_memory_bytes",
+            "MLX memory of each worker: active, peak and cache.",
+            ["model", "worker", "kind"],
             registry=r,
         )
         self.protocol_errors = Counter(

@@ -13,10 +13,13 @@ import asyncio
 import hashlib
 import logging
 import math
+import random
 import time
 from collections import OrderedDict, deque
 
 import orjson
+
+from worker.protocol import OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
 from .metrics import Metrics
@@ -58,6 +61,23 @@ def prefix_keys(params: dict) -> list[str]:
     return keys[::-1]
 
 
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+# Times a request that had produced nothing yet is sent again after its
+# worker died: once is the rule, twice covers a second death in a row.
+RETRIES_MAX = 2
+# Times a request is offered again after workers refused it (memory ceiling)
+# before the gateway answers 503 itself.
+REFUSALS_MAX = 10
+
+
+def estimate_tokens(params: dict) -> int:
+    """A rough prompt size in tokens (4 bytes each): the gateway never tokenizes."""
+    if "prompt_tokens" in params:
+        return len(params["prompt_tokens"])
+    prompt = params.get("messages") or params.get("prompt") or ""
+    return len(orjson.dumps(prompt)) // 4
+
+
 class Overloaded(Exception):
     def __init__(self, message: str, retry_after: int):
         super().__init__(message)
@@ -79,11 +99,13 @@ class ModelPool:
             for i in range(settings.workers)
         ]
         self._waiters: deque[asyncio.Future] = deque()
+        self._queued_cost = 0  # estimated prompt tokens of the waiters
         # Which worker last served each prefix: its prompt cache likely has it.
         self._affinity: OrderedDict[str, Supervisor] = OrderedDict()
         self.affinity_slack = max(2, self.capacity // 4)
         self._completions: deque[float] = deque(maxlen=256)
         self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
+        self._circuit_gauge = metrics.circuit_state.labels(spec.name)
 
     # --- state -----------------------------------------------------------------
 
@@ -93,7 +115,14 @@ class ModelPool:
 
     @property
     def failed(self) -> bool:
-        return all(w.state is State.FAILED for w in self.workers)
+        """The circuit is open: every worker failed, or is only probing again."""
+        return all(w.state is State.FAILED or (w.probing and not w.ready) for w in self.workers)
+
+    @property
+    def circuit(self) -> str:
+        if not self.failed:
+            return "closed"
+        return "half_open" if any(w.probing for w in self.workers) else "open"
 
     @property
     def failure(self) -> str:
@@ -140,16 +169,18 @@ class ModelPool:
             self._affinity.popitem(last=False)
         return worker
 
-    async def acquire(self, keys: list[str] = ()) -> Supervisor:
+    async def acquire(self, keys: list[str] = (), cost: int = 0) -> Supervisor:
         """A worker for the request, waiting in line if all are busy.
 
-        `keys` name the request's prefixes, longest first (see prefix_keys).
+        `keys` name the request's prefixes, longest first (see prefix_keys);
+        `cost` estimates its prompt tokens, for the queued-tokens bound.
         """
         if not self._waiters:
             worker = self._pick(keys)
             if worker is not None:
                 return self._take(worker, keys)
         if self.failed:
+            self.metrics.rejected_requests.labels(self.spec.name, "model_unavailable").inc()
             raise ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
         if len(self._waiters) >= self.settings.max_queue:
             self.metrics.rejected_requests.labels(self.spec.name, "queue_full").inc()
@@ -157,8 +188,19 @@ class ModelPool:
                 f"model {self.spec.name} is overloaded: {len(self._waiters)} requests are queued",
                 self.retry_after(),
             )
+        token_bound = self.settings.max_queued_prompt_tokens
+        if token_bound is not None and self._queued_cost + cost > token_bound:
+            self.metrics.rejected_requests.labels(self.spec.name, "queue_tokens").inc()
+            raise Overloaded(
+                f"model {self.spec.name} is overloaded: about {self._queued_cost} prompt tokens "
+                "are queued",
+                self.retry_after(),
+            )
         future = asyncio.get_running_loop().create_future()
         future.keys = keys  # read by _dispatch
+        future.cost = cost
+        self._queued_cost += cost
+        future.add_done_callback(self._dequeued)
         self._waiters.append(future)
         self._waiting_gauge.set(len(self._waiters))
         started = time.perf_counter()
@@ -181,6 +223,9 @@ class ModelPool:
             )
         return future.result()  # raises ModelUnavailable if the model failed meanwhile
 
+    def _dequeued(self, future: asyncio.Future) -> None:
+        self._queued_cost -= future.cost
+
     def _abandon(self, future: asyncio.Future) -> None:
         if future.done() and not future.cancelled() and future.exception() is None:
             self.release(future.result(), completed=False)  # it was handed a slot as it left
@@ -199,7 +244,10 @@ class ModelPool:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        """Hand free slots to waiters in arrival order; fail them if the model failed."""
+        """Hand free slots to waiters in arrival order; fail them if the model failed.
+
+        Called on every release and every worker state change."""
+        self._circuit_gauge.set(CIRCUIT_STATES[self.circuit])
         while self._waiters:
             if self._waiters[0].done():
                 self._waiters.popleft()
@@ -232,13 +280,15 @@ class ModelPool:
         """Start a generation; return once its first token (or its end) is in.
 
         A worker that dies before producing any token costs the caller
-        nothing: the request is sent once more to another (or the restarted)
-        worker. After the first token, a death is the caller's error to see.
+        nothing: the request is sent again to another (or the restarted)
+        worker, at most RETRIES_MAX times. After the first token, a death is
+        the caller's error to see.
         """
         keys = prefix_keys(params)
-        attempt = 0
+        cost = estimate_tokens(params)
+        attempt = refused = 0
         while True:
-            worker = await self.acquire(keys)
+            worker = await self.acquire(keys, cost)
             client = worker.client
             try:
                 if client is None:
@@ -251,10 +301,24 @@ class ModelPool:
             try:
                 await generation.wait_started()
             except WorkerGone:
-                if attempt == 0 and not generation.started:
+                if attempt < RETRIES_MAX and not generation.started:
                     attempt += 1
                     self.metrics.retries.labels(self.spec.name).inc()
                     log.warning("%s: worker died before the first token; retrying", self.spec.name)
+                    continue
+                raise
+            except RPCError as exc:
+                refused += 1
+                if exc.code in (OVERLOADED, OUT_OF_MEMORY) and refused > REFUSALS_MAX:
+                    raise Overloaded(f"model {self.spec.name}: {exc.message}", 1) from None
+                if exc.code in (OVERLOADED, OUT_OF_MEMORY) and not generation.started:
+                    # The worker refused (its memory ceiling) or ran out of
+                    # memory before starting: nothing was sent, try again
+                    # shortly, elsewhere if another worker is free. The
+                    # caller's deadline bounds the retries.
+                    reason = "worker_memory" if exc.code == OUT_OF_MEMORY else "worker_busy"
+                    self.metrics.rejected_requests.labels(self.spec.name, reason).inc()
+                    await asyncio.sleep(random.uniform(0.05, 0.25))
                     continue
                 raise
             except BaseException:
@@ -290,4 +354,6 @@ class Pool:
             "status": "ok" if self.ready else "unavailable",
             "models": {name: pool.describe() for name, pool in self.models.items()},
             "workers": [w.describe() for w in self.workers],
+            # Tasks on the gateway's event loop: a leak shows here first.
+            "gateway": {"tasks": len(asyncio.all_tasks())},
         }

@@ -165,6 +165,7 @@ class WorkerClient:
         self._generations: dict[int, Generation] = {}
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.protocol_errors = 0
+        self.protocol_failed = False  # the stream broke (oversized or cut frame)
         self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
 
     @property
@@ -248,6 +249,7 @@ class WorkerClient:
                         self._handle(line)
         except protocol.FrameError as exc:
             self.protocol_errors += 1
+            self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
             reason = "client closed"
@@ -264,7 +266,8 @@ class WorkerClient:
         except RPCError as exc:
             # Garbage on the pipe (a stray print): count it, keep going.
             self.protocol_errors += 1
-            log.warning("%s: unreadable frame (%s): %.200r", self.name, exc.message, line)
+            # The frame itself may hold a prompt: only its size is logged.
+            log.warning("%s: unreadable frame of %d bytes (%s)", self.name, len(line), exc.message)
             return
         self._dispatch(msg)
 

@@ -262,6 +262,7 @@ class ModelList(BaseModel):
 
 
 class WorkerHealth(BaseModel):
+    model_config = ConfigDict(extra="allow")
     id: str
     pid: int | None
     state: str

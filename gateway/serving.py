@@ -45,6 +45,32 @@ class Encoder(Protocol):
     def usage(self, results: list[dict]) -> bytes: ...
 
 
+class KeyLimits:
+    """In-flight requests per API key, for a per-key concurrency limit."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.in_flight: dict[str, int] = {}
+
+    def enter(self, key: str) -> bool:
+        if self.limit is None:
+            return True
+        count = self.in_flight.get(key, 0)
+        if count >= self.limit:
+            return False
+        self.in_flight[key] = count + 1
+        return True
+
+    def leave(self, key: str) -> None:
+        if self.limit is None:
+            return
+        count = self.in_flight.get(key, 1) - 1
+        if count:
+            self.in_flight[key] = count
+        else:
+            self.in_flight.pop(key, None)
+
+
 class Tracker:
     """The metrics of one request, from arrival to its last byte."""
 
@@ -55,6 +81,8 @@ class Tracker:
         self.started = time.perf_counter()
         self.status = 200
         self._running = False
+        self.on_close: list = []  # callbacks run once the request is over
+        self.log_prompts: dict | None = None  # the params, when prompts are to be logged
 
     def running(self) -> None:
         self._running = True
@@ -90,8 +118,19 @@ class Tracker:
                         itl.observe(gap)
             first_token = first if first_token is None else min(first_token, first)
         m.time_to_first_token.labels(model).observe(first_token - self.started)
+        if self.log_prompts is not None:
+            log.info(
+                "%s %s: %s -> %s",
+                self.endpoint,
+                model,
+                orjson.dumps(self.log_prompts).decode(),
+                orjson.dumps([r["text"] for r in results]).decode(),
+            )
 
     def close(self) -> None:
+        for callback in self.on_close:
+            callback()
+        self.on_close = []
         if self._running:
             self.metrics.num_requests_running.labels(self.model).dec()
             self._running = False

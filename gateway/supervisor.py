@@ -19,6 +19,7 @@ import contextlib
 import enum
 import logging
 import os
+import random
 import signal
 import time
 from collections import deque
@@ -31,6 +32,9 @@ from .metrics import Metrics
 from .rpc import WorkerClient, WorkerGone
 
 log = logging.getLogger("gateway.supervisor")
+
+# The longest wait between probe starts of a failed model.
+CIRCUIT_RESET_MAX = 600.0
 worker_log = logging.getLogger("gateway.worker")
 
 
@@ -66,6 +70,8 @@ class Supervisor:
         self.last_exit: str | None = None
         self.failure: str | None = None
         self.ready_since: float | None = None
+        self.health: dict = {}  # the worker's last heartbeat answer
+        self.probing = False  # a half-open start after the circuit opened
         self._crashes: deque[float] = deque()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -110,12 +116,17 @@ class Supervisor:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "failure": self.failure,
+            # As of the last heartbeat: requests the worker itself holds.
+            "active": self.health.get("active", 0) if self.ready else 0,
+            "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
+            "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
         }
 
     # --- the loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
         backoff = self.settings.restart_backoff
+        probe_delay = self.settings.circuit_reset
         while not self._stopping.is_set():
             started = time.monotonic()
             reason = await self._serve_once()
@@ -129,17 +140,28 @@ class Supervisor:
                 and now - self.ready_since > self.settings.restart_window
             ):
                 backoff = self.settings.restart_backoff  # it ran well for a while
+                probe_delay = self.settings.circuit_reset
             self._crashes.append(now)
             while self._crashes and now - self._crashes[0] > self.settings.restart_window:
                 self._crashes.popleft()
-            if len(self._crashes) > self.settings.max_restarts:
+            if self.probing or len(self._crashes) > self.settings.max_restarts:
+                # Open the circuit: no restart loop, requests fail fast, and
+                # a single probe start is tried later (half-open).
                 self.failure = (
                     f"worker died {len(self._crashes)} times within "
                     f"{self.settings.restart_window:.0f}s; last: {self.last_exit}"
+                    if not self.probing
+                    else f"probe start failed: {self.last_exit}"
                 )
-                log.error("%s: giving up: %s", self.id, self.failure)
+                log.error("%s: %s; next try in %.0fs", self.id, self.failure, probe_delay)
+                self.probing = False
                 self._set_state(State.FAILED)
-                return
+                if probe_delay <= 0 or await self._sleep(probe_delay):
+                    return
+                probe_delay = min(probe_delay * 2, CIRCUIT_RESET_MAX)
+                self._crashes.clear()
+                self.probing = True
+                continue
             log.warning(
                 "%s: worker lost after %.1fs (%s); restarting in %.0fs",
                 self.id,
@@ -148,10 +170,16 @@ class Supervisor:
                 backoff,
             )
             self._set_state(State.BACKOFF)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
-                    await self._stopping.wait()
+            if await self._sleep(backoff):
+                return
             backoff = min(backoff * 2, self.settings.restart_backoff_max)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait, unless stopped first; True if stopped."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
 
     async def _serve_once(self) -> str:
         """Run one worker process to its end; return why it ended."""
@@ -185,6 +213,10 @@ class Supervisor:
             reason = await self._load(client)
             if reason == "ready":
                 self.ready_since = time.monotonic()
+                if self.probing:
+                    log.info("%s: probe start succeeded; serving again", self.id)
+                    self.probing = False
+                    self.failure = None
                 self._set_state(State.READY)
                 reason = await self._watch(client)
         finally:
@@ -208,6 +240,7 @@ class Supervisor:
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
             "stream_interval_ms": self.settings.stream_interval_ms,
+            "memory_limit_mb": self.settings.memory_limit_mb,
         }
         load = asyncio.ensure_future(client.call(protocol.LOAD_MODEL, params))
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -244,9 +277,10 @@ class Supervisor:
         return "ready"
 
     async def _watch(self, client: WorkerClient) -> str:
-        """Heartbeat until the worker dies, wedges or we are told to stop."""
+        """Heartbeat until the worker dies, wedges, stalls or we are told to stop."""
         interval = self.settings.heartbeat_interval
         stop = asyncio.ensure_future(self._stopping.wait())
+        progress = (-1, time.monotonic())  # (engine steps, when they last changed)
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -255,21 +289,65 @@ class Supervisor:
                 if stop in done:
                     return "stopped"
                 if client.closed in done:
-                    return "crash"
+                    return "protocol" if client.protocol_failed else "crash"
                 try:
-                    await client.call(protocol.HEALTH, timeout=self.settings.heartbeat_timeout)
+                    health = await self._heartbeat(client)
                 except TimeoutError:
                     self.last_exit = (
-                        f"no heartbeat answer within {self.settings.heartbeat_timeout:.1f}s; killed"
+                        f"no heartbeat answer within {self.settings.heartbeat_timeout:.1f}s "
+                        "(twice); killed"
                     )
                     log.error("%s: %s", self.id, self.last_exit)
                     return "heartbeat"
                 except WorkerGone:
-                    return "crash"
-                except protocol.RPCError as exc:
-                    log.warning("%s: health answered an error: %s", self.id, exc.message)
+                    return "protocol" if client.protocol_failed else "crash"
+                self._observe(health)
+                progress, stalled = self._stalled(health, progress)
+                if stalled:
+                    log.error("%s: %s", self.id, self.last_exit)
+                    return "stall"
         finally:
             stop.cancel()
+
+    async def _heartbeat(self, client: WorkerClient) -> dict:
+        """`health`, retried once after a jittered pause: it is idempotent, and
+        one late answer on a busy machine is not yet a wedged worker."""
+        timeout = self.settings.heartbeat_timeout
+        try:
+            return await client.call(protocol.HEALTH, timeout=timeout)
+        except TimeoutError:
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+            return await client.call(protocol.HEALTH, timeout=timeout)
+
+    def _stalled(self, health: dict, progress: tuple[int, float]) -> tuple[tuple[int, float], bool]:
+        """A worker with requests in flight whose engine makes no step for
+        stall_timeout, or whose engine loop stopped turning, is wedged."""
+        now = time.monotonic()
+        steps = health.get("steps", 0)
+        if steps != progress[0] or not health.get("active"):
+            progress = (steps, now)
+        limit = self.settings.stall_timeout
+        if limit <= 0:
+            return progress, False
+        if health.get("active") and now - progress[1] > limit:
+            self.last_exit = (
+                f"no progress for {now - progress[1]:.0f}s with {health['active']} "
+                "requests in flight; killed"
+            )
+            return progress, True
+        if health.get("loop_age_s", 0) > limit:
+            self.last_exit = f"engine loop stuck for {health['loop_age_s']:.0f}s; killed"
+            return progress, True
+        return progress, False
+
+    def _observe(self, health: dict) -> None:
+        """Keep the worker's own figures from its heartbeat answer."""
+        self.health = health
+        gauge = self.metrics.worker_memory
+        for kind in ("active", "peak", "cache"):
+            mb = (health.get("memory") or {}).get(f"{kind}_memory_mb")
+            if mb is not None:
+                gauge.labels(self.spec.name, self.id, kind).set(mb * 1024 * 1024)
 
     async def _end(
         self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool

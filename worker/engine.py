@@ -73,7 +73,9 @@ class Engine:
         self.state = "empty"  # empty -> loading -> ready -> stopping
         self.started_at = time.monotonic()
         self.last_step_at = time.monotonic()
+        self.loop_at = time.monotonic()
         self.steps = 0
+        self.memory_limit_mb: float | None = None
         self.memory: dict[str, float] = {}
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
         self.stream_interval = 0.0  # seconds between a request's token notifications
@@ -87,6 +89,11 @@ class Engine:
     def pending(self) -> int:
         return len(self._jobs) + self._inbox.qsize()
 
+    def over_memory(self) -> bool:
+        """Whether MLX memory in use is above the configured ceiling."""
+        limit = self.memory_limit_mb
+        return limit is not None and self.memory.get("active_memory_mb", 0.0) > limit
+
     def snapshot(self) -> dict:
         """Health figures; plain attribute reads, safe from another thread."""
         loaded = self.loaded
@@ -99,6 +106,7 @@ class Engine:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "steps": self.steps,
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
+            "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
             "prompt_cache": {
                 **self.cache_stats,
@@ -112,6 +120,7 @@ class Engine:
     def run(self) -> None:
         """Serve until shutdown or stop; returns when the worker should exit."""
         while True:
+            self.loop_at = time.monotonic()  # the heartbeat shows this loop turns
             if not self._drain(block=not self._jobs):
                 return
             if self._jobs:
@@ -165,6 +174,8 @@ class Engine:
             return
         self.max_batch_size = int(params.get("max_batch_size", self.max_batch_size))
         self.stream_interval = max(0.0, float(params.get("stream_interval_ms", 0)) / 1000)
+        limit = params.get("memory_limit_mb")
+        self.memory_limit_mb = float(limit) if limit else None
         cache_bytes = int(params.get("prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
         if cache_bytes > 0:
             from mlx_lm.models.cache import LRUPromptCache
@@ -282,6 +293,8 @@ class Engine:
             return
         self.steps += 1
         self.last_step_at = time.monotonic()
+        if self.steps % 64 == 0:
+            self._update_memory()
         eos = self.loaded.eos
         advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:

@@ -250,6 +250,8 @@ class FrameBuffer:
         start = 0
         search = self._scanned
         while (end := buf.find(b"\n", search)) != -1:
+            if end - start > self._max:
+                raise FrameTooLarge(f"frame of {end - start} bytes exceeds {self._max}")
             frames.append(strip_line(bytes(buf[start : end + 1])))
             start = search = end + 1
         del buf[:start]

@@ -100,7 +100,10 @@ def tokenize(tokenizer, params: dict) -> list[int]:
     if not tokenizer.has_chat_template:
         text = "\n".join(str(m.get("content") or "") for m in messages)
         return tokenizer.encode(text, add_special_tokens=True)
-    kwargs: dict[str, Any] = dict(params.get("chat_template_kwargs") or {})
+    extra = params.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise invalid("chat_template_kwargs must be an object")
+    kwargs: dict[str, Any] = dict(extra)
     if params.get("tools"):
         kwargs["tools"] = params["tools"]
     try:
@@ -113,14 +116,21 @@ def tokenize(tokenizer, params: dict) -> list[int]:
 def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str | None]:
     """How to read tool calls, and the grammar that forces them (if any)."""
     tools = params.get("tools") or []
-    if not isinstance(tools, list):
-        raise invalid("tools must be a list")
+    if not isinstance(tools, list) or not all(
+        isinstance(t, dict)
+        and isinstance(t.get("function", t), dict)
+        and isinstance(t.get("function", t).get("name"), str)
+        for t in tools
+    ):
+        raise invalid("tools must be a list of functions, each with a name")
     choice = params.get("tool_choice", "auto")
     if not tools or choice == "none":
         return None, None
     parallel = params.get("parallel_tool_calls", True) is not False
     if choice == "required" or isinstance(choice, dict):
         name = choice.get("name") if isinstance(choice, dict) else None
+        if name is not None and not isinstance(name, str):
+            raise invalid("tool_choice name must be a string")
         return ToolMode(tools, forced=True, name=name), tool_grammar(tools, name, parallel)
     if choice != "auto":
         raise invalid(f"unknown tool_choice {choice!r}")

@@ -89,6 +89,8 @@ class Dispatcher:
             msg = protocol.decode(line)
         except RPCError as exc:
             msg_id = exc.data.get("id") if isinstance(exc.data, dict) else None
+            if exc.code == protocol.INVALID_PARAMS and msg_id is None:
+                return  # a notification: never answered, not even with an error
             self.writer.send(protocol.error_response(msg_id, exc.code, exc.message))
             return
         if isinstance(msg, protocol.Response):
@@ -146,6 +148,14 @@ class Dispatcher:
             raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
         if engine.pending() >= self.max_pending:
             raise RPCError(protocol.OVERLOADED, "worker queue is full")
+        if engine.over_memory():
+            # Refuse rather than risk an out-of-memory crash; the gateway
+            # routes the request elsewhere or tries again shortly.
+            raise RPCError(
+                protocol.OVERLOADED,
+                f"worker memory is above its limit ({engine.memory_limit_mb} MB)",
+                {"reason": "memory"},
+            )
         return requests.prepare(loaded, request_id, params)
 
 

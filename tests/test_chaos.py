@@ -1,0 +1,185 @@
+"""Chaos: workers are SIGKILLed (and one SIGSTOPped) under mixed load.
+
+Every request must either succeed or end with a clean OpenAI error within
+its timeout; none may hang; a request that had produced nothing visible
+when its worker died must succeed (it is retried); and the pool must be
+back to full strength at the end. CI runs a short setting; `pytest --long`
+runs the long one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from .conftest import MODEL_NAME
+from .helpers import wait_until
+
+REQUEST_TIMEOUT = 30.0
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok | clean_error | hang | unclean
+    stream: bool
+    started: bool  # whether the client had seen any content
+    detail: str = ""
+
+
+async def one(client: httpx.AsyncClient, stream: bool, rng: random.Random) -> Outcome:
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": f"story number {rng.randint(0, 10**6)}"}],
+        "max_tokens": rng.choice([16, 64, 200]),
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    started = False
+    try:
+        async with asyncio.timeout(REQUEST_TIMEOUT):
+            if not stream:
+                r = await client.post("/v1/chat/completions", json=body)
+                data = r.json()
+                if r.status_code == 200 and data["choices"][0]["message"]["content"] is not None:
+                    return Outcome("ok", False, True)
+                if "error" in data and {"message", "type", "code"} <= set(data["error"]):
+                    return Outcome("clean_error", False, False, data["error"]["code"])
+                return Outcome("unclean", False, False, r.text[:200])
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    data = json.loads(await r.aread())
+                    ok = "error" in data and {"message", "type", "code"} <= set(data["error"])
+                    return Outcome("clean_error" if ok else "unclean", True, False, str(data)[:200])
+                error_event = False
+                async for line in r.aiter_lines():
+                    if line == "event: error":
+                        error_event = True
+                    elif line == "data: [DONE]":
+                        return Outcome("ok", True, started)
+                    elif line.startswith("data: "):
+                        payload = json.loads(line[6:])
+                        if error_event:
+                            return Outcome("clean_error", True, started, payload["error"]["code"])
+                        if payload.get("choices") and payload["choices"][0]["delta"].get("content"):
+                            started = True
+                return Outcome("unclean", True, started, "stream ended without [DONE] or error")
+    except TimeoutError:
+        return Outcome("hang", stream, started)
+    except httpx.HTTPError as exc:
+        return Outcome("unclean", stream, started, repr(exc))
+
+
+async def load(url: str, concurrency: int, seconds: float, seed: int) -> list[Outcome]:
+    rng = random.Random(seed)
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(
+        base_url=url, timeout=REQUEST_TIMEOUT + 5, limits=limits
+    ) as client:
+
+        async def user(i: int) -> None:
+            while time.monotonic() < deadline:
+                outcomes.append(await one(client, stream=(i % 2 == 0), rng=rng))
+
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
+    return outcomes
+
+
+def chaos(gw, seconds: float, interval: float, seed: int, stop: asyncio.Event) -> Counter:
+    """Kill a random worker every `interval` s; once, SIGSTOP one instead."""
+    rng = random.Random(seed)
+    actions: Counter = Counter()
+    deadline = time.monotonic() + seconds
+    stopped_once = False
+    while time.monotonic() < deadline and not stop.is_set():
+        time.sleep(interval)
+        pids = gw.worker_pids()
+        if not pids:
+            continue
+        pid = rng.choice(pids)
+        sig = signal.SIGSTOP if not stopped_once and actions["SIGKILL"] >= 2 else signal.SIGKILL
+        stopped_once |= sig == signal.SIGSTOP
+        try:
+            os.kill(pid, sig)
+            actions[sig.name] += 1
+        except ProcessLookupError:
+            pass
+    return actions
+
+
+def test_chaos(start_gateway, request):
+    long = request.config.getoption("--long")
+    seconds = 300.0 if long else 25.0
+    gw = start_gateway(
+        "--workers",
+        "2",
+        "--heartbeat-interval",
+        "0.5",
+        "--heartbeat-timeout",
+        "1",
+        "--max-restarts",
+        "1000",
+        "--restart-window",
+        "10",
+        "--queue-timeout",
+        "30",
+    )
+    stop = asyncio.Event()
+
+    async def run() -> tuple[list[Outcome], Counter]:
+        killer = asyncio.get_running_loop().run_in_executor(
+            None, chaos, gw, seconds - 3, 4.0, 7, stop
+        )
+        outcomes = await load(gw.url, 16, seconds, seed=11)
+        stop.set()
+        return outcomes, await killer
+
+    outcomes, actions = asyncio.run(run())
+    kinds = Counter(o.kind for o in outcomes)
+    report = {
+        "requests": len(outcomes),
+        "kills": dict(actions),
+        "outcomes": dict(kinds),
+        "errors": dict(Counter(o.detail for o in outcomes if o.kind != "ok")),
+    }
+    print("chaos:", json.dumps(report))
+    assert actions["SIGKILL"] >= 3 and actions["SIGSTOP"] == 1
+    assert len(outcomes) > 50
+    assert kinds["hang"] == 0, report
+    assert kinds["unclean"] == 0, report
+    # Nothing that had not started was lost: non-streamed requests (which show
+    # nothing until the end) and streams without content all succeeded.
+    lost = [o for o in outcomes if o.kind != "ok" and not o.started]
+    assert not lost, report
+    # Back to full strength.
+    wait_until(lambda: all(w["state"] == "ready" for w in gw.health()["workers"]), 60, "recovery")
+    assert gw.client.get("/health").status_code == 200
+    wait_until(lambda: all(w["in_flight"] == 0 for w in gw.health()["workers"]), 30, "idle workers")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_request_during_a_kill_has_an_answer(start_gateway, stream):
+    gw = start_gateway("--workers", "2", "--heartbeat-interval", "0.5")
+
+    async def run() -> list[Outcome]:
+        async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
+            rng = random.Random(3)
+            tasks = [asyncio.create_task(one(client, stream, rng)) for _ in range(12)]
+            await asyncio.sleep(0.5)
+            for pid in gw.worker_pids():
+                os.kill(pid, signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    outcomes = asyncio.run(run())
+    assert all(o.kind in ("ok", "clean_error") for o in outcomes), outcomes
+    assert all(o.kind == "ok" or o.started for o in outcomes), outcomes
