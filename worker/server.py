@@ -175,9 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     # The gateway decides when a worker stops; a Ctrl-C in its terminal
     # reaches it, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Hand the GIL to the stdin reader quickly when a frame arrives while the
-    # engine thread runs Python between MLX calls.
-    sys.setswitchinterval(0.0005)
 
     writer = FrameWriter(proto_fd)
     engine = Engine(writer.send, args.max_batch_size, args.prefill_step_size)
