@@ -83,6 +83,20 @@ class LevelReport:
     ttft_first_s: float | None = None  # the level's first request (cold caches)
     ttft_rest_p50_s: float | None = None  # the others
     cached_prompt_fraction: float = 0.0  # prompt tokens served from prompt caches
+    # The server's resident memory (from its /metrics, where it reports it).
+    server_rss_mb: dict = field(default_factory=dict)
+
+
+async def server_rss(client: httpx.AsyncClient, base_url: str) -> float | None:
+    """process_resident_memory_bytes from the server's /metrics, in MB."""
+    try:
+        text = (await client.get(base_url.rstrip("/") + "/metrics", timeout=5)).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1]) / 2**20
+    return None
 
 
 class Prompts:
@@ -199,7 +213,24 @@ async def run_level(
                 if bar is not None:
                     bar.update(1)
 
+        rss = {"before": await server_rss(client, base_url)}
+        peak = rss["before"]
+        running = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while running:
+                value = await server_rss(client, base_url)
+                if value is not None and (peak is None or value > peak):
+                    peak = value
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample()) if rss["before"] is not None else None
         await asyncio.gather(*(user() for _ in range(concurrency)))
+        running = False
+        if sampler is not None:
+            await sampler
+            rss.update(peak=peak, after=await server_rss(client, base_url))
     elapsed = time.perf_counter() - started
     if bar is not None:
         bar.close()
@@ -221,6 +252,7 @@ async def run_level(
         ttft_first_s=good[0].ttft if good else None,
         ttft_rest_p50_s=percentiles([o.ttft for o in good[1:] if o.ttft is not None])["p50"],
         cached_prompt_fraction=sum(o.cached_tokens for o in good) / prompt if prompt else 0.0,
+        server_rss_mb=rss if rss["before"] is not None else {},
     )
     return report, outcomes
 
@@ -245,6 +277,12 @@ def print_reports(reports: list[LevelReport], title: str = "") -> None:
             f"{r.concurrency:>5} {r.completed:>6} {r.failed:>5} {r.output_tokens_per_s:>9.1f} "
             f"{r.requests_per_s:>7.2f} {ttft:>22} {itl:>22} {e2e:>15}"
         )
+        if r.server_rss_mb:
+            m = r.server_rss_mb
+            print(
+                f"      server RSS: {m['before']:.1f} MB before, peak {m['peak']:.1f}, "
+                f"after {m['after']:.1f}"
+            )
         if r.cached_prompt_fraction:
             print(
                 f"      prompt cache: {r.cached_prompt_fraction:.0%} of prompt tokens; "

@@ -33,6 +33,8 @@ MB = 1024 * 1024
 PROMPT_CACHE_KEY = "model"
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 DEFAULT_PROMPT_CACHE_SIZE = 64
+# The shortest shared prefix worth reusing from the prompt cache.
+MIN_REUSE_TOKENS = 32
 
 
 @dataclass
@@ -247,6 +249,11 @@ class Engine:
         prompt = job.prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
+        if self._common_prefix(prompt) < MIN_REUSE_TOKENS:
+            # Sharing just a chat template's first tokens is not worth a
+            # lookup (which searches the whole trie) and a cache copy.
+            self.cache_stats["misses"] += 1
+            return None, prompt
         cache, rest = self.prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
         if cache is not None and not rest:
             if can_trim_prompt_cache(cache):
@@ -261,6 +268,19 @@ class Engine:
         self.cache_stats["hits"] += 1
         self.cache_stats["cached_tokens"] += job.cached_tokens
         return cache, rest
+
+    def _common_prefix(self, prompt: list[int]) -> int:
+        """How many leading prompt tokens any cached sequence shares: a walk
+        down mlx-lm's prompt trie, cheap next to its full nearest search."""
+        try:
+            node = self.prompt_cache._trie._trie.get(PROMPT_CACHE_KEY)  # mlx-lm internals
+        except AttributeError:
+            return len(prompt)  # a layout we do not know: let the full lookup decide
+        depth = 0
+        while node is not None and depth < len(prompt):
+            node = node.get(prompt[depth])
+            depth += node is not None
+        return depth
 
     def _insert(self, jobs: list[Job]) -> None:
         reused = [self._reuse(j) for j in jobs]

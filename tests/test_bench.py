@@ -1,0 +1,100 @@
+"""`mlx-gateway bench` on tiny settings: it runs and counts what it should.
+(The numbers themselves are for the README, not for assertions.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def bench(*args: str, env: dict | None = None) -> dict | list:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--json", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_load_generator_against_the_gateway(gateway):
+    levels = bench(
+        "--url",
+        gateway.url,
+        "--concurrency",
+        "1,3",
+        "--requests",
+        "6",
+        "--max-tokens",
+        "8",
+        "--prompt-tokens",
+        "16",
+        "--ignore-eos",
+    )
+    assert [lvl["concurrency"] for lvl in levels] == [1, 3]
+    for level in levels:
+        assert level["completed"] == 6 and level["failed"] == 0
+        assert level["output_tokens"] == 6 * 8  # counted from the usage chunks
+        assert level["output_tokens_per_s"] > 0
+        assert level["ttft_s"]["p50"] > 0 and level["itl_s"]["p50"] is not None
+        assert level["server_rss_mb"]["peak"] > 0
+
+
+def test_shared_prefix_runs_report_the_prompt_cache(gateway):
+    (level,) = bench(
+        "--url",
+        gateway.url,
+        "--concurrency",
+        "1",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "4",
+        "--prompt-tokens",
+        "400",
+        "--shared-prefix-tokens",
+        "380",
+        "--no-warmup",
+    )
+    assert level["cached_prompt_fraction"] > 0.5
+    assert level["ttft_first_s"] > 0 and level["ttft_rest_p50_s"] > 0
+
+
+def test_ipc_microbenchmark():
+    result = bench("--ipc")
+    assert result["notifications"] == 200_000
+    assert result["notifications_per_s"] > 0
+    assert 0 < result["rpc_round_trip_s"]["p50"] < 0.1
+
+
+def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
+    result = bench(
+        "--compare",
+        "--model-path",
+        "demo:tiny-endless",
+        "--concurrency",
+        "2",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "8",
+        "--prompt-tokens",
+        "16",
+        "--rounds",
+        "1",
+        env={"MLX_GATEWAY_CACHE_DIR": str(tmp_path)},
+    )
+    runs = result["runs"]
+    (engine,) = runs["engine"]["2"]
+    (ours,) = runs["gateway"]["2"]
+    (theirs,) = runs["mlx_lm_server"]["2"]
+    assert engine["output_tokens_per_s"] > 0
+    assert ours["completed"] == 4 and ours["output_tokens"] == 32
+    assert theirs["completed"] == 4 and theirs["output_tokens"] == 32
