@@ -167,7 +167,12 @@ def create_app(settings: Settings) -> FastAPI:
             raise
         if stream:
             events = serving.stream_events(generations, tracker, encoder(), include_usage)
-            return serving.SSEResponse(events, ping=15, sep="\n")
+
+            def cleanup() -> None:
+                serving.cancel_all(generations)
+                tracker.close()
+
+            return serving.SSEResponse(events, ping=15, sep="\n", cleanup=cleanup)
         try:
             results = await serving.complete(generations)
         except Exception as exc:

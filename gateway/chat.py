@@ -236,22 +236,26 @@ def completion(model: str, results: list[dict], logprobs: bool) -> dict:
     }
 
 
-class ChunkEncoder:
-    """Builds the `data: ...` SSE lines of one streamed chat completion.
+class Envelope:
+    """What every `data: ...` line of one stream shares, serialized once:
+    each chunk then costs a few byte concatenations around its choices."""
 
-    The envelope is serialized once; a plain content delta then costs one
-    orjson call on its text and a few byte concatenations.
-    """
+    def __init__(self, object: str, id: str, model: str, include_usage: bool):
+        fixed = {"id": id, "object": object, "created": int(time.time()), "model": model}
+        self.head = b"data: " + orjson.dumps(fixed)[:-1] + b',"choices":'
+        self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def usage(self, figures: dict) -> bytes:
+        return self.head + b'[],"usage":' + orjson.dumps(figures) + b"}\n\n"
+
+
+class ChunkEncoder:
+    """Builds the SSE lines of one streamed chat completion."""
 
     def __init__(self, model: str, include_usage: bool, logprobs: bool):
-        envelope = {
-            "id": new_id(),
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-        }
-        self._head = b"data: " + orjson.dumps(envelope)[:-1] + b',"choices":'
-        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        envelope = Envelope("chat.completion.chunk", new_id(), model, include_usage)
+        self._head, self._tail = envelope.head, envelope.tail
+        self._envelope = envelope
         self._logprobs = logprobs
         self._call_ids: dict[tuple[int, int], str] = {}
 
@@ -310,4 +314,4 @@ class ChunkEncoder:
         return self._chunk(index, b"{}", b"null", orjson.dumps(result["finish_reason"]))
 
     def usage(self, results: list[dict]) -> bytes:
-        return self._head + b"[]" + b',"usage":' + orjson.dumps(usage(results)) + b"}\n\n"
+        return self._envelope.usage(usage(results))

@@ -8,7 +8,10 @@ Downloads happen here, once, before any worker starts.
 
 from __future__ import annotations
 
+import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from worker import demo
@@ -33,7 +36,7 @@ class ModelSourceError(Exception):
     pass
 
 
-def resolve(arg: str | None) -> ModelSpec:
+def resolve(arg: str | None, python: str = sys.executable) -> ModelSpec:
     arg = (arg or "demo").strip()
     name = None
     if "=" in arg and not arg.startswith(("/", ".")):
@@ -44,7 +47,7 @@ def resolve(arg: str | None) -> ModelSpec:
             raise ModelSourceError(
                 f"unknown demo preset {preset!r}; choose from {sorted(demo.PRESETS)}"
             )
-        return ModelSpec(name or demo.DEMO_MODEL_NAME, str(demo.ensure(preset)))
+        return ModelSpec(name or demo.DEMO_MODEL_NAME, build_demo(preset, python))
     path = Path(arg).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -59,6 +62,24 @@ def resolve(arg: str | None) -> ModelSpec:
     raise ModelSourceError(
         f"--model {arg!r} is neither an existing directory nor a Hugging Face id (owner/name)"
     )
+
+
+def build_demo(preset: str, python: str = sys.executable) -> str:
+    """The cached demo checkpoint, built on first use in a child process of
+    the workers' interpreter, so the gateway itself never loads MLX (and
+    stays small)."""
+    cached = demo.cached(preset)
+    if cached is not None:
+        return str(cached)
+    logging.getLogger("gateway").info("building the %s demo model (once; it is cached)", preset)
+    out = subprocess.run(
+        [python, "-m", "worker.demo", "--preset", preset],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise ModelSourceError(f"building the demo model failed:\n{out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
 
 
 def download(repo_id: str) -> str:

@@ -256,7 +256,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     models = args.model or args.model_env or [None]
     try:
-        specs = [resolve(m) for m in models]
+        specs = [resolve(m, args.worker_python) for m in models]
     except ModelSourceError as exc:
         print(f"mlx-gateway: error: {exc}", file=sys.stderr)
         return 2

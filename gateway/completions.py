@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from . import errors
-from .chat import choice_params, new_id, sampling_params, usage
+from .chat import Envelope, choice_params, new_id, sampling_params, usage
 from .rpc import Delta
 from .schemas import CompletionRequest
 
@@ -87,23 +87,18 @@ def completion(model: str, results: list[dict], echoes: list[str], logprobs: boo
 
 
 class ChunkEncoder:
+    """Builds the SSE lines of one streamed text completion."""
+
     def __init__(self, model: str, include_usage: bool, logprobs: bool, echoes: list[str], n: int):
         self._n = n
-        envelope = {
-            "id": new_id("cmpl-"),
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-        }
-        self._head = b"data: " + orjson.dumps(envelope)[:-1] + b',"choices":'
-        self._tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        self._envelope = Envelope("text_completion", new_id("cmpl-"), model, include_usage)
         self._logprobs = logprobs
         self._echoes = echoes
         self._offsets = [len(e) for e in echoes]
 
     def _chunk(self, index: int, text: str, logprobs: Any, finish: str | None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return self._head + orjson.dumps([choice]) + self._tail
+        return self._envelope.head + orjson.dumps([choice]) + self._envelope.tail
 
     def delta(self, index: int, delta: Delta | None, first: bool) -> bytes | None:
         prefix = self._echoes[index] if first else ""
@@ -120,4 +115,4 @@ class ChunkEncoder:
         return self._chunk(index, "", None, result["finish_reason"])
 
     def usage(self, results: list[dict]) -> bytes:
-        return self._head + b"[]" + b',"usage":' + orjson.dumps(usage(results, self._n)) + b"}\n\n"
+        return self._envelope.usage(usage(results, self._n))

@@ -294,6 +294,18 @@ class ModelPool:
                 if client is None:
                     raise WorkerGone("worker is restarting")
                 generation = await client.generate(params, stream)
+            except WorkerGone:
+                # It died between being picked and being written to: the
+                # request never reached it, so it is safe to send elsewhere.
+                self.release(worker, completed=False)
+                if attempt < RETRIES_MAX:
+                    attempt += 1
+                    self.metrics.retries.labels(self.spec.name).inc()
+                    log.warning(
+                        "%s: worker gone before the request was sent; retrying", self.spec.name
+                    )
+                    continue
+                raise
             except BaseException:
                 self.release(worker, completed=False)
                 raise

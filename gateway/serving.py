@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import orjson
 from sse_starlette import EventSourceResponse
-from starlette.types import Message, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from worker.protocol import RPCError
 
@@ -30,7 +30,20 @@ DONE = b"data: [DONE]\n\n"
 
 class SSEResponse(EventSourceResponse):
     """sse-starlette's response, minus a cancel scope per chunk when no send
-    timeout is set (a tenth of the gateway's CPU per token otherwise)."""
+    timeout is set (a tenth of the gateway's CPU per token otherwise), plus a
+    cleanup that runs however the response ends, even if a client left
+    before its stream began (an async generator never started never runs
+    its own `finally`)."""
+
+    def __init__(self, *args, cleanup: Callable[[], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._cleanup()
 
     async def _send_with_timeout(self, send: Send, message: Message) -> None:
         if self.send_timeout is None:
@@ -82,6 +95,7 @@ class Tracker:
         self.status = 200
         self._running = False
         self.on_close: list = []  # callbacks run once the request is over
+        self._closed = False
         self.log_prompts: dict | None = None  # the params, when prompts are to be logged
 
     def running(self) -> None:
@@ -128,6 +142,10 @@ class Tracker:
             )
 
     def close(self) -> None:
+        """Count the request as over; only the first call counts."""
+        if self._closed:
+            return
+        self._closed = True
         for callback in self.on_close:
             callback()
         self.on_close = []

@@ -294,8 +294,7 @@ def build(path: Path, preset: str = "small", seed: int = 0) -> Path:
     return path
 
 
-def ensure(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) -> Path:
-    """The cached demo checkpoint for this preset and seed, built on first use."""
+def _cache_path(preset: str, seed: int, cache_dir: Path | None) -> Path:
     key = json.dumps(
         {
             "v": GENERATOR_VERSION,
@@ -306,10 +305,21 @@ def ensure(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) 
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    root = cache_dir or default_cache_dir()
-    final = root / f"demo-{preset}-{digest}"
+    return (cache_dir or default_cache_dir()) / f"demo-{preset}-{digest}"
+
+
+def cached(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) -> Path | None:
+    """The demo checkpoint if it was built already."""
+    path = _cache_path(preset, seed, cache_dir)
+    return path if (path / "config.json").exists() else None
+
+
+def ensure(preset: str = "small", seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """The cached demo checkpoint for this preset and seed, built on first use."""
+    final = _cache_path(preset, seed, cache_dir)
     if (final / "config.json").exists():
         return final
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so concurrent first runs never see
     # a half-written checkpoint.

@@ -65,7 +65,6 @@ class Dispatcher:
         self.writer = writer
         self.reader = protocol.FrameReader(stdin or sys.stdin.buffer)
         self.max_pending = max_pending
-        self._in_flight: set[RequestId] = set()
 
     def run(self) -> None:
         while True:
