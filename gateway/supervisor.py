@@ -20,6 +20,7 @@ import enum
 import logging
 import os
 import random
+import re
 import signal
 import time
 from collections import deque
@@ -36,6 +37,7 @@ log = logging.getLogger("gateway.supervisor")
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
 worker_log = logging.getLogger("gateway.worker")
+OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
 class State(enum.StrEnum):
@@ -67,6 +69,9 @@ class Supervisor:
         self.process: asyncio.subprocess.Process | None = None
         self.in_flight = 0
         self.restarts = 0
+        # The worker's last stderr lines, to tell an out-of-memory abort
+        # from other crashes.
+        self._stderr_tail: deque[str] = deque(maxlen=20)
         self.last_exit: str | None = None
         self.failure: str | None = None
         self.ready_since: float | None = None
@@ -185,6 +190,7 @@ class Supervisor:
         """Run one worker process to its end; return why it ended."""
         self._set_state(State.STARTING)
         self.ready_since = None
+        self._stderr_tail.clear()
         try:
             self.process = await asyncio.create_subprocess_exec(
                 self.settings.worker_python,
@@ -221,6 +227,8 @@ class Supervisor:
                 reason = await self._watch(client)
         finally:
             await self._end(proc, client, graceful=self._stopping.is_set())
+            # Its last words (an abort message) arrive just before EOF.
+            await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
             if client.protocol_errors:
                 self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
@@ -228,6 +236,7 @@ class Supervisor:
                 )
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
+            reason = _crash_reason(proc.returncode, self._stderr_tail)
         return reason
 
     async def _load(self, client: WorkerClient) -> str:
@@ -391,7 +400,9 @@ class Supervisor:
                     continue
                 if not line:
                     return
-                worker_log.info("%s %s", prefix, line.decode("utf-8", "replace").rstrip()[:4000])
+                text = line.decode("utf-8", "replace").rstrip()[:4000]
+                self._stderr_tail.append(text)
+                worker_log.info("%s %s", prefix, text)
         except asyncio.CancelledError:
             pass
 
@@ -418,6 +429,22 @@ def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
+
+
+def _crash_reason(returncode: int | None, stderr_tail: deque[str]) -> str:
+    """The restart reason of a crash: `oom` when the worker's last words say
+    it ran out of memory (Metal aborts with such a message), else the signal
+    or exit code, or `lost` when it closed its pipes but did not exit."""
+    if any(OOM_TEXT.search(line) for line in stderr_tail):
+        return "oom"
+    if returncode is None:
+        return "lost"
+    if returncode < 0:
+        try:
+            return f"signal_{signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal_{-returncode}"
+    return f"exit_{returncode}"
 
 
 def _describe_exit(returncode: int | None, closed: asyncio.Future) -> str:

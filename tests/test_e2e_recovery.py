@@ -59,8 +59,8 @@ def test_sigkill_mid_stream_ends_the_stream_cleanly_and_the_worker_comes_back(st
     assert r.status_code in (200, 503)
     metrics = gw.metrics()
     assert (
-        'mlx_gateway_worker_restarts_total{model="tiny",reason="crash",worker="tiny/0"} 1.0'
-        in metrics
+        "mlx_gateway_worker_restarts_total"
+        '{model="tiny",reason="signal_SIGKILL",worker="tiny/0"} 1.0' in metrics
     )
     # and it serves again
     resp = sdk(gw).chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3)

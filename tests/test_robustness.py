@@ -72,6 +72,23 @@ def test_a_stalled_worker_is_killed_and_its_requests_get_a_clean_error(start_gat
     assert 'reason="stall"' in gw.metrics()
 
 
+def test_an_out_of_memory_abort_is_a_clean_error_and_counted_as_oom(start_gateway, tmp_path):
+    gw = start_gateway(*FAST, "--worker-python", faulty_python(tmp_path, "abort"))
+    (pid,) = gw.worker_pids()
+    with pytest.raises(openai.APIError):
+        list(chat(gw, max_tokens=200, stream=True))
+    health = wait_until(
+        lambda: (h := gw.health())["workers"][0]["pid"] not in (None, pid) and h,
+        30,
+        "a replacement",
+    )
+    assert health["workers"][0]["last_exit"] == "killed by SIGABRT"
+    assert 'mlx_gateway_worker_restarts_total{model="tiny",reason="oom",worker="tiny/0"} 1.0' in (
+        gw.metrics()
+    )
+    assert gw.proc.poll() is None
+
+
 # --- circuit breaking ----------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              token notification (a library printing where it should not)
   oversized  the first generate is answered with a frame over the size cap
   refuse     every generate is refused as if the memory ceiling were reached
+  abort      after a few steps the process aborts with Metal's out-of-memory
+             message, as a GPU out of memory does
 """
 
 import os
@@ -46,6 +48,22 @@ elif FAULT in ("garbage", "oversized"):
         send(self, data)
 
     server.FrameWriter.send = faulty_send
+
+elif FAULT == "abort":
+    step = engine.Engine._step
+
+    def aborting_step(self):
+        if self.steps >= 5:
+            sys.stderr.write(
+                "libc++abi: terminating due to uncaught exception of type "
+                "std::runtime_error: [METAL] Command buffer execution failed: "
+                "Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)\n"
+            )
+            sys.stderr.flush()
+            os.abort()
+        step(self)
+
+    engine.Engine._step = aborting_step
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
