@@ -174,7 +174,7 @@ def create_app(settings: Settings) -> FastAPI:
 
             return serving.SSEResponse(events, ping=15, sep="\n", cleanup=cleanup)
         try:
-            results = await serving.complete(generations)
+            results = await serving.complete(target, params, generations, deadline)
         except Exception as exc:
             error = errors.from_exception(exc)
             tracker.status = error.status

@@ -84,7 +84,9 @@ class Metrics:
             "client_disconnects", "Streams the client left before the end."
         )
         self.retries = counter(
-            "request_retries", "Requests re-sent after their worker died before any token."
+            "request_retries",
+            "Requests re-sent after their worker died (before any token, or under a reply "
+            "not streamed).",
         )
         self.prefix_cache_queries = counter(
             "prefix_cache_queries", "Prompt tokens looked up in the workers' prompt caches."

@@ -70,6 +70,7 @@ class Generation:
         self._pending: Delta | None = None
         self._wake = asyncio.Event()
         self.tokens_seen = 0
+        self.visible = False  # whether any output a client would see has come
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
@@ -78,8 +79,10 @@ class Generation:
 
     @property
     def started(self) -> bool:
-        """Whether any token has come back (after which a retry is unsafe)."""
-        return self.tokens_seen > 0
+        """Whether output a client would see has come back (after which a
+        retry is unsafe). Tokens held back (a stop string forming, half a
+        character) do not count: sending the request again loses nothing."""
+        return self.visible
 
     def _push(self, delta: dict, now: float) -> None:
         tokens = delta.get("tokens", 0)
@@ -89,6 +92,13 @@ class Generation:
             self.gaps.append((now - self.last_token_at, tokens))
         self.last_token_at = now
         self.tokens_seen += tokens
+        if not self.visible:
+            self.visible = bool(
+                delta.get("text")
+                or delta.get("reasoning")
+                or delta.get("tool_calls")
+                or delta.get("logprobs")
+            )
         if self._pending is None:
             self._pending = Delta()
         self._pending.add(delta)
@@ -120,7 +130,7 @@ class Generation:
         self._wake.set()
 
     async def wait_started(self) -> None:
-        """Wait for the first token or the end, whichever comes first."""
+        """Wait for the first visible output or the end, whichever comes first."""
         while not self.started and not self.result.done():
             self._wake.clear()
             await self._wake.wait()
@@ -229,6 +239,9 @@ class WorkerClient:
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 await self._writer.drain()
         except (ConnectionError, RuntimeError) as exc:
+            # The pipe is gone, so is the worker: fail what it holds and make
+            # the pool stop picking it before the supervisor sees the exit.
+            self._fail_all(f"cannot write to worker: {exc}")
             raise WorkerGone(f"cannot write to worker: {exc}") from None
         except TimeoutError:
             raise WorkerGone("worker stopped reading its stdin") from None

@@ -20,7 +20,7 @@ from worker.protocol import RPCError
 
 from . import errors
 from .metrics import Metrics
-from .pool import ModelPool
+from .pool import RETRIES_MAX, ModelPool
 from .rpc import Delta, Generation, WorkerGone
 
 log = logging.getLogger("gateway.serving")
@@ -181,9 +181,33 @@ async def start(
     return generations
 
 
-async def complete(generations: list[Generation]) -> list[dict]:
+async def complete(
+    pool: ModelPool, params: list[dict], generations: list[Generation], deadline: float
+) -> list[dict]:
+    """Wait for every choice of a non-streamed request.
+
+    Such a reply shows the client nothing until it is whole, so a choice
+    whose worker dies part-way is started again elsewhere (at most
+    RETRIES_MAX times), within the request's deadline.
+    """
+
+    async def one(index: int) -> dict:
+        retries = 0
+        while True:
+            try:
+                return await generations[index].wait()
+            except WorkerGone:
+                if retries >= RETRIES_MAX:
+                    raise
+            retries += 1
+            pool.metrics.retries.labels(pool.spec.name).inc()
+            log.warning("%s: worker died under a non-streamed reply; retrying", pool.spec.name)
+            async with asyncio.timeout_at(deadline):
+                generations[index] = await pool.generate(params[index], False)
+            generations[index].set_deadline(deadline)
+
     try:
-        return list(await asyncio.gather(*(g.wait() for g in generations)))
+        return list(await asyncio.gather(*(one(i) for i in range(len(generations)))))
     except BaseException:
         cancel_all(generations)
         raise

@@ -129,10 +129,18 @@ def test_chaos(start_gateway, request):
         "1",
         "--max-restarts",
         "1000",
+        # The killer is outside: a worker that was ready for 3 s ran well, so
+        # its restart back-off starts again from 1 s instead of doubling
+        # towards a minute, which would leave the pool empty for longer
+        # than any client waits.
         "--restart-window",
-        "10",
+        "3",
+        # The gateway's own bounds end every request before the client's
+        # timeout, so a "hang" here is a request the gateway lost track of.
         "--queue-timeout",
-        "30",
+        "20",
+        "--request-timeout",
+        str(REQUEST_TIMEOUT - 2),
     )
     stop = asyncio.Event()
 

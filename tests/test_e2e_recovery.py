@@ -95,6 +95,44 @@ def test_request_that_had_not_started_is_retried_on_the_replacement(start_gatewa
     assert 'mlx_gateway_request_retries_total{model="tiny"} 1.0' in gw.metrics()
 
 
+def test_a_reply_not_streamed_survives_its_worker_dying_part_way(start_gateway):
+    gw = start_gateway(*FAST_HEARTBEAT, "--workers", "2")
+    client = sdk(gw)
+
+    def ask():
+        return client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=1500,
+            seed=5,
+            temperature=1.0,
+            extra_body={"ignore_eos": True},
+        )
+
+    reference = ask()
+    result = {}
+
+    def request():
+        result["resp"] = ask()
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    busy = wait_until(
+        lambda: [w for w in gw.health()["workers"] if w["in_flight"] == 1],
+        10,
+        "the request to reach a worker",
+    )
+    time.sleep(0.5)  # well into its reply: tokens have been generated
+    os.kill(busy[0]["pid"], signal.SIGKILL)
+    thread.join(60)
+    assert not thread.is_alive()
+    resp = result["resp"]  # no error reached the client
+    assert resp.usage.completion_tokens == 1500
+    # Sent again with the same seed, so the same reply.
+    assert resp.choices[0].message.content == reference.choices[0].message.content
+    assert 'mlx_gateway_request_retries_total{model="tiny"} 1.0' in gw.metrics()
+
+
 def test_sigstopped_worker_is_detected_by_heartbeat_and_replaced(start_gateway):
     gw = start_gateway(*FAST_HEARTBEAT)
     (pid,) = gw.worker_pids()

@@ -49,6 +49,15 @@ def chat(gw, key: str = "x", **kw):
     return client.chat.completions.create(model=MODEL_NAME, **kw)
 
 
+def replaced(gw, pid: int) -> dict:
+    """/health once the worker `pid` has a running replacement."""
+    return wait_until(
+        lambda: (h := gw.health())["workers"][0]["pid"] not in (None, pid) and h,
+        30,
+        "a replacement",
+    )
+
+
 # --- liveness ------------------------------------------------------------------------------
 
 
@@ -63,11 +72,7 @@ def test_a_stalled_worker_is_killed_and_its_requests_get_a_clean_error(start_gat
     assert time.monotonic() - started < 20
     assert info.value.status_code in (502, 503)
     assert info.value.body["type"] == "server_error"
-    health = wait_until(
-        lambda: (h := gw.health())["workers"][0]["pid"] not in (None, pid) and h,
-        30,
-        "a replacement",
-    )
+    health = replaced(gw, pid)
     assert "no progress" in health["workers"][0]["last_exit"]
     assert 'reason="stall"' in gw.metrics()
 
@@ -77,11 +82,7 @@ def test_an_out_of_memory_abort_is_a_clean_error_and_counted_as_oom(start_gatewa
     (pid,) = gw.worker_pids()
     with pytest.raises(openai.APIError):
         list(chat(gw, max_tokens=200, stream=True))
-    health = wait_until(
-        lambda: (h := gw.health())["workers"][0]["pid"] not in (None, pid) and h,
-        30,
-        "a replacement",
-    )
+    health = replaced(gw, pid)
     assert health["workers"][0]["last_exit"] == "killed by SIGABRT"
     assert 'mlx_gateway_worker_restarts_total{model="tiny",reason="oom",worker="tiny/0"} 1.0' in (
         gw.metrics()
