@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -226,12 +227,18 @@ async def run_level(
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample()) if rss["before"] is not None else None
+        # The clock runs from the first request (not the client's set-up).
+        started = time.perf_counter()
+        deadline = started + duration if duration else None
         await asyncio.gather(*(user() for _ in range(concurrency)))
+        # The clock stops with the last request, not the sampler's sleep.
+        elapsed = time.perf_counter() - started
         running = False
         if sampler is not None:
-            await sampler
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             rss.update(peak=peak, after=await server_rss(client, base_url))
-    elapsed = time.perf_counter() - started
     if bar is not None:
         bar.close()
     good = [o for o in outcomes if o.ok]
