@@ -63,8 +63,10 @@ def test_sigkill_mid_stream_ends_the_stream_cleanly_and_the_worker_comes_back(st
         '{model="tiny",reason="signal_SIGKILL",worker="tiny/0"} 1.0' in metrics
     )
     # and it serves again
-    resp = sdk(gw).chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=3)
-    assert resp.choices[0].message.content
+    resp = sdk(gw).chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=3, extra_body={"ignore_eos": True}
+    )
+    assert resp.usage.completion_tokens == 3 and resp.choices[0].message.content
 
 
 def test_request_that_had_not_started_is_retried_on_the_replacement(start_gateway):
