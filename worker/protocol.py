@@ -17,7 +17,9 @@ Methods (gateway -> worker):
                 alternatives per token), ignore_eos, max_tokens_cap, stream (bool);
                 tools, tool_choice ("auto" | "none" | "required" | {"name"}),
                 parallel_tool_calls, response_format ({"type": "json_object"} or
-                {"type": "json_schema", "schema"}), chat_template_kwargs
+                {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
+                (the prompt-cache partition: requests with different keys
+                never share cached prompts; absent, a shared default)
                 -> {"text", "finish_reason", "usage", "timings", "memory",
                     "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?}
                 While it runs with stream=true the worker sends `tokens`

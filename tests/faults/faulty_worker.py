@@ -18,7 +18,12 @@ import os
 import sys
 import time
 
-from worker import engine, protocol, server
+from worker import lifeline
+
+lifeline.die_with_parent()
+lifeline.tolerate_fd_limit()
+
+from worker import engine, protocol, server  # noqa: E402
 
 FAULT = os.environ.get("FAULT", "")
 
