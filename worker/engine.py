@@ -332,11 +332,20 @@ class Engine:
             if job.unsent is not None:
                 delta = merge_delta(job.unsent, delta)
                 job.unsent = None
-            # First and last tokens go out at once; the rest at most every
-            # stream_interval seconds per request, so a fast model's tokens
-            # share notifications (and the gateway's wake-ups) while a slow
-            # model's go one by one.
-            if job.finish_reason is not None or now - job.sent_at >= self.stream_interval:
+            # The first visible text and the last token go out at once; the
+            # rest at most every stream_interval seconds per request, so a fast
+            # model's tokens share notifications (and the gateway's wake-ups)
+            # while a slow model's go one by one. "Visible", not "first token":
+            # a byte-level BPE tokenizer's first token may decode to nothing
+            # yet (half a UTF-8 character, a lone space), and the text that
+            # follows must not wait for the next tick.
+            first_visible = not job.shown and _visible(delta)
+            if (
+                first_visible
+                or job.finish_reason is not None
+                or now - job.sent_at >= self.stream_interval
+            ):
+                job.shown = job.shown or first_visible
                 delta["request_id"] = job.request_id
                 deltas.append(delta)
                 job.sent_at = now
@@ -488,6 +497,10 @@ def _token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
     else:
         table = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
     return table + [b""] * max(0, vocab_size - len(table))
+
+
+def _visible(delta: dict) -> bool:
+    return bool(delta.get("text") or delta.get("reasoning") or delta.get("tool_calls"))
 
 
 def _is_oom(exc: BaseException) -> bool:
