@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import protocol
+from .mlxlm import hf_tokenizer
 from .protocol import RPCError
 
 log = logging.getLogger("worker.constraints")
@@ -49,7 +50,7 @@ class Grammars:
                 import llguidance.hf
 
                 self._lltokenizer = llguidance.hf.from_tokenizer(
-                    self._tokenizer._tokenizer,
+                    hf_tokenizer(self._tokenizer),
                     n_vocab=self.vocab_size,
                     eos_token=sorted(self._tokenizer.eos_token_ids),
                 )

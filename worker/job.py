@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.generate import TextStateMachine
-
 from .constraints import parse_forced_calls
+from .mlxlm import TextStateMachine
 from .protocol import RequestId
 from .sampling import SamplingParams
 
