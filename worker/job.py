@@ -135,9 +135,15 @@ class Output:
                 space = self._pieces is not None and self._pieces[token].startswith(b" ")
                 self._lead = " " if space else ""
             self.detokenizer.add_token(token)
-        if finishing:
-            self.detokenizer.finalize()
         full = self.detokenizer.text
+        if finishing:
+            held = len(full)
+            self.detokenizer.finalize()
+            full = self.detokenizer.text
+            # What finalize adds is bytes the detokenizer held back as an
+            # unfinished UTF-8 character (a reply cut by max_tokens in the
+            # middle of one): not text, so not a U+FFFD.
+            full = full[:held] + full[held:].rstrip("\ufffd")
         new = full[self._read :]
         self._read = len(full)
         if self._lead and new:
