@@ -70,6 +70,9 @@ class Generation:
         self._pending: Delta | None = None
         self._wake = asyncio.Event()
         self.tokens_seen = 0
+        # The prompt's size, from the first delta of a streamed generation.
+        self.prompt_tokens: int | None = None
+        self.cached_tokens = 0
         self.visible = False  # whether any output a client would see has come
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -88,6 +91,9 @@ class Generation:
         tokens = delta.get("tokens", 0)
         if self.first_token_at is None:
             self.first_token_at = now
+            if "prompt_tokens" in delta:
+                self.prompt_tokens = delta["prompt_tokens"]
+                self.cached_tokens = delta.get("cached_tokens", 0)
         elif tokens:
             self.gaps.append((now - self.last_token_at, tokens))
         self.last_token_at = now

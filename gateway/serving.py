@@ -65,7 +65,8 @@ class SSEResponse(EventSourceResponse):
 class Encoder(Protocol):
     """The SSE bytes of one streamed reply, event by event.
 
-    Called in this order: `open` once; `delta` for each choice's output as it
+    Called in this order: `open` once, with the prompt's size (tokens, and
+    those from the prompt cache) when the worker told it; `delta` for each choice's output as it
     comes (`delta` None with `first` true: the choice started with nothing to
     show yet; None as a return: nothing worth sending); `finish` as each
     choice ends; `close` once all have; or `error` once, in place of what
@@ -73,7 +74,7 @@ class Encoder(Protocol):
     a choice went out).
     """
 
-    def open(self) -> bytes: ...
+    def open(self, prompt_tokens: int | None, cached_tokens: int) -> bytes: ...
     def delta(self, index: int, delta: Delta | None, first: bool) -> bytes | None: ...
     def finish(self, index: int, result: dict) -> bytes: ...
     def close(self, results: list[dict]) -> bytes: ...
@@ -394,7 +395,8 @@ async def stream_events(
     remaining = n
     done = False
     try:
-        yield escape_line_breaks(encoder.open())
+        head = generations[0]
+        yield escape_line_breaks(encoder.open(head.prompt_tokens, head.cached_tokens))
         while remaining:
             try:
                 index, delta = await source.get()

@@ -191,7 +191,7 @@ class ChunkStream:
         self.include_usage = include_usage
         self.per_prompt: int | None = None
 
-    def open(self) -> bytes:
+    def open(self, prompt_tokens: int | None, cached_tokens: int) -> bytes:
         return b""
 
     def close(self, results: list[dict]) -> bytes:
