@@ -17,13 +17,30 @@ from sse_starlette.sse import AppStatus
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from . import __version__, chat, completions, errors, messages, models, ops, serving
+from . import (
+    __version__,
+    chat,
+    completions,
+    errors,
+    messages,
+    models,
+    ops,
+    responses,
+    serving,
+)
 from .config import Settings
 from .metrics import Metrics
 from .middleware import ApiKeyAuth, BodySizeLimit, JsonBody, RequestCounter
 from .pool import Pool
 
-ROUTERS = [ops.router, models.router, chat.router, completions.router, messages.router]
+ROUTERS = [
+    ops.router,
+    models.router,
+    chat.router,
+    completions.router,
+    responses.router,
+    messages.router,
+]
 
 
 def create_app(settings: Settings) -> FastAPI:

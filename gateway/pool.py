@@ -53,13 +53,18 @@ def prefix_keys(params: dict) -> list[str]:
             for i in range(0, len(ids) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
         ]
     else:
-        return []
+        parts = []
     keys = []
     digest = hashlib.blake2b(digest_size=12)
     for part in parts:
         digest.update(part)
         keys.append(digest.hexdigest())
-    return keys[::-1]
+    keys.reverse()
+    if isinstance(params.get("affinity"), str):
+        # A client's own conversation key (prompt_cache_key): the fallback
+        # when no shared prefix is known yet.
+        keys.append("affinity:" + params["affinity"])
+    return keys
 
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}

@@ -16,7 +16,8 @@ Methods (gateway -> worker):
                 repetition_penalty, logit_bias ({token id: bias}), logprobs (int:
                 alternatives per token), ignore_eos, max_tokens_cap, stream (bool),
                 clamp_max_tokens (bool: a max_tokens beyond what the context
-                leaves is cut to fit instead of refused);
+                leaves is cut to fit instead of refused); affinity (a routing
+                hint for the gateway's pool, ignored here);
                 tools, tool_choice ("auto" | "none" | "required" | {"name"}),
                 parallel_tool_calls, response_format ({"type": "json_object"} or
                 {"type": "json_schema", "schema"}), chat_template_kwargs
