@@ -59,6 +59,7 @@ class Gateway:
         *args: str,
         env: dict | None = None,
         log: Path,
+        name: str = MODEL_NAME,
         prefix: tuple[str, ...] = (),
         preexec_fn=None,
     ):
@@ -73,7 +74,7 @@ class Gateway:
             "gateway",
             "serve",
             "--model",
-            f"{MODEL_NAME}={model}",
+            f"{name}={model}",
             "--port",
             str(self.port),
             "--log-level",

@@ -22,6 +22,8 @@ import json
 import logging
 import math
 
+from .mlxlm import hf_tokenizer
+
 log = logging.getLogger("worker.prompt_bound")
 
 # Normalizers that never shrink a text.
@@ -77,7 +79,7 @@ def _keeps_bytes(spec: dict) -> bool:
 def max_token_bytes(tokenizer, token_bytes: list[bytes]) -> int | None:
     """The most bytes of text one token can stand for, or None when the
     tokenizer gives no exact bound (see the module docstring)."""
-    backend = getattr(getattr(tokenizer, "_tokenizer", None), "_tokenizer", None)
+    backend = getattr(hf_tokenizer(tokenizer), "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None
     try:

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import protocol, requests
@@ -82,10 +83,11 @@ class Preparer:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request_id: RequestId, params: dict) -> None:
+    def submit(self, request_id: RequestId, params: dict, count: bool = False) -> None:
+        """Queue a `generate` (or, with count, a `count_tokens`) request."""
         with self._lock:
             self._waiting.add(request_id)
-        self._queue.put((request_id, params))
+        self._queue.put((request_id, params, count))
 
     def cancel(self, rpc_id: RequestId, target: RequestId) -> None:
         with self._lock:
@@ -97,7 +99,10 @@ class Preparer:
 
     def _run(self) -> None:
         while True:
-            request_id, params = self._queue.get()
+            request_id, params, count = self._queue.get()
+            if count:
+                self._count(request_id, params)
+                continue
             job = error = None
             if request_id not in self._cancelled:
                 try:
@@ -117,13 +122,32 @@ class Preparer:
             if error is not None:
                 self.writer.send(error)
 
+    def _count(self, request_id: RequestId, params: dict) -> None:
+        try:
+            loaded = self.engine.loaded
+            if loaded is None:
+                raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
+            result = self._guarded(request_id, lambda: requests.count_tokens(loaded, params))
+            answer = protocol.result_response(request_id, result)
+        except RPCError as exc:
+            answer = protocol.error_response(request_id, exc.code, exc.message, exc.data)
+        with self._lock:
+            self._waiting.discard(request_id)
+            self._cancelled.discard(request_id)
+        self.writer.send(answer)
+
     def _prepare(self, request_id: RequestId, params: dict) -> Job:
         engine = self.engine
         loaded = engine.loaded
         if loaded is None or engine.state != "ready":
             raise RPCError(protocol.SHUTTING_DOWN, "worker is shutting down")
+        return self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+
+    def _guarded(self, request_id: RequestId, work: Callable[[], Any]) -> Any:
+        """Run `work`; any failure becomes an RPCError that quotes nothing of
+        the request."""
         try:
-            return requests.prepare(loaded, request_id, params)
+            return work()
         except RPCError:
             raise
         except RecursionError:
@@ -203,6 +227,13 @@ class Dispatcher:
         if method == protocol.GENERATE:
             self.admit()
             self.preparer.submit(msg.id, params)
+            return None
+        if method == protocol.COUNT_TOKENS:
+            loaded = self.engine.loaded
+            if loaded is None or self.engine.state != "ready":
+                raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
+            # Templating and tokenizing: the preparer's work, never this thread's.
+            self.preparer.submit(msg.id, params, count=True)
             return None
         if method == protocol.CANCEL:
             target = params.get("request_id")
