@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from .schemas import MAX_COUNT
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -128,7 +130,7 @@ class ToolChoice(_Body):
 
 class Thinking(_Body):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = None
+    budget_tokens: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     display: str | None = None  # "omitted": thinking is not sent back
 
 
@@ -144,12 +146,12 @@ class PromptFields(_Body):
 
 
 class MessagesRequest(PromptFields):
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1, le=MAX_COUNT)
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     metadata: dict[str, Any] | None = None  # accepted, ignored
     service_tier: str | None = None  # accepted, ignored
 

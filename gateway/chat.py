@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from . import errors, schemas, shared
+from .body import BodyRoute
 from .config import Settings
 from .rpc import Delta
 from .schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
@@ -277,7 +278,7 @@ class Chat:
         return completion(self.model, results, self._logprobs)
 
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 
 
 @router.post(

@@ -5,6 +5,7 @@ a flag on the command line wins over the environment."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -386,14 +387,17 @@ def serve(args: argparse.Namespace) -> int:
     if warning:
         logger.warning("%s", warning)
     logger.info("accepting at most %d connections at once", cap)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        # uvicorn cancels what is still running after its own timeout; ours
+        # (Server below) fails it cleanly a little earlier.
+        timeout_graceful_shutdown=int(settings.shutdown_grace) + SHUTDOWN_MARGIN_S,
         http=connections.http_protocol(
             header_timeout=settings.header_timeout,
             body_timeout=settings.body_timeout,
@@ -401,11 +405,41 @@ def serve(args: argparse.Namespace) -> int:
         ),
     )
     try:
-        uvicorn.Server(config).run()
+        gateway_server(config, app.state.context.drain, settings.shutdown_grace).run()
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl-C after a clean shutdown; nothing to report.
         return 130
     return 0
+
+
+# Seconds between the end of the shutdown grace (requests fail cleanly) and
+# uvicorn's own deadline (it cancels whatever is left).
+SHUTDOWN_MARGIN_S = 5
+
+
+def _server_class():
+    import uvicorn
+
+    class GatewayServer(uvicorn.Server):
+        """uvicorn's server, which starts the shutdown grace clock: when it
+        runs out, every request still in flight is failed cleanly (an error
+        event for a stream, a 503 otherwise) instead of being cut."""
+
+        def __init__(self, config, drain, grace: float):
+            super().__init__(config)
+            self._drain = drain
+            self._grace = grace
+
+        async def shutdown(self, sockets=None) -> None:
+            asyncio.get_running_loop().call_later(self._grace, self._drain.expire)
+            await super().shutdown(sockets)
+
+    return GatewayServer
+
+
+def gateway_server(config, drain, grace: float):
+    """A GatewayServer (its class is made here: uvicorn is imported lazily)."""
+    return _server_class()(config, drain, grace)
 
 
 def main(argv: list[str] | None = None) -> None:

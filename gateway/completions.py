@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from . import errors, schemas, shared
+from .body import BodyRoute
 from .config import Settings
 from .rpc import Delta
 from .schemas import CompletionRequest
@@ -23,6 +24,10 @@ SAMPLING_KEYS = {*shared.SAMPLING_FIELDS, "stop", "ignore_eos"}
 
 # OpenAI's default for this endpoint.
 DEFAULT_MAX_TOKENS = 16
+# Most choices (prompts times n) one request may ask for: each is a request
+# to a worker, and a list of 400,000 one-token prompts must not become
+# 400,000 of them.
+MAX_CHOICES = 128
 
 
 def prompts(req: CompletionRequest) -> list[dict[str, Any]]:
@@ -34,6 +39,13 @@ def prompts(req: CompletionRequest) -> list[dict[str, Any]]:
         raise errors.invalid("prompt must not be empty.", "prompt")
     if all(isinstance(p, int) for p in prompt):
         return [{"prompt_tokens": prompt}]
+    if len(prompt) * req.n > MAX_CHOICES:
+        raise errors.invalid(
+            f"prompt lists {len(prompt)} prompts (times n={req.n}); at most {MAX_CHOICES} "
+            "completions fit one request.",
+            "prompt",
+            "too_many_prompts",
+        )
     if all(isinstance(p, str) for p in prompt):
         return [{"prompt": p} for p in prompt]
     return [{"prompt_tokens": p} for p in prompt]
@@ -155,7 +167,7 @@ class TextCompletion:
         return completion(self.model, results, self._echoes, self._logprobs, self.body.n)
 
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 
 
 @router.post(

@@ -179,7 +179,12 @@ def _param(loc: tuple, body: Any = None) -> str | None:
         if (isinstance(part, int) or not _is_type_name(part)) and (node is None or last):
             kept.append(part)
             node = None
-    parts = kept
+    return param_path(kept)
+
+
+def param_path(parts) -> str | None:
+    """`messages[0].content` from ("messages", 0, "content")."""
+    parts = list(parts)
     if not parts:
         return None
     out = str(parts[0])
@@ -196,20 +201,30 @@ def _is_type_name(part: str) -> bool:
     )
 
 
-async def validation_handler(request: Request, exc: RequestValidationError) -> Response:
-    shape = shape_for(request.url.path)
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+def from_validation(found: list, body: Any) -> APIError:
+    """The 400 for pydantic's validation errors of a request body."""
+    first = found[0] if found else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
-        return invalid("We could not parse the JSON body of your request.").response(shape)
-    param = _param(tuple(first.get("loc", ())), exc.body)
+        why = (first.get("ctx") or {}).get("error")
+        return invalid(
+            "We could not parse the JSON body of your request"
+            + (f": {why}." if isinstance(why, str) and len(why) < 200 else ".")
+        )
+    param = _param(tuple(first.get("loc", ())), body)
     message = first.get("msg", "invalid request")
     if param:
         message = f"Invalid value for '{param}': {message}"
-    return invalid(message, param, "invalid_value").response(shape)
+    return invalid(message, param, "invalid_value")
+
+
+async def validation_handler(request: Request, exc: RequestValidationError) -> Response:
+    return from_validation(exc.errors(), exc.body).response(shape_for(request.url.path))
 
 
 async def http_handler(request: Request, exc: StarletteHTTPException) -> Response:
+    carried = getattr(exc, "error", None)  # body.InvalidBody: the error, shaped below
+    if isinstance(carried, APIError):
+        return carried.response(shape_for(request.url.path))
     kinds = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     error = APIError(
         exc.status_code,

@@ -23,6 +23,7 @@ from worker.protocol import COUNT_TOKENS
 from . import anthropic_schemas as schemas
 from . import errors, shared
 from .anthropic_schemas import CountTokensRequest, MessagesRequest, PromptFields
+from .body import BodyRoute
 from .config import Settings
 from .errors import APIError
 from .rpc import Delta
@@ -380,7 +381,7 @@ STATUSES = {
     529: "overloaded_error (see Retry-After), or the model is unavailable",
 }
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 
 
 @router.post(

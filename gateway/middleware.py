@@ -13,6 +13,12 @@ from .metrics import Metrics
 
 # Paths any caller may read: load balancers and orchestrators probe /health.
 OPEN_PATHS = {"/health"}
+# Set in the ASGI scope when the request carried one of the configured keys.
+AUTHENTICATED = "mlx_gateway.authenticated"
+
+
+def authenticated(scope: Scope) -> bool:
+    return bool(scope.get(AUTHENTICATED))
 
 
 class ApiKeyAuth:
@@ -29,7 +35,13 @@ class ApiKeyAuth:
         self.open = OPEN_PATHS | (set() if protect_metrics else {"/metrics"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open or self._allowed(scope):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        allowed = self._allowed(scope)
+        if allowed:
+            scope[AUTHENTICATED] = True  # /health shows its details only then
+        if allowed or scope["path"] in self.open:
             await self.app(scope, receive, send)
             return
         error = APIError(

@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from . import schemas
 from .metrics import CONTENT_TYPE_LATEST
+from .middleware import authenticated
 from .serving import Context
 
 router = APIRouter()
@@ -15,10 +16,17 @@ router = APIRouter()
 
 @router.get("/health", response_model=schemas.Health, responses={503: {"model": schemas.Health}})
 async def health(request: Request) -> Response:
-    """200 when every model has a ready worker, else 503; lists every worker."""
-    pool = Context.of(request).pool
+    """200 when every model has a ready worker, else 503; lists every worker.
+
+    When API keys are required, a caller without one sees only the status:
+    worker details and prompt-cache figures are for those with a key."""
+    ctx = Context.of(request)
+    pool = ctx.pool
+    body = pool.health()
+    if ctx.settings.api_keys and not authenticated(request.scope):
+        body = {"status": body["status"]}
     return Response(
-        orjson.dumps(pool.health()),
+        orjson.dumps(body),
         status_code=200 if pool.ready else 503,
         media_type="application/json",
     )

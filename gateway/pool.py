@@ -24,7 +24,7 @@ from worker.protocol import GENERATE, OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
 from .metrics import Metrics
-from .rpc import Generation, WorkerGone
+from .rpc import Generation, WorkerClient, WorkerGone
 from .supervisor import State, Supervisor
 
 log = logging.getLogger("gateway.pool")
@@ -56,6 +56,11 @@ def prefix_keys(params: dict) -> list[str]:
         parts = []
     keys = []
     digest = hashlib.blake2b(digest_size=12)
+    # Per prompt-cache partition (API key): one key's prefixes never route
+    # another's requests, so routing tells no key about another's prompts.
+    partition = params.get("cache_key")
+    if isinstance(partition, str):
+        digest.update(partition.encode() + b"\0")
     for part in parts:
         digest.update(part)
         keys.append(digest.hexdigest())
@@ -63,7 +68,7 @@ def prefix_keys(params: dict) -> list[str]:
     if isinstance(params.get("affinity"), str):
         # A client's own conversation key (prompt_cache_key): the fallback
         # when no shared prefix is known yet.
-        keys.append("affinity:" + params["affinity"])
+        keys.append(f"affinity:{partition}:{params['affinity']}")
     return keys
 
 
@@ -82,6 +87,58 @@ def estimate_tokens(params: dict) -> int:
         return len(params["prompt_tokens"])
     prompt = params.get("messages") or params.get("prompt") or ""
     return len(orjson.dumps(prompt)) // 4
+
+
+class PoisonRequest(WorkerGone):
+    """A call was in flight at two worker deaths; it is not tried a third time."""
+
+
+class Deaths:
+    """The worker deaths one call was in flight at, across its retries.
+
+    At the second it is not sent again: it answers with a clear error, and
+    is logged by a fingerprint (a digest of its params, never the params).
+    A death at which it was the only call in flight is laid on it, and does
+    not count toward opening the model's circuit: one poison request (one
+    that crashes whichever worker runs it) cannot take the model from every
+    other client. Deaths with other calls in flight still count, so a model
+    that crashes under any load still opens its circuit.
+    """
+
+    LIMIT = 2
+
+    def __init__(self, pool: ModelPool, params: dict):
+        self.pool = pool
+        self.params = params
+        self.seen: list[tuple[Supervisor | None, WorkerClient]] = []
+
+    def died(self, worker: Supervisor | None, generation: Generation) -> None:
+        client = generation.client
+        if any(c is client for _, c in self.seen):
+            return  # the same death, seen again
+        self.seen.append((worker, client))
+        if len(self.seen) < self.LIMIT:
+            return
+        fingerprint = hashlib.blake2b(
+            orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS), digest_size=8
+        ).hexdigest()
+        forgiven = 0
+        for supervisor, dead in self.seen:
+            if supervisor is not None and dead.held_at_end is not None and dead.held_at_end <= 1:
+                supervisor.forgive(dead)
+                forgiven += 1
+        log.error(
+            "%s: request %s was in flight at %d worker deaths; not sent again "
+            "(%d of those deaths not counted toward the circuit)",
+            self.pool.spec.name,
+            fingerprint,
+            len(self.seen),
+            forgiven,
+        )
+        raise PoisonRequest(
+            f"the workers running this request died {len(self.seen)} times while it was in "
+            f"flight; it is not sent to another (request fingerprint {fingerprint})"
+        )
 
 
 class Overloaded(Exception):
@@ -282,7 +339,9 @@ class ModelPool:
 
     # --- calls -----------------------------------------------------------------
 
-    async def start(self, method: str, params: dict, stream: bool = False) -> Generation:
+    async def start(
+        self, method: str, params: dict, stream: bool = False, deaths: Deaths | None = None
+    ) -> Generation:
         """Acquire a worker, send it the call, release the worker when the call
         ends; return once the call's first visible output (or its end) is in.
 
@@ -291,10 +350,13 @@ class ModelPool:
         call is sent again to another (or the restarted) worker, at most
         RETRIES_MAX times. After visible output, a death is the caller's
         error to see. A worker that refuses for memory is retried shortly.
+        A call that was in flight at two worker deaths is not sent to a
+        third worker (see Deaths).
         """
         keys = prefix_keys(params)
         cost = estimate_tokens(params)
         attempt = refused = 0
+        deaths = deaths or Deaths(self, params)
         while True:
             worker = await self.acquire(keys, cost)
             client = worker.client
@@ -315,9 +377,13 @@ class ModelPool:
                 self.release(worker, completed=False)
                 raise
             generation.result.add_done_callback(lambda _f, w=worker: self.release(w))
+            generation.worker = worker
+            generation.deaths = deaths
             try:
                 await generation.wait_started()
             except WorkerGone:
+                if not generation.started:
+                    deaths.died(worker, generation)  # raises at the second
                 if attempt < RETRIES_MAX and not generation.started:
                     attempt += 1
                     self._retrying("worker died before the first token")
@@ -356,6 +422,8 @@ class ModelPool:
             try:
                 return await generation.wait()
             except WorkerGone:
+                deaths = generation.deaths or Deaths(self, params)
+                deaths.died(generation.worker, generation)  # raises at the second
                 if retries >= RETRIES_MAX:
                     raise
             except BaseException:
@@ -363,7 +431,7 @@ class ModelPool:
                 raise
             retries += 1
             self._retrying("worker died under a reply nobody had seen")
-            generation = await self.start(method, params, False)
+            generation = await self.start(method, params, False, deaths)
 
     async def call(self, method: str, params: dict) -> Any:
         """Start a call and return its result: the whole path, retries included."""

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from . import errors, shared
 from . import responses_schemas as schemas
+from .body import BodyRoute
 from .config import Settings
 from .errors import APIError
 from .response_store import ResponseStore
@@ -479,7 +480,7 @@ class ResponseStream:
 
 # --- routes --------------------------------------------------------------------------
 
-router = APIRouter()
+router = APIRouter(route_class=BodyRoute)
 
 
 def store_of(request: Request) -> ResponseStore:

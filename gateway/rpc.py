@@ -78,9 +78,10 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
-        # Names the request (never its content) across retries, so a worker
-        # death can be laid at the door of the one request it held.
-        self.fingerprint: str | None = None
+        # Set by the pool: the supervisor it runs on, and the deaths of
+        # workers it was in flight at (pool.Deaths), carried across retries.
+        self.worker: Any = None
+        self.deaths: Any = None
         self._deadline: asyncio.TimerHandle | None = None
 
     @property
@@ -168,6 +169,12 @@ class Generation:
         the future the reader will still resolve."""
         return await asyncio.shield(self.result)
 
+    def abort(self, error: BaseException) -> None:
+        """End it now with `error` (the shutdown grace is over), and drop it
+        in the worker."""
+        self.cancel()
+        self._finish(error=error)
+
     def cancel(self) -> None:
         """Ask the worker to drop this request. Never blocks; safe in a finally."""
         if self.client.is_pending(self.id):
@@ -185,8 +192,8 @@ class WorkerClient:
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.protocol_errors = 0
         self.protocol_failed = False  # the stream broke (oversized or cut frame)
-        # Fingerprints of the requests in flight when the worker was lost.
-        self.held_at_end: set[str | None] | None = None
+        # How many calls were in flight when the worker was lost.
+        self.held_at_end: int | None = None
         # Whether this worker's death was laid on a poison request (and so
         # does not count toward opening the circuit).
         self.forgiven = False
@@ -336,7 +343,7 @@ class WorkerClient:
         if not self.closed.done():
             self.closed.set_result(reason)
         if self.held_at_end is None:
-            self.held_at_end = {g.fingerprint for g in self._generations.values()}
+            self.held_at_end = len(self._generations)
         error = WorkerGone(reason)
         for future in self._calls.values():
             if not future.done():

@@ -105,11 +105,14 @@ class StreamOptions(_Body):
 
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+# The largest count (of tokens) a request may name: beyond it numbers stop
+# fitting the worker protocol's 64-bit integers, and no model is that long.
+MAX_COUNT = 2**31 - 1
 
 
 class SamplingFields(_Body):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     n: int = Field(default=1, ge=1, le=16)
@@ -122,7 +125,7 @@ class SamplingFields(_Body):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     user: str | None = None
     # Extensions that mlx-lm (or vLLM) has.
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     ignore_eos: bool = False  # vLLM's: generate exactly max_tokens
@@ -130,7 +133,7 @@ class SamplingFields(_Body):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None

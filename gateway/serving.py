@@ -13,10 +13,12 @@ calls `serve(request, exchange)`; see chat.py for the smallest complete one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
@@ -25,7 +27,7 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from worker.protocol import GENERATE, RPCError
+from worker.protocol import GENERATE, SHUTTING_DOWN, RPCError
 
 from . import errors
 from .config import Settings
@@ -235,6 +237,7 @@ class Context:
     metrics: Metrics
     key_limits: KeyLimits
     created: int  # when the app was made: the `created` of every model card
+    drain: Drain = field(default_factory=lambda: Drain())
 
     @classmethod
     def of(cls, request: Request) -> Context:
@@ -264,19 +267,31 @@ async def serve(request: Request, exchange: Exchange) -> Response:
         ).response(exchange.shape)
     tracker.on_close.append(lambda: ctx.key_limits.leave(key))
     mark_counted(request.scope)
+    # Resolves when the client leaves, or (with the error to answer) when the
+    # shutdown grace ends: either way the work below is dropped at once.
+    watch = Watch(request, ctx.drain)
+    tracker.on_close.append(watch.close)
     try:
         if target is None:
             raise errors.model_not_found(exchange.model)
         params = exchange.params(settings)
+        partition = cache_partition(key)
+        if partition is not None:
+            for p in params:
+                p["cache_key"] = partition
         if settings.log_prompts:
             tracker.log_prompts = params
-        generations = await start(target, params, exchange.stream, deadline, tracker)
+        generations = await watch.run(start(target, params, exchange.stream, deadline, tracker))
+    except ClientGone:
+        return _gone(tracker)
     except Exception as exc:
         return _fail(exchange, tracker, exc)
     except BaseException:
         tracker.close()
         raise
+    watch.generations = generations
     if exchange.stream:
+        watch.stop_listening()  # the SSE response listens for the client itself
         events = stream_events(generations, tracker, exchange)
 
         def cleanup() -> None:
@@ -285,14 +300,113 @@ async def serve(request: Request, exchange: Exchange) -> Response:
 
         return SSEResponse(events, ping=15, sep="\n", cleanup=cleanup)
     try:
-        results = await complete(target, params, generations, deadline)
+        results = await watch.run(complete(target, params, generations, deadline))
         body = exchange.render(results)
+    except ClientGone:
+        return _gone(tracker)
     except Exception as exc:
         return _fail(exchange, tracker, exc)
     finally:
         tracker.close()
     tracker.finished(generations, results)
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its reply was ready."""
+
+
+def _gone(tracker: Tracker) -> Response:
+    # nginx's "client closed request": nobody reads it, the metrics do.
+    tracker.status = 499
+    tracker.metrics.client_disconnects.labels(tracker.model).inc()
+    tracker.close()
+    return Response(status_code=499)
+
+
+SHUTTING_DOWN_MESSAGE = "the server is shutting down and its grace period for requests ended"
+
+
+class Drain:
+    """The requests in flight, to fail cleanly when the shutdown grace ends:
+    a stream gets an `error` event, a non-streamed or queued request a 503,
+    rather than a cut connection (uvicorn cancels what is left after its own
+    timeout, which is set a little later than this one)."""
+
+    def __init__(self) -> None:
+        self._watches: set[Watch] = set()
+        self.expired = False
+
+    def add(self, watch: Watch) -> None:
+        self._watches.add(watch)
+
+    def discard(self, watch: Watch) -> None:
+        self._watches.discard(watch)
+
+    def expire(self) -> None:
+        self.expired = True
+        error = RPCError(SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
+        for watch in list(self._watches):
+            watch.abort(error)
+        if self._watches:
+            log.warning("shutdown grace over: %d requests ended early", len(self._watches))
+
+
+class Watch:
+    """One request's watch on its client and on the shutdown grace."""
+
+    def __init__(self, request: Request, drain: Drain):
+        self.request = request
+        self.drain = drain
+        self.generations: list[Generation] = []
+        self.fired: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._listener: asyncio.Task | None = asyncio.ensure_future(self._listen())
+        drain.add(self)
+        if drain.expired:
+            self.abort(RPCError(SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE))
+
+    async def _listen(self) -> None:
+        # The body is read: what comes next is the disconnect.
+        with contextlib.suppress(Exception):
+            while (await self.request.receive())["type"] != "http.disconnect":
+                pass
+            if not self.fired.done():
+                self.fired.set_result(ClientGone())
+
+    async def run(self, work):
+        """Await `work` unless the client leaves or the grace ends first."""
+        task = asyncio.ensure_future(work)
+        await asyncio.wait({task, self.fired}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()  # a queued request leaves the queue; started ones are cancelled
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise self.fired.result()
+
+    def abort(self, error: BaseException) -> None:
+        if not self.fired.done():
+            self.fired.set_result(error)
+        for generation in self.generations:
+            generation.abort(error)
+
+    def stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    def close(self) -> None:
+        self.stop_listening()
+        self.drain.discard(self)
+
+
+def cache_partition(key: str) -> str | None:
+    """The worker prompt-cache partition of an API key (a digest: the key
+    itself never leaves the gateway). Requests of different keys never share
+    cached prompts, so `cached_tokens` tells no key about another's prompts."""
+    if not key:
+        return None
+    return hashlib.blake2b(key.encode(errors="replace"), digest_size=12).hexdigest()
 
 
 def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:

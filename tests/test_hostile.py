@@ -62,9 +62,14 @@ def gw(tiny_model, tmp_path_factory):
     assert not alive
 
 
+def health(gw: Gateway) -> dict:
+    """/health in full: with a key, where keys are required."""
+    return gw.client.get("/health", headers=auth()).json()
+
+
 def workers(gw: Gateway) -> list[tuple[int, int]]:
     """(pid, restarts) of each worker."""
-    return [(w["pid"], w["restarts"]) for w in gw.health()["workers"]]
+    return [(w["pid"], w["restarts"]) for w in health(gw)["workers"]]
 
 
 def post(gw: Gateway, body: dict, path: str = "/v1/chat/completions", key: str = ALICE, **kw):
@@ -196,7 +201,7 @@ def test_a_stream_on_a_wedged_worker_is_told_it_was_the_heartbeat(gw):
             lines.append(line)
             if len(lines) == 1:
                 busy = wait_until(
-                    lambda: [w for w in gw.health()["workers"] if w["in_flight"]], 10, "busy"
+                    lambda: [w for w in health(gw)["workers"] if w["in_flight"]], 10, "busy"
                 )
                 os.kill(busy[0]["pid"], signal.SIGSTOP)
     assert lines[-2] == "event: error", lines[-3:]
