@@ -17,14 +17,16 @@ parse error, as orjson reads JSON strictly.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 from fastapi import Request
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -32,6 +34,8 @@ from . import errors
 
 # Bodies up to this size are parsed on the loop: a few hundred microseconds.
 INLINE_BYTES = 64 * 1024
+# Top-level lists longer than this are validated this many items at a time.
+CHUNK = 2000
 # Deepest nesting of objects and arrays a request body may have.
 MAX_JSON_DEPTH = 128
 
@@ -130,9 +134,48 @@ def parse(body: bytes, model: type[BaseModel]) -> BaseModel:
             )
         )
     try:
-        return model.model_validate(data)
+        return _validate(model, data)
     except ValidationError as exc:
         raise InvalidBody(errors.from_validation(exc.errors(), data)) from None
+
+
+def _validate(model: type[BaseModel], data: Any) -> BaseModel:
+    """model.model_validate(data), with long top-level lists validated in
+    chunks: pydantic holds the GIL while it validates, so one call over
+    300,000 messages would stall the event loop for seconds even from a
+    thread; between chunks the loop gets its turn."""
+    if not isinstance(data, dict):
+        return model.model_validate(data)
+    long = {
+        name: value
+        for name, value in data.items()
+        if isinstance(value, list) and len(value) > CHUNK and name in model.model_fields
+    }
+    if not long:
+        return model.model_validate(data)
+    validated = model.model_validate({**data, **{name: v[:1] for name, v in long.items()}})
+    for name, value in long.items():
+        adapter = _adapter(model, name)
+        items: list = []
+        for start in range(0, len(value), CHUNK):
+            try:
+                items.extend(adapter.validate_python(value[start : start + CHUNK]))
+            except ValidationError as exc:
+                found = [
+                    {**e, "loc": (name, start + e["loc"][0], *e["loc"][1:])}
+                    if e["loc"] and isinstance(e["loc"][0], int)
+                    else {**e, "loc": (name, *e["loc"])}
+                    for e in exc.errors()
+                ]
+                raise InvalidBody(errors.from_validation(found, data)) from None
+            time.sleep(0)  # let the event loop's thread take the GIL
+        validated.__dict__[name] = items
+    return validated
+
+
+@functools.cache
+def _adapter(model: type[BaseModel], name: str) -> TypeAdapter:
+    return TypeAdapter(model.model_fields[name].annotation)
 
 
 class ParsedRequest(Request):
@@ -150,6 +193,12 @@ class ParsedRequest(Request):
             else:
                 self._json = await asyncio.to_thread(parse, body, self._model)
         return self._json
+
+
+def is_large(request: Request) -> bool:
+    """Whether the request's body was big enough to be parsed off the loop
+    (the same holds for the work that follows from it)."""
+    return len(getattr(request, "_body", b"")) > INLINE_BYTES
 
 
 class BodyRoute(APIRoute):

@@ -33,6 +33,7 @@ log = logging.getLogger("gateway.pool")
 # Prefixes remembered for routing, per model.
 AFFINITY_ENTRIES = 65536
 PROMPT_BLOCK = 256  # characters (or tokens) per prefix block of a raw prompt
+PREFIX_PARTS_MAX = 256  # prefixes hashed per request, at most
 
 
 def prefix_keys(params: dict) -> list[str]:
@@ -40,18 +41,18 @@ def prefix_keys(params: dict) -> list[str]:
     whole messages but the last, or of whole blocks of a raw prompt. Two
     requests that share a key share that much of their prompt."""
     if "messages" in params:
-        parts = [orjson.dumps(m, option=orjson.OPT_SORT_KEYS) for m in params["messages"][:-1]]
+        # The first messages only: routing needs no more, and hashing every
+        # prefix of a conversation of 300,000 messages took seconds.
+        messages = params["messages"][: min(len(params["messages"]) - 1, PREFIX_PARTS_MAX)]
+        parts = [orjson.dumps(m, option=orjson.OPT_SORT_KEYS) for m in messages]
     elif isinstance(params.get("prompt"), str):
         text = params["prompt"].encode()
-        parts = [
-            text[i : i + PROMPT_BLOCK] for i in range(0, len(text) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
-        ]
+        end = min(len(text) - PROMPT_BLOCK + 1, PROMPT_BLOCK * PREFIX_PARTS_MAX)
+        parts = [text[i : i + PROMPT_BLOCK] for i in range(0, end, PROMPT_BLOCK)]
     elif isinstance(params.get("prompt_tokens"), list):
         ids = params["prompt_tokens"]
-        parts = [
-            orjson.dumps(ids[i : i + PROMPT_BLOCK])
-            for i in range(0, len(ids) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
-        ]
+        end = min(len(ids) - PROMPT_BLOCK + 1, PROMPT_BLOCK * PREFIX_PARTS_MAX)
+        parts = [orjson.dumps(ids[i : i + PROMPT_BLOCK]) for i in range(0, end, PROMPT_BLOCK)]
     else:
         parts = []
     keys = []
@@ -85,8 +86,14 @@ def estimate_tokens(params: dict) -> int:
     """A rough prompt size in tokens (4 bytes each): the gateway never tokenizes."""
     if "prompt_tokens" in params:
         return len(params["prompt_tokens"])
-    prompt = params.get("messages") or params.get("prompt") or ""
-    return len(orjson.dumps(prompt)) // 4
+    if isinstance(params.get("prompt"), str):
+        return len(params["prompt"]) // 4
+    # Content only, and no serializing: a conversation may be megabytes.
+    chars = sum(
+        len(m["content"]) + 8 if isinstance(m, dict) and isinstance(m.get("content"), str) else 8
+        for m in params.get("messages") or ()
+    )
+    return chars // 4
 
 
 class PoisonRequest(WorkerGone):
@@ -128,7 +135,7 @@ class Deaths:
                 supervisor.forgive(dead)
                 forgiven += 1
         log.error(
-            "%s: request %s was in flight at %d worker deaths; not sent again "
+            "%s: request (fingerprint %s) was in flight at %d worker deaths; not sent again "
             "(%d of those deaths not counted toward the circuit)",
             self.pool.spec.name,
             fingerprint,

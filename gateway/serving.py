@@ -30,6 +30,7 @@ from starlette.types import Message, Receive, Scope, Send
 from worker.protocol import GENERATE, SHUTTING_DOWN, RPCError
 
 from . import errors
+from .body import is_large
 from .config import Settings
 from .errors import APIError, ErrorShape
 from .metrics import Metrics
@@ -274,7 +275,10 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     try:
         if target is None:
             raise errors.model_not_found(exchange.model)
-        params = exchange.params(settings)
+        if is_large(request):  # a long conversation: minutes of Python on the loop
+            params = await watch.run(asyncio.to_thread(exchange.params, settings))
+        else:
+            params = exchange.params(settings)
         partition = cache_partition(key)
         if partition is not None:
             for p in params:

@@ -43,8 +43,9 @@ log = logging.getLogger("worker.constraints")
 MAX_NUMBER_DIGITS = 17
 _NUMBER_BYTES = frozenset(b"0123456789.eE+-")
 # Deeper schemas are refused: OpenAI's strict mode allows 10 levels, and the
-# compiler recurses over the schema.
-MAX_SCHEMA_DEPTH = 64
+# compiler recurses over the schema (each level is a schema and its keyword:
+# twice as many levels of JSON).
+MAX_SCHEMA_DEPTH = 32
 # Fuel for building a grammar's lexer (llguidance's default is 1,000,000,
 # about 20 ms of work in its own estimate but seconds on hostile regexes).
 INITIAL_LEXER_FUEL = 200_000

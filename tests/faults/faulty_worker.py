@@ -14,6 +14,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              message, as a GPU out of memory does
   poison     a generate whose params mention POISON kills the process (a
              request that crashes the engine, whichever worker gets it)
+  slow       every decode step takes 50 ms more (a large model on a small
+             machine): replies take seconds, and keep coming
 """
 
 import os
@@ -73,6 +75,15 @@ elif FAULT == "abort":
         step(self)
 
     engine.Engine._step = aborting_step
+
+elif FAULT == "slow":
+    step = engine.Engine._step
+
+    def slow_step(self):
+        time.sleep(0.05)
+        step(self)
+
+    engine.Engine._step = slow_step
 
 elif FAULT == "poison":
     prepare = requests.prepare
