@@ -103,34 +103,49 @@ class PoisonRequest(WorkerGone):
 class Deaths:
     """The worker deaths one call was in flight at, across its retries.
 
-    At the second it is not sent again: it answers with a clear error, and
-    is logged by a fingerprint (a digest of its params, never the params).
-    A death at which it was the only call in flight is laid on it, and does
-    not count toward opening the model's circuit: one poison request (one
-    that crashes whichever worker runs it) cannot take the model from every
-    other client. Deaths with other calls in flight still count, so a model
+    A death is laid on the call when the call may have caused it: the worker
+    crashed (a signal such as SIGSEGV or SIGABRT, an exit code, out of
+    memory), wedged (missed heartbeats, a stall), or the call was the only
+    one it held. A SIGKILL from outside with other calls in flight (an
+    operator, a chaos test) is not the call's doing, and costs it nothing.
+    At the second death laid on it the call is not sent again: it answers
+    with a clear error, and is logged by a fingerprint (a digest of its
+    params, never the params). Those deaths at which it was the only call in
+    flight do not count toward opening the model's circuit: one poison
+    request cannot take the model from every other client, while a model
     that crashes under any load still opens its circuit.
     """
 
     LIMIT = 2
+    # How long to wait for the supervisor to tell why a worker ended.
+    CAUSE_WAIT_S = 5.0
 
     def __init__(self, pool: ModelPool, params: dict):
         self.pool = pool
         self.params = params
-        self.seen: list[tuple[Supervisor | None, WorkerClient]] = []
+        self.seen: list[WorkerClient] = []
+        self.laid: list[tuple[Supervisor | None, WorkerClient]] = []
 
-    def died(self, worker: Supervisor | None, generation: Generation) -> None:
+    async def died(self, worker: Supervisor | None, generation: Generation) -> None:
         client = generation.client
-        if any(c is client for _, c in self.seen):
+        if any(c is client for c in self.seen):
             return  # the same death, seen again
-        self.seen.append((worker, client))
-        if len(self.seen) < self.LIMIT:
+        self.seen.append(client)
+        try:
+            cause = await asyncio.wait_for(asyncio.shield(client.ended), self.CAUSE_WAIT_S)
+        except TimeoutError:
+            cause = None
+        alone = client.held_at_end is not None and client.held_at_end <= 1
+        if not alone and cause in (None, "signal_SIGKILL", "stopped"):
+            return
+        self.laid.append((worker, client))
+        if len(self.laid) < self.LIMIT:
             return
         fingerprint = hashlib.blake2b(
             orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS), digest_size=8
         ).hexdigest()
         forgiven = 0
-        for supervisor, dead in self.seen:
+        for supervisor, dead in self.laid:
             if supervisor is not None and dead.held_at_end is not None and dead.held_at_end <= 1:
                 supervisor.forgive(dead)
                 forgiven += 1
@@ -139,11 +154,11 @@ class Deaths:
             "(%d of those deaths not counted toward the circuit)",
             self.pool.spec.name,
             fingerprint,
-            len(self.seen),
+            len(self.laid),
             forgiven,
         )
         raise PoisonRequest(
-            f"the workers running this request died {len(self.seen)} times while it was in "
+            f"the workers running this request died {len(self.laid)} times while it was in "
             f"flight; it is not sent to another (request fingerprint {fingerprint})"
         )
 
@@ -390,7 +405,7 @@ class ModelPool:
                 await generation.wait_started()
             except WorkerGone:
                 if not generation.started:
-                    deaths.died(worker, generation)  # raises at the second
+                    await deaths.died(worker, generation)  # raises at the second
                 if attempt < RETRIES_MAX and not generation.started:
                     attempt += 1
                     self._retrying("worker died before the first token")
@@ -430,7 +445,7 @@ class ModelPool:
                 return await generation.wait()
             except WorkerGone:
                 deaths = generation.deaths or Deaths(self, params)
-                deaths.died(generation.worker, generation)  # raises at the second
+                await deaths.died(generation.worker, generation)  # raises at the second
                 if retries >= RETRIES_MAX:
                     raise
             except BaseException:

@@ -198,6 +198,9 @@ class WorkerClient:
         # does not count toward opening the circuit).
         self.forgiven = False
         self.counted_at: float | None = None  # when its death was counted, if it was
+        # Why the worker ended, once its supervisor knows (a restart reason:
+        # signal_SIGKILL, signal_SIGABRT, exit_1, oom, heartbeat, stall, ...).
+        self.ended: asyncio.Future = asyncio.get_running_loop().create_future()
         self._close_reason = "the gateway closed its connection to the worker"
         self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -417,7 +418,32 @@ def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:
     error = errors.from_exception(exc, exchange.prompt_param)
     tracker.status = exchange.shape.status(error)
     tracker.close()
-    return error.response(exchange.shape)
+    response = error.response(exchange.shape)
+    if tracker.status >= 500:
+        server_error(tracker, error, response)
+    return response
+
+
+def server_error(tracker: Tracker, error: APIError, response: Response | None = None) -> str:
+    """Log a 5xx once, under an id the client also gets (x-request-id); the
+    message names the cause, never the request's content."""
+    request_id = new_request_id()
+    if response is not None:
+        response.headers["x-request-id"] = request_id
+    log.error(
+        "%s %s: %d %s (request %s): %s",
+        tracker.endpoint,
+        tracker.model or "-",
+        tracker.status,
+        error.code,
+        request_id,
+        error.message,
+    )
+    return request_id
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(8)
 
 
 async def start(
@@ -522,7 +548,10 @@ async def stream_events(
                 error = errors.from_exception(exc, exchange.prompt_param)
                 yield escape_line_breaks(encoder.error(error, not all(first)))
                 tracker.status = exchange.shape.status(error)
-                log.warning("stream ended early: %s", exc)
+                if tracker.status >= 500:
+                    server_error(tracker, error)
+                else:
+                    log.warning("stream ended early: %s", error.message)
                 return
             if delta is None:
                 remaining -= 1

@@ -262,6 +262,8 @@ class Supervisor:
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
             reason = _crash_reason(proc.returncode, self._stderr_tail)
+        if not client.ended.done():
+            client.ended.set_result(reason)  # why it ended, for pool.Deaths
         return reason
 
     async def _load(self, client: WorkerClient) -> str:

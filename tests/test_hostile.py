@@ -458,9 +458,11 @@ def test_poison_requests_fail_alone_and_leave_the_circuit_closed(start_gateway, 
         faulty_python(tmp_path, "poison"),
     )
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "POISON"}]}
+    ids = []
     for _ in range(4):
         r = gw.client.post("/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 502, r.text
+        ids.append(r.headers["x-request-id"])
         error = r.json()["error"]
         assert error["code"] == "worker_crashed"
         assert "not sent to another" in error["message"] and "fingerprint" in error["message"]
@@ -476,6 +478,8 @@ def test_poison_requests_fail_alone_and_leave_the_circuit_closed(start_gateway, 
     assert r.status_code == 200, r.text
     log = gw.log()
     assert "fingerprint" in log
+    # Every 5xx is logged once, under the id the client got.
+    assert all(log.count(f"(request {i})") == 1 for i in ids), ids
     assert "POISON" not in log, [line for line in log.splitlines() if "POISON" in line]
 
     # 9. On Linux a worker dies with its gateway even while stopped: its

@@ -12,7 +12,7 @@ gateway meets it exactly as it would meet a worker that went wrong:
   refuse     every generate is refused as if the memory ceiling were reached
   abort      after a few steps the process aborts with Metal's out-of-memory
              message, as a GPU out of memory does
-  poison     a generate whose params mention POISON kills the process (a
+  poison     a generate whose params mention POISON aborts the process (a
              request that crashes the engine, whichever worker gets it)
   slow       every decode step takes 50 ms more (a large model on a small
              machine): replies take seconds, and keep coming
@@ -26,8 +26,6 @@ from worker import lifeline
 
 lifeline.die_with_parent()
 lifeline.tolerate_fd_limit()
-
-import signal  # noqa: E402
 
 from worker import engine, protocol, requests, server  # noqa: E402
 
@@ -90,7 +88,7 @@ elif FAULT == "poison":
 
     def poisoned_prepare(loaded, request_id, params):
         if "POISON" in repr(params):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.abort()
         return prepare(loaded, request_id, params)
 
     requests.prepare = poisoned_prepare
