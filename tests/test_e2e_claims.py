@@ -8,10 +8,13 @@ supported is refused by name.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from .conftest import MODEL_NAME, Gateway
+from .test_robustness import faulty_python
 
 CAP = 40
 MESSAGES = [{"role": "user", "content": "tell me about the river and the mountain"}]
@@ -114,3 +117,53 @@ def test_reasoning_effort_and_chat_template_kwargs_reach_the_template(gw):
         == plain
     )
     refused(chat(gw, chat_template_kwargs={"messages": []}), "chat_template_kwargs")
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+            },
+        },
+    }
+]
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "paris", "unit": "c"}}</tool_call>'
+
+
+def test_auto_tool_calls_in_the_models_own_format_come_back_as_tool_calls(start_gateway, tmp_path):
+    """A model that writes a call in its own format (here, scripted to) gets
+    it parsed into OpenAI tool calls, whole and streamed."""
+    gw = start_gateway(
+        "--worker-python", faulty_python(tmp_path, "script"), env={"SCRIPT_TEXT": CALL}
+    )
+    r = chat(gw, tools=TOOLS, max_tokens=200)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"]
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "paris", "unit": "c"}
+    assert not choice["message"]["content"]
+
+    with gw.client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"model": MODEL_NAME, "messages": MESSAGES, "tools": TOOLS, "stream": True},
+    ) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    calls = [t for d in deltas for t in d.get("tool_calls") or []]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"]
+    arguments = "".join(t["function"].get("arguments") or "" for t in calls)
+    assert json.loads(arguments) == {"city": "paris", "unit": "c"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    # With tool_choice "none", the same text is the reply's content.
+    r = chat(gw, tools=TOOLS, tool_choice="none", max_tokens=200)
+    message = r.json()["choices"][0]["message"]
+    assert "get_weather" in message["content"] and not message.get("tool_calls")

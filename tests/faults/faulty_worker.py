@@ -18,6 +18,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
   step_oom   the 10th and the 60th decode steps raise MLX's out-of-memory
              error (once each); the engine's own recovery handles it
   slow_load  loading the model takes LOAD_DELAY_S (30 s unless set) longer
+  script     the model writes SCRIPT_TEXT, token by token, then its end token,
+             whatever it is asked (a model that calls tools, on demand)
   deaf       ignores the shutdown RPC, its stdin closing and SIGTERM, so only
              SIGKILL ends it (each refusal is written to stderr)
 """
@@ -111,6 +113,32 @@ elif FAULT == "slow_load":
         load(self, rpc_id, params)
 
     engine.Engine._load = slow_load
+
+elif FAULT == "script":
+    import mlx.core as mx
+
+    load = engine.Engine._load
+
+    def scripted_load(self, rpc_id, params):
+        load(self, rpc_id, params)
+        if self.loaded is None:
+            return
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer.encode(os.environ["SCRIPT_TEXT"], add_special_tokens=False)
+        ids.append(next(iter(self.loaded.eos)))
+
+        def make_sampler(params):
+            script = iter(ids)
+
+            def sample(logprobs):
+                token = next(script, ids[-1])
+                return mx.array([token] * logprobs.shape[0], dtype=mx.uint32)
+
+            return sample
+
+        engine.make_sampler = make_sampler
+
+    engine.Engine._load = scripted_load
 
 elif FAULT == "deaf":
 

@@ -252,6 +252,23 @@ MUTANTS = [
         "le=128",
         ("tests/test_e2e_claims.py::test_unsupported_fields_are_refused_by_name",),
     ),
+    Mutant(
+        "auto tool calls not parsed",
+        "worker/requests.py",
+        "    return ToolMode(tools, parser=tokenizer.tool_parser), None",
+        "    return None, None",
+        (
+            "tests/test_e2e_claims.py::"
+            "test_auto_tool_calls_in_the_models_own_format_come_back_as_tool_calls",
+        ),
+    ),
+    Mutant(
+        "/health says 200 when a model has failed",
+        "gateway/app.py",
+        "200 if pool.ready else 503",
+        "200",
+        (f"{RECOVERY}::test_a_worker_that_keeps_dying_fails_its_model_instead_of_looping",),
+    ),
     # --- stop strings and usage -----------------------------------------------
     Mutant(
         "stop strings not held back while forming",
