@@ -54,11 +54,7 @@ def test_sigkill_mid_stream_ends_the_stream_cleanly_and_the_worker_comes_back(st
     (worker,) = health["workers"]
     assert worker["pid"] != pid and worker["restarts"] == 1
     assert "SIGKILL" in worker["last_exit"]
-    metrics = gw.metrics()
-    assert (
-        "mlx_gateway_worker_restarts_total"
-        '{model="tiny",reason="signal_SIGKILL",worker="tiny/0"} 1.0' in metrics
-    )
+    assert metric(gw.metrics(), "mlx_gateway_worker_restarts_total", reason="signal_SIGKILL") == 1
     # and it serves again
     resp = sdk(gw).chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=3, extra_body={"ignore_eos": True}
@@ -86,7 +82,7 @@ def test_sigstopped_worker_is_detected_by_heartbeat_and_replaced(start_gateway):
         except ProcessLookupError:
             pass
     assert "heartbeat" in health["workers"][0]["last_exit"]
-    assert 'reason="heartbeat"' in gw.metrics()
+    assert metric(gw.metrics(), "mlx_gateway_worker_restarts_total", reason="heartbeat") == 1
 
 
 def test_a_worker_that_keeps_dying_fails_its_model_instead_of_looping(start_gateway, tmp_path):

@@ -81,11 +81,13 @@ def _refused(url: str) -> bool:
     return False
 
 
-def test_grace_period_bounds_the_drain(start_gateway):
-    gw = start_gateway("--shutdown-grace", "2")
+def test_grace_period_bounds_the_drain(start_gateway, tmp_path):
+    # The slow worker makes the 2,000-token reply last 40 s: it cannot
+    # finish within the 2 s grace, however fast the machine.
+    gw = start_gateway("--shutdown-grace", "2", "--worker-python", faulty_python(tmp_path, "slow"))
     results: list = []
     first = threading.Event()
-    t = threading.Thread(target=stream_all, args=(gw.url, 4000, results, first))
+    t = threading.Thread(target=stream_all, args=(gw.url, 2000, results, first))
     t.start()
     assert first.wait(30)
     (pid,) = gw.worker_pids()
