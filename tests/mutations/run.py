@@ -24,6 +24,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -214,9 +215,9 @@ MUTANTS = [
     ),
     Mutant(
         "reasoning_effort not passed to the template",
-        "gateway/chat.py",
-        '        kwargs.setdefault("enable_thinking", req.reasoning_effort != "none")',
-        "        pass",
+        "gateway/shared.py",
+        '    return {"reasoning_effort": effort, "enable_thinking": effort != "none"}',
+        '    return {"reasoning_effort": effort}',
         (
             "tests/test_e2e_claims.py::"
             "test_reasoning_effort_and_chat_template_kwargs_reach_the_template",
@@ -224,15 +225,15 @@ MUTANTS = [
     ),
     Mutant(
         "--max-tokens-cap ignored",
-        "gateway/chat.py",
+        "gateway/shared.py",
         "        if max_tokens is not None and max_tokens > cap:",
         "        if False:",
         ("tests/test_e2e_claims.py::test_max_tokens_cap_refuses_more_and_is_the_default",),
     ),
     Mutant(
         "top_k not passed on",
-        "gateway/chat.py",
-        '        "top_k",\n',
+        "gateway/shared.py",
+        '    "top_k",\n',
         "",
         (
             "tests/test_e2e_claims.py::test_samplers_that_leave_one_candidate_make_the_output_greedy",
@@ -240,8 +241,8 @@ MUTANTS = [
     ),
     Mutant(
         "repetition_penalty not passed on",
-        "gateway/chat.py",
-        '        "repetition_penalty",\n',
+        "gateway/shared.py",
+        '    "repetition_penalty",\n',
         "",
         ("tests/test_e2e_claims.py::test_repetition_penalty_changes_a_greedy_reply",),
     ),
@@ -264,7 +265,7 @@ MUTANTS = [
     ),
     Mutant(
         "/health says 200 when a model has failed",
-        "gateway/app.py",
+        "gateway/ops.py",
         "200 if pool.ready else 503",
         "200",
         (f"{RECOVERY}::test_a_worker_that_keeps_dying_fails_its_model_instead_of_looping",),
@@ -338,8 +339,8 @@ MUTANTS = [
     Mutant(
         "any bearer token accepted",
         "gateway/middleware.py",
-        "                    found |= hmac.compare_digest(token, key)",
-        "                    found = True",
+        "            found |= hmac.compare_digest(token, key)",
+        "            found = True",
         (f"{ROBUST}::test_api_keys",),
     ),
     # --- framing and the CLI --------------------------------------------------
@@ -393,6 +394,14 @@ def apply(tree: Path, mutant: Mutant) -> str | None:
 FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_one(mutant: Mutant, python: str, timeout: float) -> tuple[str, float]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
@@ -403,14 +412,26 @@ def run_one(mutant: Mutant, python: str, timeout: float) -> tuple[str, float]:
             return f"NOT APPLIED ({problem})", 0.0
         cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+        # Its own process group, so that a timeout or Ctrl-C ends the
+        # gateways and workers the tests started along with pytest.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout
-            )
+            output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             return f"TIMEOUT after {timeout:.0f}s (no test failed in time)", timeout
+        except BaseException:
+            _kill_group(proc)
+            raise
         elapsed = time.monotonic() - started
-        output = proc.stdout + proc.stderr
         if proc.returncode == 0:
             return "SURVIVED", elapsed
         if proc.returncode == 5:
