@@ -76,7 +76,7 @@ def test_frame_reader_on_arbitrary_bytes(lines, tail, cap):
         except protocol.FrameTooLarge:
             continue
         if frame is None:
-            assert not tail
+            assert not tail or len(tail) > cap  # an oversized tail was skipped
             break
         frames.append(frame)
     else:
