@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from worker import protocol
@@ -175,8 +176,17 @@ class Generation:
 
 
 class WorkerClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        on_protocol_error: Callable[[], None] = lambda: None,
+    ):
         self.name = name
+        # Called at each unreadable frame, so a live worker's stray output is
+        # counted as it happens, not when the worker ends.
+        self._on_protocol_error = on_protocol_error
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -284,7 +294,7 @@ class WorkerClient:
                     if line.strip():
                         self._handle(line)
         except protocol.FrameError as exc:
-            self.protocol_errors += 1
+            self._protocol_error()
             self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
@@ -301,11 +311,15 @@ class WorkerClient:
             msg = protocol.decode(line)
         except RPCError as exc:
             # Garbage on the pipe (a stray print): count it, keep going.
-            self.protocol_errors += 1
+            self._protocol_error()
             # The frame itself may hold a prompt: only its size is logged.
             log.warning("%s: unreadable frame of %d bytes (%s)", self.name, len(line), exc.message)
             return
         self._dispatch(msg)
+
+    def _protocol_error(self) -> None:
+        self.protocol_errors += 1
+        self._on_protocol_error()
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Request):

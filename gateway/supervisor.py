@@ -124,6 +124,7 @@ class Supervisor:
             "failure": self.failure,
             # As of the last heartbeat: requests the worker itself holds.
             "active": self.health.get("active", 0) if self.ready else 0,
+            "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
         }
@@ -232,7 +233,12 @@ class Supervisor:
             return "spawn_failed"
         proc = self.process
         relay = asyncio.create_task(self._relay_stderr(proc), name=f"stderr-{self.id}")
-        client = WorkerClient(proc.stdout, proc.stdin, self.id)
+        client = WorkerClient(
+            proc.stdout,
+            proc.stdin,
+            self.id,
+            on_protocol_error=self.metrics.protocol_errors.labels(self.spec.name, self.id).inc,
+        )
         self.client = client
         reason = "crash"
         why = "the worker was lost"
@@ -255,10 +261,6 @@ class Supervisor:
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
-            if client.protocol_errors:
-                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
-                    client.protocol_errors
-                )
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
             reason = _crash_reason(proc.returncode, self._stderr_tail)
@@ -411,6 +413,11 @@ class Supervisor:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
+            log.warning(
+                "%s: still running %.0fs after SIGTERM; SIGKILL",
+                self.id,
+                self.settings.worker_stop_timeout,
+            )
         # A crashed or wedged worker gets no courtesy. Fail what it held
         # first: the kill and the wait for its exit take a moment.
         client.abandon(why)

@@ -117,3 +117,19 @@ class WorkerPipe:
 
 def deltas_for(notes: list[dict], request_id: Any) -> list[dict]:
     return [d for n in notes for d in n["params"]["deltas"] if d["request_id"] == request_id]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0 when absent.
+
+    Absent is 0 because that is what a counter that never moved means; a test
+    asserts values, never that a family is listed (every registered family is).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
