@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from . import __version__, chat, completions, errors, schemas, serving
+from . import __version__, chat, completions, errors, schemas, serving, status
 from .config import Settings
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .middleware import ApiKeyAuth, BodySizeLimit, api_key_of
 from .pool import ModelPool, Pool
+from .request_id import RequestId
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -93,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.openapi = lambda: _openapi(app)
+    app.include_router(status.router)
     app.state.settings = settings
     app.state.pool = pool
     app.state.metrics = metrics
@@ -108,7 +110,10 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
+            expose_headers=["X-Request-Id"],
         )
+    # Outermost: every response, even a refused one, carries the request id.
+    app.add_middleware(RequestId, log_access=settings.access_log)
     key_limits = serving.KeyLimits(settings.max_concurrent_per_key)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)

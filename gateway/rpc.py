@@ -17,6 +17,8 @@ from typing import Any
 from worker import protocol
 from worker.protocol import RPCError
 
+from .request_id import current as current_request_id
+
 log = logging.getLogger("gateway.rpc")
 
 WRITE_TIMEOUT_S = 5.0
@@ -210,9 +212,12 @@ class WorkerClient:
         request_id = next(self._ids)
         generation = Generation(self, request_id, stream)
         self._generations[request_id] = generation
-        frame = protocol.encode(
-            protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id)
-        )
+        params = {**params, "stream": stream}
+        http_id = current_request_id.get()
+        if http_id is not None:
+            # So the worker's log lines about it carry the same id.
+            params[protocol.HTTP_REQUEST_ID] = http_id
+        frame = protocol.encode(protocol.Request(protocol.GENERATE, params, request_id))
         try:
             await self._send(frame)
         except BaseException:

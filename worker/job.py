@@ -43,6 +43,7 @@ class Job:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
+    http_request_id: str | None = None  # the HTTP request's id, for log lines
 
     def usage(self) -> dict:
         return {

@@ -192,6 +192,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         ignore_eos=bool(params.get("ignore_eos", False)),
         logprobs=logprobs,
         processors=processors,
+        http_request_id=protocol.http_request_id(params),
     )
 
 
