@@ -152,7 +152,9 @@ class Load:
                     for _ in r.iter_lines():
                         pass
                     self.sent += 1
-                    self.failed += r.status_code != 200
+                    if r.status_code != 200:
+                        self.failed += 1
+                        time.sleep(0.05)  # a refusal comes back at once: no busy loop
             except Exception:
                 self.failed += 1
                 time.sleep(0.1)
