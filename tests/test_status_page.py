@@ -204,7 +204,8 @@ def test_charts_move_under_load(page, gw):
         if SCREENSHOT:
             # A few more points, so the picture shows a curve, not a step.
             wait_until(lambda: load.sent >= 30, 60, "some traffic for the screenshot")
-            page.page.wait_for_timeout(4000)
+            page.page.wait_for_timeout(12_000)
+            page.page.set_viewport_size({"width": 1200, "height": 360})  # no blank below
             page.page.screenshot(path=str(Path(SCREENSHOT)), full_page=True)
     assert rate > 0 and load.sent > 0 and load.failed == 0
     assert _tokens_chart(page)[1] != idle_points
