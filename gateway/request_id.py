@@ -31,6 +31,7 @@ _fields: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
 )
 
 access_log = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway.http")
 
 
 def new_id() -> str:
@@ -84,6 +85,15 @@ class RequestId:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if status:
+                raise  # the response began: the server can only cut it
+            # A bug got past every handler: still an OpenAI-shaped 500 that
+            # carries the id, and the traceback in the log under that id.
+            from .errors import from_exception  # errors imports this module
+
+            log.exception("unhandled error")
+            await from_exception(exc).response()(scope, receive, send_with_id)
         finally:
             if self.log_access:
                 self._log(scope, status, time.perf_counter() - started, fields)

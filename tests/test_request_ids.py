@@ -16,10 +16,12 @@ from collections.abc import Iterator
 import openai
 import psutil
 import pytest
+from starlette.testclient import TestClient
 
 from gateway import logs as gateway_logs
 from gateway.cli import build_parser
-from worker import logs
+from gateway.request_id import RequestId
+from worker import logs, protocol
 
 from .conftest import MODEL_NAME, Gateway
 from .helpers import wait_until
@@ -184,3 +186,24 @@ def test_log_format_flag_is_checked():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--log-format", "xml"])
     assert build_parser().parse_args(["serve", "--log-format", "json"]).log_format == "json"
+
+
+def test_the_worker_takes_only_a_sane_request_id():
+    assert protocol.http_request_id({"http_request_id": "trace-1"}) == "trace-1"
+    for bad in (None, 7, "", "x" * 129, "line\nbreak", ["a"]):
+        assert protocol.http_request_id({"http_request_id": bad}) is None
+    assert protocol.http_request_id({}) is None
+
+
+def test_a_bug_past_every_handler_still_gets_an_id_and_an_openai_error(caplog):
+    async def broken(scope, receive, send):
+        raise RuntimeError("boom")
+
+    client = TestClient(RequestId(broken), raise_server_exceptions=True)
+    with caplog.at_level(logging.ERROR):
+        r = client.get("/anything", headers={"X-Request-Id": "bug-1"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
+    assert r.json()["error"]["code"] == "internal_error"
+    assert r.json()["error"]["request_id"] == "bug-1"
+    (logged,) = [rec for rec in caplog.records if rec.name == "gateway.http"]
+    assert logged.exc_info is not None
