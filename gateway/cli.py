@@ -219,6 +219,20 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "allow browser requests from this origin ('*' for any); repeat",
         repeat=True,
     )
+    add(
+        p,
+        "--response-store-size",
+        "most responses the Responses API keeps for previous_response_id (0: none)",
+        int,
+        d.response_store_size,
+    )
+    add(
+        p,
+        "--response-store-bytes",
+        "most bytes the Responses API's store of responses may hold",
+        int,
+        d.response_store_bytes,
+    )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
     p.set_defaults(func=serve)
     return p
@@ -356,6 +370,8 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),
+        response_store_size=args.response_store_size,
+        response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
     )
     for spec in specs:

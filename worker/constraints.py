@@ -10,7 +10,6 @@ which runs on Metal, CUDA and the CPU backend alike.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from typing import Any
@@ -185,17 +184,3 @@ def tool_schema(tools: list[dict], name: str | None, parallel: bool) -> dict:
 
 def tool_grammar(tools: list[dict], name: str | None, parallel: bool) -> str:
     return _grammar_from_schema(tool_schema(tools, name, parallel))
-
-
-def parse_forced_calls(text: str, name: str | None) -> list[dict] | None:
-    """Tool calls from constrained output; None if it is incomplete."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if name is not None:
-        return [{"name": name, "arguments": json.dumps(value, ensure_ascii=False)}]
-    return [
-        {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
-        for call in value
-    ]

@@ -319,6 +319,10 @@ class Engine:
             if not job.stream:
                 continue
             delta["tokens"] = 1
+            if job.n_tokens == 1:
+                # The prompt's size, for APIs that report it before the reply.
+                delta["prompt_tokens"] = len(job.prompt)
+                delta["cached_tokens"] = job.cached_tokens
             if job.unsent is not None:
                 delta = merge_delta(job.unsent, delta)
                 job.unsent = None
