@@ -123,6 +123,11 @@ def test_error_bodies_carry_the_id(gw):
         assert r.headers["x-request-id"] == f"err-{i}"
         assert r.json()["error"]["request_id"] == f"err-{i}"
         assert wait_for_line(gw, f"err-{i}", "gateway.access")["status"] == status
+    # Anthropic's shape has it at the top level, as Anthropic's API does.
+    body = {"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    r = gw.client.post("/v1/messages", json=body, headers={"X-Request-Id": "anthropic-1"})
+    assert r.status_code == 404 and r.json()["type"] == "error"
+    assert r.json()["request_id"] == "anthropic-1"
     # An SDK error exposes it too.
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as info:
