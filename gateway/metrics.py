@@ -119,9 +119,18 @@ class Metrics:
             "MLX memory of each worker: active, peak and cache.",
             (*WORKER, "kind"),
         )
+        self.ttft_sum = 0.0  # over every model, see observe_ttft
+        self.ttft_count = 0
         self.protocol_errors = counter(
             "worker_protocol_errors", "Unreadable frames received from workers.", WORKER
         )
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        self.time_to_first_token.labels(model).observe(seconds)
+        # Running totals for the status page, which would otherwise have to
+        # collect every bucket of every model's histogram to get them.
+        self.ttft_sum += seconds
+        self.ttft_count += 1
 
     def add_model(self, model: str) -> None:
         """Create a model's series at zero, so that queries over them (a rate,

@@ -197,7 +197,7 @@ class Tracker:
                     for _ in range(n - 1):
                         itl.observe(gap)
             first_token = first if first_token is None else min(first_token, first)
-        m.time_to_first_token.labels(model).observe(first_token - self.started)
+        m.observe_ttft(model, first_token - self.started)
         request_id.annotate(
             prompt_tokens=results[0]["usage"]["prompt_tokens"],
             completion_tokens=sum(r["usage"]["completion_tokens"] for r in results),
