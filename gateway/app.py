@@ -27,11 +27,13 @@ from . import (
     ops,
     responses,
     serving,
+    status,
 )
 from .config import Settings
 from .metrics import Metrics
 from .middleware import ApiKeyAuth, BodySizeLimit, JsonBody, RequestCounter
 from .pool import Pool
+from .request_id import RequestId
 
 ROUTERS = [
     ops.router,
@@ -40,6 +42,7 @@ ROUTERS = [
     completions.router,
     responses.router,
     messages.router,
+    status.router,
 ]
 
 
@@ -98,7 +101,10 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
+            expose_headers=["X-Request-Id"],
         )
+    # Outermost: every response, even a refused one, carries the request id.
+    app.add_middleware(RequestId, log_access=settings.access_log)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(errors.APIError, errors.api_error_handler)

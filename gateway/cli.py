@@ -11,11 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
+from worker.logs import FORMATS
+
+from . import __version__, logs
 from .config import Settings
 
 ENV_PREFIX = "MLX_GATEWAY_"
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)}")
+    return value
 
 
 def env_name(flag: str) -> str:
@@ -80,7 +87,21 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
     add(p, "--log-level", "debug, info, warning or error", str, d.log_level)
-    add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
+    add(
+        p,
+        "--log-format",
+        "text, or json for one JSON object per line (workers' lines too)",
+        _log_format,
+        d.log_format,
+    )
+    add(
+        p,
+        "--access-log",
+        "log every HTTP request (with its id, status, model, tokens and duration) "
+        "and, in each worker, every generation that ends",
+        switch=True,
+        default=d.access_log,
+    )
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
     add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
     add(
@@ -322,7 +343,7 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logs.setup(args.log_level, args.log_format)
     models = args.model or args.model_env or [None]
     try:
         specs = [resolve(m, args.worker_python) for m in models]
@@ -344,6 +365,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_format=args.log_format,
         access_log=args.access_log,
         worker_python=args.worker_python,
         max_batch_size=args.max_batch_size,
@@ -392,7 +414,8 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        # The app writes its own access log, with request ids (request_id.py).
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         http=connections.http_protocol(
             header_timeout=settings.header_timeout,

@@ -19,6 +19,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object per line
     access_log: bool = False
     # The interpreter that runs `-m worker`: point it at a separate, pinned
     # environment to upgrade mlx without touching the gateway's.

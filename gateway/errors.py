@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from worker import protocol
 
+from . import request_id
 from .pool import ModelUnavailable, Overloaded
 from .rpc import WorkerGone
 
@@ -42,14 +43,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        found = request_id.current.get()
+        if found is not None:
+            # So a user who pastes the error into a report pastes its id too.
+            error["request_id"] = found
+        return {"error": error}
 
     def response(self, shape: ErrorShape | None = None) -> Response:
         shape = shape or OPENAI

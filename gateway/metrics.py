@@ -33,6 +33,17 @@ REQUEST_LATENCY_BUCKETS = (
 )
 # fmt: on
 
+# Why a request was refused before generation (rejected_requests' reason).
+REJECT_REASONS = (
+    "queue_full",
+    "queue_timeout",
+    "queue_tokens",
+    "model_unavailable",
+    "worker_busy",
+    "worker_memory",
+    "key_limit",
+)
+
 MODEL = ("model",)
 WORKER = ("model", "worker")
 
@@ -108,9 +119,42 @@ class Metrics:
             "MLX memory of each worker: active, peak and cache.",
             (*WORKER, "kind"),
         )
+        self.ttft_sum = 0.0  # over every model, see observe_ttft
+        self.ttft_count = 0
         self.protocol_errors = counter(
             "worker_protocol_errors", "Unreadable frames received from workers.", WORKER
         )
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        self.time_to_first_token.labels(model).observe(seconds)
+        # Running totals for the status page, which would otherwise have to
+        # collect every bucket of every model's histogram to get them.
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+
+    def add_model(self, model: str) -> None:
+        """Create a model's series at zero, so that queries over them (a rate,
+        a dashboard panel) have data before the first event, not a gap."""
+        for metric in (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.e2e_request_latency,
+            self.request_queue_time,
+            self.num_requests_running,
+            self.num_requests_waiting,
+            self.client_disconnects,
+            self.retries,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
+            self.circuit_state,
+        ):
+            metric.labels(model)
+        for result in ("hit", "miss"):
+            self.prefix_cache_requests.labels(model, result)
+        for reason in REJECT_REASONS:
+            self.rejected_requests.labels(model, reason)
 
     def _counter(self, name: str, doc: str, labels: tuple = MODEL) -> Counter:
         return Counter(PREFIX + name, doc, labels, registry=self.registry)

@@ -110,6 +110,7 @@ class ModelPool:
         self._affinity: OrderedDict[str, Supervisor] = OrderedDict()
         self.affinity_slack = max(2, self.capacity // 4)
         self._completions: deque[float] = deque(maxlen=256)
+        metrics.add_model(spec.name)
         self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
         self._circuit_gauge = metrics.circuit_state.labels(spec.name)
 

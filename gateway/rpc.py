@@ -18,6 +18,8 @@ from typing import Any
 from worker import protocol
 from worker.protocol import RPCError
 
+from .request_id import current as current_request_id
+
 log = logging.getLogger("gateway.rpc")
 
 WRITE_TIMEOUT_S = 5.0
@@ -242,6 +244,10 @@ class WorkerClient:
         self._generations[request_id] = generation
         if method == protocol.GENERATE:
             params = {**params, "stream": stream}
+            http_id = current_request_id.get()
+            if http_id is not None:
+                # So the worker's log lines about it carry the same id.
+                params[protocol.HTTP_REQUEST_ID] = http_id
         frame = protocol.encode(protocol.Request(method, params, request_id))
         try:
             await self._send(frame)

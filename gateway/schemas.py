@@ -156,6 +156,9 @@ class Error(BaseModel):
     type: str
     param: str | None
     code: str | None
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in its X-Request-Id response header"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -285,3 +288,23 @@ class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     models: dict[str, ModelHealth]
     workers: list[WorkerHealth]
+
+
+class StatusPoint(BaseModel):
+    t: float = Field(description="Unix time of the sample")
+    tokens_per_s: float
+    requests_per_s: float
+    errors_per_s: float = Field(description="Responses with a 5xx status, per second")
+    ttft_ms: float | None = Field(description="Mean time to first token over the interval")
+    running: float
+    waiting: float
+
+
+class StatusData(BaseModel):
+    version: str
+    host: str
+    uptime_s: float
+    status: Literal["ok", "unavailable"]
+    models: dict[str, ModelHealth]
+    sample_s: float = Field(description="Seconds between history points")
+    history: list[StatusPoint] = Field(description="Oldest first, the last ten minutes")

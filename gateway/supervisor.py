@@ -29,6 +29,7 @@ from collections.abc import Callable
 from worker import protocol
 from worker.lifeline import PARENT_ENV
 
+from . import logs
 from .config import ModelSpec, Settings
 from .metrics import Metrics
 from .rpc import WorkerClient, WorkerGone
@@ -37,7 +38,6 @@ log = logging.getLogger("gateway.supervisor")
 
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
-worker_log = logging.getLogger("gateway.worker")
 OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
@@ -217,6 +217,10 @@ class Supervisor:
                 "worker",
                 "--log-level",
                 self.settings.log_level,
+                # Parsed back by the relay, then written in the gateway's format.
+                "--log-format",
+                "json",
+                *(["--log-requests"] if self.settings.access_log else []),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -430,7 +434,6 @@ class Supervisor:
             _signal(self.process, signal.SIGKILL)
 
     async def _relay_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        prefix = f"[{self.id} pid {proc.pid}]"
         try:
             while True:
                 try:
@@ -439,9 +442,8 @@ class Supervisor:
                     continue
                 if not line:
                     return
-                text = line.decode("utf-8", "replace").rstrip()[:4000]
-                self._stderr_tail.append(text)
-                worker_log.info("%s %s", prefix, text)
+                text = line.decode("utf-8", "replace").rstrip()[:16000]
+                self._stderr_tail.append(logs.relay(self.id, proc.pid, text))
         except asyncio.CancelledError:
             pass
 

@@ -130,3 +130,26 @@ def test_console_script_and_module_share_the_cli():
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0
         assert "serve" in out.stdout
+
+
+def test_serve_help_lists_every_model_form_and_its_served_id():
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0
+    forms = out.stdout.partition("model forms")[2]
+    for form, served in [
+        ("smollm2", "-> smollm2"),
+        ("demo[:PRESET]", "-> mlx-gateway-demo"),
+        ("PATH.gguf", "-> the file's stem"),
+        ("ollama:NAME[:TAG]", "-> NAME[:TAG]"),
+        ("DIR", "-> the directory's name"),
+        ("OWNER/NAME", "-> OWNER/NAME"),
+        ("NAME=", "choose another"),
+    ]:
+        assert form in forms and served in forms, form
+    assert "tiny-endless" in forms  # the demo presets are named

@@ -45,6 +45,7 @@ class Job:
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
     shown: bool = False  # whether visible output (text, reasoning, a call) went out
+    http_request_id: str | None = None  # the HTTP request's id, for log lines
 
     def usage(self) -> dict:
         return {
