@@ -16,11 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
-from . import __version__, chat, completions, errors, schemas, serving
+from . import __version__, admin, chat, completions, errors, schemas, serving
 from .config import Settings
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .middleware import ApiKeyAuth, BodySizeLimit, api_key_of
 from .pool import ModelPool, Pool
+from .registry import Registry
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -72,6 +73,7 @@ def json_response(body: object, status: int = 200) -> Response:
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     pool = Pool(settings, metrics)
+    registry = Registry(settings, metrics, pool)
     created = int(time.time())
     # In-flight streams must run to their end during the shutdown grace
     # period instead of being cut when the server starts to stop.
@@ -80,9 +82,11 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.start()
+        registry.start()
         try:
             yield
         finally:
+            await registry.stop()
             await pool.stop()
             AppStatus.should_exit = True
 
@@ -95,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.openapi = lambda: _openapi(app)
     app.state.settings = settings
     app.state.pool = pool
+    app.state.registry = registry
     app.state.metrics = metrics
     # The last added runs first: CORS answers preflights before auth looks.
     app.add_middleware(BodySizeLimit, limit=settings.max_body_size)
@@ -114,14 +119,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(errors.APIError, errors.api_error_handler)
 
-    def model_pool(name: str) -> ModelPool:
-        found = pool.models.get(name)
+    async def model_pool(name: str, keep_alive: float | None) -> ModelPool:
+        found = await registry.pool_for(name, keep_alive)
         if found is None:
             raise errors.model_not_found(name)
         return found
 
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "mlx-gateway"}
+        card = {"id": name, "object": "model", "created": created, "owned_by": "mlx-gateway"}
+        model = registry.models[name]
+        info = registry.describe(model)
+        card.update(
+            status=info["status"], size_bytes=info["size_bytes"], on_demand=info["on_demand"]
+        )
+        return card
 
     async def generate(
         request: Request,
@@ -132,10 +143,11 @@ def create_app(settings: Settings) -> FastAPI:
         encoder: Callable[[], serving.Encoder],
         include_usage: bool,
         render: Callable[[list[dict]], dict],
+        keep_alive: float | None = None,
     ) -> Response:
         """Admit, start and serve the choices of one request."""
         # Unknown names are labelled "" so bad requests cannot grow the label set.
-        tracker = serving.Tracker(metrics, model if model in pool.models else "", endpoint)
+        tracker = serving.Tracker(metrics, registry.canonical(model) or "", endpoint)
         deadline = asyncio.get_running_loop().time() + settings.request_timeout
         key = api_key_of(request.scope)
         if not key_limits.enter(key):
@@ -152,7 +164,7 @@ def create_app(settings: Settings) -> FastAPI:
             ).response()
         tracker.on_close.append(lambda: key_limits.leave(key))
         try:
-            target = model_pool(model)
+            target = await model_pool(model, keep_alive)
             params = build()
             if settings.log_prompts:
                 tracker.log_prompts = params
@@ -192,20 +204,26 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus() -> Response:
         """Prometheus metrics."""
+        registry.update_gauges()
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=schemas.ModelList)
     async def list_models() -> Response:
-        """The served models."""
-        return json_response({"object": "list", "data": [model_card(n) for n in pool.models]})
+        """Every servable model, loaded or not (see `status`)."""
+        await registry.refresh()
+        return json_response(
+            {"object": "list", "data": [model_card(n) for n in list(registry.models)]}
+        )
 
     @app.get(
         "/v1/models/{model_id:path}", response_model=schemas.Model, responses={404: ERRORS[404]}
     )
     async def get_model(model_id: str) -> Response:
-        """One served model."""
-        model_pool(model_id)
-        return json_response(model_card(model_id))
+        """One servable model (an alias gives the model it names)."""
+        model = await registry.find(model_id)
+        if model is None:
+            raise errors.model_not_found(model_id)
+        return json_response(model_card(model.name))
 
     @app.post(
         CHAT, response_model=schemas.ChatCompletion, responses=_generating(schemas.ChatCompletion)
@@ -222,6 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
             lambda: chat.ChunkEncoder(body.model, _include_usage(body), logprobs),
             _include_usage(body),
             lambda results: chat.completion(body.model, results, logprobs),
+            body.keep_alive,
         )
 
     @app.post(
@@ -248,8 +267,10 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             _include_usage(body),
             lambda results: completions.completion(body.model, results, echoes, logprobs, body.n),
+            body.keep_alive,
         )
 
+    app.include_router(admin.router())
     return app
 
 

@@ -32,6 +32,12 @@ HF_PATTERNS = [
 ]
 
 
+# Suffixes of single-file checkpoints that resolve() accepts (and converts);
+# the catalogue offers such files from --models-dir. None yet: a model is a
+# directory.
+FILE_SUFFIXES: frozenset[str] = frozenset()
+
+
 class ModelSourceError(Exception):
     pass
 
