@@ -12,6 +12,10 @@ gateway meets it exactly as it would meet a worker that went wrong:
   refuse     every generate is refused as if the memory ceiling were reached
   abort      after a few steps the process aborts with Metal's out-of-memory
              message, as a GPU out of memory does
+  slow       every decode step takes at least 20 ms more (a slower machine),
+             so a long reply runs for a known least time
+  crash_load loading a checkpoint whose path contains "broken" kills the
+             process (a segfault in the loader); other models load as usual
 """
 
 import os
@@ -64,6 +68,27 @@ elif FAULT == "abort":
         step(self)
 
     engine.Engine._step = aborting_step
+
+elif FAULT == "slow":
+    step = engine.Engine._step
+
+    def slow_step(self):
+        time.sleep(0.02)
+        step(self)
+
+    engine.Engine._step = slow_step
+
+elif FAULT == "crash_load":
+    load = engine.Engine._load
+
+    def crashing_load(self, rpc_id, params):
+        if "broken" in params.get("path", ""):
+            sys.stderr.write("Fatal Python error: Segmentation fault while loading weights\n")
+            sys.stderr.flush()
+            os._exit(139)
+        load(self, rpc_id, params)
+
+    engine.Engine._load = crashing_load
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
