@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from . import errors
 from .registry import Model, Registry
+from .schemas import ErrorResponse
 
 
 class ModelRequest(BaseModel):
@@ -53,8 +54,6 @@ class AdminModelList(BaseModel):
 
 
 def _error_doc(*statuses: int) -> dict:
-    from .schemas import ErrorResponse
-
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
@@ -66,53 +65,55 @@ def _view(registry: Registry, model: Model) -> dict:
     return {"id": model.name, **registry.describe(model)}
 
 
-def router() -> APIRouter:
-    api = APIRouter(prefix="/admin", tags=["admin"])
+def _registry(request: Request) -> Registry:
+    return request.app.state.registry
 
-    def registry_of(request: Request) -> Registry:
-        return request.app.state.registry
 
-    async def known(registry: Registry, name: str) -> Model:
-        model = await registry.find(name)
-        if model is None:
-            raise errors.model_not_found(name)
-        return model
+async def _known(registry: Registry, name: str) -> Model:
+    model = await registry.find(name)
+    if model is None:
+        raise errors.model_not_found(name)
+    return model
 
-    @api.get("/models", response_model=AdminModelList)
-    async def list_models(request: Request) -> Response:
-        """Every servable model with its state and memory, and the budget."""
-        registry = registry_of(request)
-        await registry.refresh()
-        return _json(
-            {
-                "object": "list",
-                "data": [_view(registry, m) for m in registry.models.values()],
-                "budget": registry.budget_info(),
-            }
-        )
 
-    @api.post("/models/load", response_model=AdminModel, responses=_error_doc(400, 404, 503))
-    async def load(body: ModelRequest, request: Request) -> Response:
-        """Load a model now, evicting idle ones if the budget needs it; answers
-        once it serves (or why it cannot)."""
-        registry = registry_of(request)
-        model = await known(registry, body.model)
-        try:
-            await registry.load(model.name)
-        except Exception as exc:
-            return errors.from_exception(exc).response()
-        return _json(_view(registry, model))
+router = APIRouter(prefix="/admin", tags=["admin"])
 
-    @api.post("/models/unload", response_model=AdminModel, responses=_error_doc(404, 409))
-    async def unload(body: ModelRequest, request: Request) -> Response:
-        """Unload a model now; its worker processes exit. 409 while it has
-        requests in flight or queued."""
-        registry = registry_of(request)
-        model = await known(registry, body.model)
-        try:
-            await registry.unload(model.name)
-        except Exception as exc:
-            return errors.from_exception(exc).response()
-        return _json(_view(registry, model))
 
-    return api
+@router.get("/models", response_model=AdminModelList)
+async def list_models(request: Request) -> Response:
+    """Every servable model with its state and memory, and the budget."""
+    registry = _registry(request)
+    await registry.refresh()
+    return _json(
+        {
+            "object": "list",
+            "data": [_view(registry, m) for m in list(registry.models.values())],
+            "budget": registry.budget_info(),
+        }
+    )
+
+
+@router.post("/models/load", response_model=AdminModel, responses=_error_doc(400, 404, 503))
+async def load(body: ModelRequest, request: Request) -> Response:
+    """Load a model now, evicting idle ones if the budget needs it; answers
+    once it serves (or says why it cannot)."""
+    registry = _registry(request)
+    model = await _known(registry, body.model)
+    try:
+        await registry.load(model.name)
+    except Exception as exc:
+        return errors.from_exception(exc).response()
+    return _json(_view(registry, model))
+
+
+@router.post("/models/unload", response_model=AdminModel, responses=_error_doc(404, 409))
+async def unload(body: ModelRequest, request: Request) -> Response:
+    """Unload a model now; its worker processes exit. 409 while it has
+    requests in flight or queued."""
+    registry = _registry(request)
+    model = await _known(registry, body.model)
+    try:
+        await registry.unload(model.name)
+    except Exception as exc:
+        return errors.from_exception(exc).response()
+    return _json(_view(registry, model))

@@ -61,11 +61,18 @@ def add(
 
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = Settings()
-    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    from .checkpoints import FORMS
+
+    p = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        epilog=FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add(
         p,
         "--model",
-        "a local MLX model directory, a Hugging Face id or demo[:preset]; "
+        "the model to serve (forms below; default: smollm2); "
         "prefix NAME= to set the served id; repeat to serve several",
         repeat=True,
     )
@@ -191,6 +198,20 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "allow browser requests from this origin ('*' for any); repeat",
         repeat=True,
     )
+    add(
+        p,
+        "--response-store-size",
+        "most responses the Responses API keeps for previous_response_id (0: none)",
+        int,
+        d.response_store_size,
+    )
+    add(
+        p,
+        "--response-store-bytes",
+        "most bytes the Responses API's store of responses may hold",
+        int,
+        d.response_store_bytes,
+    )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
     add(
         p,
@@ -266,6 +287,31 @@ def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def convert_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "convert",
+        help="convert a GGUF file into an mlx-lm model directory",
+        description="Write a standard mlx-lm model directory (config.json, model.safetensors, "
+        "tokenizer files with the chat template) from a GGUF file; mlx-lm's own tools load it.",
+    )
+    p.add_argument("gguf", help="a .gguf file (llama architecture; F32/F16/BF16/Q4_0/Q4_1/Q8_0)")
+    p.add_argument("out", help="the directory to write (must not exist)")
+    p.add_argument("--worker-python", default=sys.executable, help="the Python that has mlx")
+    p.set_defaults(func=convert)
+    return p
+
+
+def convert(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    if Path(args.out).exists():
+        print(f"mlx-gateway: error: {args.out} exists already", file=sys.stderr)
+        return 2
+    out = subprocess.run([args.worker_python, "-m", "worker.gguf", args.gguf, args.out])
+    return out.returncode
+
+
 def openapi_spec() -> str:
     """The OpenAPI document, rendered stably (checked in as openapi/openapi.json)."""
     import json
@@ -295,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlx-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve_parser(sub)
+    convert_parser(sub)
     openapi_parser(sub)
     from . import bench
 
@@ -364,6 +411,8 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),
+        response_store_size=args.response_store_size,
+        response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
         **many,
     )

@@ -70,6 +70,9 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     max_concurrent_per_key: int | None = None  # in-flight requests per API key (429 beyond)
     max_queued_prompt_tokens: int | None = None  # per model, estimated from the request size
+    # The Responses API's store of finished responses (previous_response_id).
+    response_store_size: int = 1000  # most responses kept (0: none)
+    response_store_bytes: int = 64 * 1024 * 1024  # most bytes kept
     log_prompts: bool = False  # log prompts and completions (debugging only)
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
     # Models loaded on demand (see registry.py).

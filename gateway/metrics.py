@@ -6,6 +6,8 @@ swapping the prefix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the app)
     CollectorRegistry,
@@ -41,6 +43,8 @@ WORKER = ("model", "worker")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Gauges computed when scraped (the model registry's memory figures).
+        self.before_render: list[Callable[[], None]] = []
         # The gateway's own process_* figures (RSS, CPU, open fds) where the
         # platform has them.
         ProcessCollector(registry=self.registry)
@@ -154,4 +158,6 @@ class Metrics:
         return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
 
     def render(self) -> bytes:
+        for refresh in self.before_render:
+            refresh()
         return generate_latest(self.registry)

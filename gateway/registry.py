@@ -43,8 +43,10 @@ from .supervisor import State
 log = logging.getLogger("gateway.models")
 
 MB = 1024 * 1024
-# Least time between two scans of the catalogue's directories.
+# Least time between two scans of the catalogue's directories, and the most
+# before a model added to them is found without anyone listing /v1/models.
 RESCAN_INTERVAL = 2.0
+RESCAN_EVERY = 10.0
 # How long a load may take beyond --load-timeout (spawning, resolving) before
 # the registry gives up on it.
 LOAD_SLACK = 30.0
@@ -152,6 +154,8 @@ class Registry:
             model.pinned = model.pinned or model.name in pins
         if self.budget is not None:
             metrics.memory_budget.set(self.budget)
+        pool.resolver = self.resolve
+        metrics.before_render.append(self.update_gauges)
         self.update_gauges()
 
     # --- life ----------------------------------------------------------------------
@@ -231,10 +235,11 @@ class Registry:
             model = self.lookup(name)
         return model
 
-    async def pool_for(self, name: str, keep_alive: float | None = None) -> ModelPool | None:
+    def resolve(self, name: str, keep_alive: float | None = None) -> ModelPool | None:
         """The pool that serves `name` (None if no such model). Requests wait
-        in its queue; the first one to wait while it is unloaded loads it."""
-        model = await self.find(name)
+        in its queue; the first one to wait while it is unloaded loads it.
+        A request's `keep_alive` may lengthen the model's stay."""
+        model = self.lookup(name)
         if model is None:
             return None
         if keep_alive is not None:
@@ -448,10 +453,13 @@ class Registry:
         return model
 
     async def _reap(self) -> None:
-        """Unload models idle past their keep-alive."""
+        """Unload models idle past their keep-alive; look for new models in
+        the catalogue now and then (listing /v1/models looks at once)."""
         while True:
             now = time.monotonic()
-            wake = now + 60
+            if now - self._scanned > RESCAN_EVERY:
+                await self.refresh()
+            wake = now + RESCAN_EVERY
             for model in list(self.models.values()):
                 due = self.idle_deadline(model)
                 if due is None:

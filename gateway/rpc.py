@@ -70,6 +70,9 @@ class Generation:
         self._pending: Delta | None = None
         self._wake = asyncio.Event()
         self.tokens_seen = 0
+        # The prompt's size, from the first delta of a streamed generation.
+        self.prompt_tokens: int | None = None
+        self.cached_tokens = 0
         self.visible = False  # whether any output a client would see has come
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
@@ -88,6 +91,9 @@ class Generation:
         tokens = delta.get("tokens", 0)
         if self.first_token_at is None:
             self.first_token_at = now
+            if "prompt_tokens" in delta:
+                self.prompt_tokens = delta["prompt_tokens"]
+                self.cached_tokens = delta.get("cached_tokens", 0)
         elif tokens:
             self.gaps.append((now - self.last_token_at, tokens))
         self.last_token_at = now
@@ -204,21 +210,28 @@ class WorkerClient:
         finally:
             self._calls.pop(request_id, None)
 
-    async def generate(self, params: dict, stream: bool) -> Generation:
+    async def start(self, method: str, params: dict, stream: bool = False) -> Generation:
+        """Send a request that may stream; its Generation tracks it to the end.
+
+        `generate` streams `tokens` notifications when `stream` is true; any
+        other method simply ends with its result."""
         if self.is_closed:
             raise WorkerGone(self.closed.result())
         request_id = next(self._ids)
         generation = Generation(self, request_id, stream)
         self._generations[request_id] = generation
-        frame = protocol.encode(
-            protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id)
-        )
+        if method == protocol.GENERATE:
+            params = {**params, "stream": stream}
+        frame = protocol.encode(protocol.Request(method, params, request_id))
         try:
             await self._send(frame)
         except BaseException:
             self._generations.pop(request_id, None)
             raise
         return generation
+
+    async def generate(self, params: dict, stream: bool) -> Generation:
+        return await self.start(protocol.GENERATE, params, stream)
 
     def notify_cancel(self, request_id: int) -> None:
         """Send `cancel` without waiting; the worker's answer is not needed."""

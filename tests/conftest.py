@@ -53,7 +53,14 @@ def free_port() -> int:
 class Gateway:
     """A `python -m gateway serve` process and what a test needs of it."""
 
-    def __init__(self, model: Path | None, *args: str, env: dict | None = None, log: Path):
+    def __init__(
+        self,
+        model: Path | None,
+        *args: str,
+        env: dict | None = None,
+        log: Path,
+        name: str = MODEL_NAME,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -63,7 +70,7 @@ class Gateway:
             "-m",
             "gateway",
             "serve",
-            *(["--model", f"{MODEL_NAME}={model}"] if model is not None else []),
+            *(["--model", f"{name}={model}"] if model is not None else []),
             "--port",
             str(self.port),
             "--log-level",

@@ -107,7 +107,7 @@ def registry(models_dir: Path, **kw) -> Registry:
 async def use(reg: Registry, name: str):
     """Take a slot on the model (loading it if need be), as a request does,
     and let the registry finish its bookkeeping of the load."""
-    pool = await reg.pool_for(name)
+    pool = reg.resolve(name)
     worker = await pool.acquire()
     await settle(reg)
     return pool, worker
@@ -244,7 +244,7 @@ def test_keep_alive_unloads_an_idle_model_and_a_request_can_extend_it(models_dir
         assert reg.models["a"].status is Status.UNLOADED
         assert reg.models["a"].unloads == {"keep_alive": 1}
         # keep_alive on a request extends the model's stay.
-        pool = await reg.pool_for("a", keep_alive=60)
+        pool = reg.resolve("a", keep_alive=60)
         pool.release(await pool.acquire())
         await asyncio.sleep(0.5)
         assert reg.models["a"].status is Status.LOADED

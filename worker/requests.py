@@ -157,7 +157,11 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     if n == 0:
         raise invalid("the prompt is empty")
     cap = _number(params, "max_tokens_cap", None, 1, None, integer=True)
-    max_tokens = _limit(loaded.context_length, n, sampling.max_tokens, cap)
+    wanted = sampling.max_tokens
+    context = loaded.context_length
+    if params.get("clamp_max_tokens") and wanted is not None and context and n < context:
+        wanted = min(wanted, context - n)  # what is left of the context, not a refusal
+    max_tokens = _limit(context, n, wanted, cap)
 
     tools, grammar = _tool_mode(loaded, params)
     if grammar is None and params.get("response_format"):
@@ -225,3 +229,8 @@ def _limit(context: int | None, n: int, max_tokens: int | None, cap: int | None)
             data,
         )
     return max_tokens
+
+
+def count_tokens(loaded: LoadedModel, params: dict) -> dict:
+    """The `count_tokens` method: the prompt's size, templated as `generate` would."""
+    return {"prompt_tokens": len(tokenize(loaded.tokenizer, params))}

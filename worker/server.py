@@ -119,6 +119,11 @@ class Dispatcher:
         if method == protocol.GENERATE:
             self.engine.submit(("generate", self.prepare(msg.id, params)))
             return None
+        if method == protocol.COUNT_TOKENS:
+            loaded = self.engine.loaded
+            if loaded is None or self.engine.state != "ready":
+                raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
+            return requests.count_tokens(loaded, params)
         if method == protocol.CANCEL:
             target = params.get("request_id")
             if not isinstance(target, (int, str)) or isinstance(target, bool):
