@@ -14,7 +14,7 @@ from typing import Any
 from worker.logs import FORMATS
 
 from . import __version__, logs
-from .config import Settings
+from .config import Settings, parse_duration
 
 ENV_PREFIX = "MLX_GATEWAY_"
 
@@ -255,8 +255,63 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         d.response_store_bytes,
     )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
+    add(
+        p,
+        "--models-dir",
+        "serve every model under this directory, loaded on its first request; repeat",
+        repeat=True,
+    )
+    add(
+        p,
+        "--models-hf-cache",
+        "also serve, on demand, the models in the Hugging Face hub cache",
+        switch=True,
+    )
+    add(
+        p,
+        "--keep-alive",
+        "seconds (or 90s, 5m, 1h) an on-demand model stays loaded while idle; "
+        "0 unloads it as soon as it is idle, -1 never",
+        parse_duration,
+        d.keep_alive,
+    )
+    add(p, "--max-loaded-models", "most models loaded at once (idle ones are evicted, LRU)", int)
+    add(
+        p,
+        "--memory-budget",
+        "MB that loaded models may hold together (idle ones are evicted, LRU)",
+        float,
+    )
+    add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
+    add(p, "--alias", "ALIAS=MODEL: another id clients may send for a model; repeat", repeat=True)
     p.set_defaults(func=serve)
     return p
+
+
+def many_models(args: argparse.Namespace, models_dirs: list[str]) -> dict[str, Any]:
+    """The settings of models loaded on demand, checked."""
+    for path in models_dirs:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models-dir {path!r} is not a directory")
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise ValueError("--max-loaded-models must be at least 1")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise ValueError("--memory-budget must be more than 0 MB")
+    aliases = {}
+    for item in args.alias or args.alias_env or []:
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"--alias {item!r} is not ALIAS=MODEL")
+        aliases[alias.strip()] = target.strip()
+    return {
+        "models_dirs": models_dirs,
+        "models_hf_cache": args.models_hf_cache,
+        "keep_alive": args.keep_alive,
+        "max_loaded_models": args.max_loaded_models,
+        "memory_budget_mb": args.memory_budget,
+        "pins": list(args.pin or args.pin_env or []),
+        "aliases": aliases,
+    }
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -344,7 +399,15 @@ def serve(args: argparse.Namespace) -> int:
     from .checkpoints import ModelSourceError, resolve
 
     logs.setup(args.log_level, args.log_format)
-    models = args.model or args.model_env or [None]
+    models_dirs = list(args.models_dir or args.models_dir_env or [])
+    on_demand = bool(models_dirs or args.models_hf_cache)
+    # With a catalogue, nothing is loaded at start unless named.
+    models = args.model or args.model_env or ([] if on_demand else [None])
+    try:
+        many = many_models(args, models_dirs)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     try:
         specs = [resolve(m, args.worker_python) for m in models]
     except ModelSourceError as exc:
@@ -398,6 +461,7 @@ def serve(args: argparse.Namespace) -> int:
         response_store_size=args.response_store_size,
         response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
+        **many,
     )
     logger = logging.getLogger("gateway")
     for spec in specs:

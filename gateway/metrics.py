@@ -6,6 +6,8 @@ swapping the prefix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the app)
     CollectorRegistry,
@@ -31,6 +33,7 @@ REQUEST_LATENCY_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 # fmt: on
 
 # Why a request was refused before generation (rejected_requests' reason).
@@ -51,6 +54,8 @@ WORKER = ("model", "worker")
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Gauges computed when scraped (the model registry's memory figures).
+        self.before_render: list[Callable[[], None]] = []
         # The gateway's own process_* figures (RSS, CPU, open fds) where the
         # platform has them.
         ProcessCollector(registry=self.registry)
@@ -121,6 +126,37 @@ class Metrics:
         )
         self.ttft_sum = 0.0  # over every model, see observe_ttft
         self.ttft_count = 0
+        # Models loaded on demand (the model registry).
+        self.model_loaded = gauge("model_loaded", "1 while the model is loaded, else 0.")
+        self.models_loaded = gauge("models_loaded", "Models loaded now.", ())
+        self.model_loads = counter(
+            "model_loads",
+            "Model loads by result (success, failed, no_room, too_large).",
+            (*MODEL, "result"),
+        )
+        self.model_load_duration = histogram(
+            "model_load_duration_seconds",
+            "Time from a model's load decision to its first ready worker.",
+            LOAD_BUCKETS,
+        )
+        self.model_unloads = counter(
+            "model_unloads",
+            "Model unloads by reason (keep_alive, evicted, admin, load_failed).",
+            (*MODEL, "reason"),
+        )
+        self.model_evictions = counter(
+            "model_evictions",
+            "Models evicted to make room, by the limit that required it "
+            "(memory_budget, max_loaded_models).",
+            (*MODEL, "reason"),
+        )
+        self.model_memory = gauge(
+            "model_memory_bytes", "Memory a loaded model counts against the budget."
+        )
+        self.memory_budget = gauge("memory_budget_bytes", "The --memory-budget, in bytes.", ())
+        self.memory_budget_used = gauge(
+            "memory_budget_used_bytes", "Memory counted against the budget by loaded models.", ()
+        )
         self.protocol_errors = counter(
             "worker_protocol_errors", "Unreadable frames received from workers.", WORKER
         )
@@ -166,4 +202,6 @@ class Metrics:
         return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
 
     def render(self) -> bytes:
+        for refresh in self.before_render:
+            refresh()
         return generate_latest(self.registry)

@@ -251,7 +251,7 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     """Admit, start and serve the choices of one request; errors in its shape."""
     ctx = Context.of(request)
     settings = ctx.settings
-    target = ctx.pool.resolve(exchange.model)
+    target = ctx.pool.resolve(exchange.model, getattr(exchange, "keep_alive", None))
     # Unknown names are labelled "" so bad requests cannot grow the label set.
     tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout

@@ -77,6 +77,7 @@ class Supervisor:
         self.failure: str | None = None
         self.ready_since: float | None = None
         self.health: dict = {}  # the worker's last heartbeat answer
+        self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
         self._crashes: deque[float] = deque()
         self._stopping = asyncio.Event()
@@ -92,6 +93,11 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.state is State.READY and self.client is not None and not self.client.is_closed
+
+    @property
+    def last_words(self) -> str | None:
+        """The worker's last line on stderr: often why it died."""
+        return self._stderr_tail[-1] if self._stderr_tail else None
 
     def start(self) -> None:
         self._stopping.clear()
@@ -307,6 +313,7 @@ class Supervisor:
             log.error("%s: %s", self.id, self.last_exit)
             return "load_failed"
         info = load.result()
+        self.loaded = info
         log.info(
             "%s: pid %s loaded %s in %.2fs",
             self.id,

@@ -236,6 +236,7 @@ class Engine:
                     "context_length": context,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
+                    "memory": dict(self.memory),
                 },
             )
         )

@@ -9,7 +9,8 @@ A trailing b"\\r" is tolerated (CRLF pipes).
 Methods (gateway -> worker):
 
     load_model  {"path": str, "max_batch_size"?: int, "prefill_step_size"?: int}
-                -> {"model": str, "context_length": int | None, "load_s": float}
+                -> {"model": str, "context_length": int | None, "load_s": float,
+                    "memory": {"active_memory_mb", "peak_memory_mb", "cache_memory_mb"}}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
                 seed, stop (list of strings), presence_penalty, frequency_penalty,

@@ -24,6 +24,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              whatever it is asked (a model that calls tools, on demand)
   deaf       ignores the shutdown RPC, its stdin closing and SIGTERM, so only
              SIGKILL ends it (each refusal is written to stderr)
+  crash_load loading a checkpoint whose path contains "broken" kills the
+             process (a segfault in the loader); other models load as usual
 """
 
 import os
@@ -190,6 +192,17 @@ elif FAULT == "deaf":
         return drain(self, False)
 
     engine.Engine._drain = deaf_drain
+elif FAULT == "crash_load":
+    load = engine.Engine._load
+
+    def crashing_load(self, rpc_id, params):
+        if "broken" in params.get("path", ""):
+            sys.stderr.write("Fatal Python error: Segmentation fault while loading weights\n")
+            sys.stderr.flush()
+            os._exit(139)
+        load(self, rpc_id, params)
+
+    engine.Engine._load = crashing_load
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
