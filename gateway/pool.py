@@ -22,9 +22,10 @@ import orjson
 from worker.protocol import OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
+from .launcher import make_launchers, parse_host
 from .metrics import Metrics
 from .rpc import Generation, WorkerGone
-from .supervisor import State, Supervisor
+from .supervisor import State, Supervisor, spawn_options
 
 log = logging.getLogger("gateway.pool")
 
@@ -94,9 +95,20 @@ class ModelPool:
         self.settings = settings
         self.metrics = metrics
         self.capacity = settings.max_batch_size  # concurrent requests per worker
+        launchers = make_launchers(
+            spawn_options(settings),
+            hosts=[parse_host(h) for h in settings.worker_hosts],
+            workers=settings.workers,
+            shard=settings.shard,
+            shard_hosts=[parse_host(h) for h in settings.shard_hosts],
+            backend=settings.shard_backend,
+            ring_port=settings.shard_port,
+        )
         self.workers = [
-            Supervisor(f"{spec.name}/{i}", spec, settings, metrics, on_change=self._dispatch)
-            for i in range(settings.workers)
+            Supervisor(
+                f"{spec.name}/{i}", spec, settings, metrics, on_change=self._dispatch, launcher=how
+            )
+            for i, how in enumerate(launchers)
         ]
         self._waiters: deque[asyncio.Future] = deque()
         self._queued_cost = 0  # estimated prompt tokens of the waiters
@@ -115,8 +127,12 @@ class ModelPool:
 
     @property
     def failed(self) -> bool:
-        """The circuit is open: every worker failed, or is only probing again."""
-        return all(w.state is State.FAILED or (w.probing and not w.ready) for w in self.workers)
+        """The circuit is open: every worker failed, is only probing again, or
+        sits on a host ssh cannot reach."""
+        return all(
+            w.state in (State.FAILED, State.UNREACHABLE) or (w.probing and not w.ready)
+            for w in self.workers
+        )
 
     @property
     def circuit(self) -> str:
