@@ -319,7 +319,7 @@ class GroupProcess:
         code = await proc.wait()
         if self.failed_rank is None:
             self.failed_rank, self._first_exit = rank, code
-            if any(r.returncode is None for r in self.ranks):
+            if code != 0 and any(r.returncode is None for r in self.ranks):
                 log.warning(
                     "rank %d (pid %d on %s) ended (%s); stopping its group",
                     rank,

@@ -43,6 +43,7 @@ class Job:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
+    source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
 
     def usage(self) -> dict:
         return {
