@@ -76,12 +76,16 @@ class Group:
     def share(self, commands: list | None = None) -> list:
         """Rank 0: send this turn's commands (wire form); others: receive them."""
         try:
+            # Most turns share nothing: then one small collective is all.
             if self.leader:
-                data = orjson.dumps(commands)
+                data = orjson.dumps(commands) if commands else b""
                 self._sum(mx.array([len(data)], dtype=mx.int32))
-                self._sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
+                if data:
+                    self._sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
                 return commands
             size = int(self._sum(mx.array([0], dtype=mx.int32)).item())
+            if not size:
+                return []
             data = self._sum(mx.zeros(size, dtype=mx.uint8))
             return orjson.loads(bytes(np.array(data)))
         except Exception as exc:  # a peer gone, or the ranks out of step
