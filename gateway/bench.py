@@ -341,8 +341,9 @@ def engine_limit(
     BatchGenerator. Runs in this process."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
-    from mlx_lm.generate import BatchGenerator
     from mlx_lm.sample_utils import make_logits_processors
+
+    from worker.mlxlm import BatchGenerator
 
     model, tokenizer = load(model_path)
     prompts = Prompts(prompt_tokens, 0)

@@ -61,11 +61,18 @@ def add(
 
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = Settings()
-    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    from .checkpoints import FORMS
+
+    p = sub.add_parser(
+        "serve",
+        help="serve models over an OpenAI-compatible HTTP API",
+        epilog=FORMS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add(
         p,
         "--model",
-        "a local MLX model directory, a Hugging Face id or demo[:preset]; "
+        "the model to serve (forms below; default: smollm2); "
         "prefix NAME= to set the served id; repeat to serve several",
         repeat=True,
     )
@@ -239,6 +246,31 @@ def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def convert_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "convert",
+        help="convert a GGUF file into an mlx-lm model directory",
+        description="Write a standard mlx-lm model directory (config.json, model.safetensors, "
+        "tokenizer files with the chat template) from a GGUF file; mlx-lm's own tools load it.",
+    )
+    p.add_argument("gguf", help="a .gguf file (llama architecture; F32/F16/BF16/Q4_0/Q4_1/Q8_0)")
+    p.add_argument("out", help="the directory to write (must not exist)")
+    p.add_argument("--worker-python", default=sys.executable, help="the Python that has mlx")
+    p.set_defaults(func=convert)
+    return p
+
+
+def convert(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    if Path(args.out).exists():
+        print(f"mlx-gateway: error: {args.out} exists already", file=sys.stderr)
+        return 2
+    out = subprocess.run([args.worker_python, "-m", "worker.gguf", args.gguf, args.out])
+    return out.returncode
+
+
 def openapi_spec() -> str:
     """The OpenAPI document, rendered stably (checked in as openapi/openapi.json)."""
     import json
@@ -268,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlx-gateway {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve_parser(sub)
+    convert_parser(sub)
     openapi_parser(sub)
     from . import bench
 

@@ -53,7 +53,9 @@ def free_port() -> int:
 class Gateway:
     """A `python -m gateway serve` process and what a test needs of it."""
 
-    def __init__(self, model: Path, *args: str, env: dict | None = None, log: Path):
+    def __init__(
+        self, model: Path, *args: str, env: dict | None = None, log: Path, name: str = MODEL_NAME
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
@@ -64,7 +66,7 @@ class Gateway:
             "gateway",
             "serve",
             "--model",
-            f"{MODEL_NAME}={model}",
+            f"{name}={model}",
             "--port",
             str(self.port),
             "--log-level",

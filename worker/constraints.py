@@ -19,9 +19,18 @@ import mlx.core as mx
 import numpy as np
 
 from . import protocol
+from .mlxlm import hf_tokenizer
 from .protocol import RPCError
 
 log = logging.getLogger("worker.constraints")
+
+# Digits one JSON number may run to. Nothing in a grammar ends a number, so
+# greedy decoding of a real model can append digits until max_tokens
+# (`328.125988888...`); past float64's 17 significant digits they carry no
+# information, so the grammar's other choices (a separator, the end) are
+# made the only ones.
+MAX_NUMBER_DIGITS = 17
+_NUMBER_BYTES = frozenset(b"0123456789.eE+-")
 
 
 class Grammars:
@@ -31,6 +40,7 @@ class Grammars:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._lltokenizer = None
+        self._digit_tokens = None
         self._lock = threading.Lock()
 
     def lltokenizer(self):
@@ -40,40 +50,72 @@ class Grammars:
                 import llguidance.hf
 
                 self._lltokenizer = llguidance.hf.from_tokenizer(
-                    self._tokenizer._tokenizer,
+                    hf_tokenizer(self._tokenizer),
                     n_vocab=self.vocab_size,
                     eos_token=sorted(self._tokenizer.eos_token_ids),
                 )
             return self._lltokenizer
 
+    def digit_tokens(self) -> np.ndarray:
+        """Which tokens start with a digit (built on first use)."""
+        tokenizer = self.lltokenizer()
+        with self._lock:
+            if self._digit_tokens is None:
+                table = np.zeros(self.vocab_size, dtype=np.bool_)
+                for i in range(min(self.vocab_size, tokenizer.vocab_size)):
+                    piece = tokenizer.decode_bytes([i])
+                    table[i] = bool(piece) and 48 <= piece[0] <= 57
+                self._digit_tokens = table
+            return self._digit_tokens
+
     def processor(self, grammar: str) -> GrammarProcessor:
         from llguidance import LLMatcher
 
-        matcher = LLMatcher(self.lltokenizer(), grammar, log_level=0)
+        tokenizer = self.lltokenizer()
+        matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise RPCError(protocol.INVALID_PARAMS, f"invalid grammar: {matcher.get_error()}")
-        return GrammarProcessor(matcher, self.vocab_size)
+        return GrammarProcessor(matcher, self.vocab_size, tokenizer, self.digit_tokens())
 
 
 class GrammarProcessor:
     """A logits processor that allows only tokens the grammar accepts next."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, tokenizer=None, digit_tokens=None):
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self._tokenizer = tokenizer
+        self._digit_tokens = digit_tokens
+        self._digits = 0  # digits in the number the output ends with
         self._mask = np.full(((vocab_size + 31) // 32,), -1, dtype=np.int32)
         self._started = False
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         # The grammar must see the token chosen in the previous step; reading
         # it waits for that step, the price of constraining.
-        if self._started and not self.matcher.consume_token(int(tokens[-1].item())):
-            log.warning("grammar rejected a token: %s", self.matcher.get_error())
+        if self._started:
+            token = int(tokens[-1].item())
+            if not self.matcher.consume_token(token):
+                log.warning("grammar rejected a token")
+            self._count_digits(token)
         self._started = True
         self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
         allowed = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
-        allowed = mx.array(allowed[: logits.shape[-1]].astype(np.bool_))
-        return mx.where(allowed, logits, -mx.inf)
+        allowed = allowed[: logits.shape[-1]].astype(np.bool_)
+        if self._digits >= MAX_NUMBER_DIGITS:
+            ending = allowed & ~self._digit_tokens[: allowed.shape[0]]
+            if ending.any():  # a number may still need a digit (after `.`, `e`)
+                allowed = ending
+        return mx.where(mx.array(allowed), logits, -mx.inf)
+
+    def _count_digits(self, token: int) -> None:
+        if self._tokenizer is None or self._digit_tokens is None:
+            return
+        for byte in self._tokenizer.decode_bytes([token]):
+            if 48 <= byte <= 57:
+                self._digits += 1
+            elif byte not in _NUMBER_BYTES or not self._digits:
+                self._digits = 0
 
 
 def _grammar_from_schema(schema: Any) -> str:

@@ -23,6 +23,16 @@ import mlx.core as mx
 from . import protocol
 from .constraints import Grammars
 from .job import Job, merge_delta
+from .mlxlm import (
+    BatchGenerator,
+    LRUPromptCache,
+    StopSequences,
+    cached_prefix_length,
+    can_trim_prompt_cache,
+    load,
+    token_bytes_table,
+    trim_prompt_cache,
+)
 from .protocol import RequestId
 from .sampling import make_sampler
 
@@ -53,7 +63,7 @@ class LoadedModel:
     def token_bytes(self) -> list[bytes]:
         """Each token's bytes, as it reads inside a text (logprobs need them)."""
         if self._token_bytes is None:
-            self._token_bytes = _token_bytes_table(self.tokenizer, self.vocab_size)
+            self._token_bytes = token_bytes_table(self.tokenizer, self.vocab_size)
         return self._token_bytes
 
 
@@ -191,8 +201,6 @@ class Engine:
         return keep_going
 
     def _load(self, rpc_id: RequestId, params: dict) -> None:
-        from mlx_lm import load
-
         path = params["path"]
         self.state = "loading"
         started = time.perf_counter()
@@ -220,8 +228,6 @@ class Engine:
         self.memory_limit_mb = float(limit) if limit else None
         cache_bytes = int(params.get("prompt_cache_bytes", DEFAULT_PROMPT_CACHE_BYTES))
         if cache_bytes > 0:
-            from mlx_lm.models.cache import LRUPromptCache
-
             self.prompt_cache = LRUPromptCache(
                 max_size=int(params.get("prompt_cache_size", DEFAULT_PROMPT_CACHE_SIZE)),
                 max_bytes=cache_bytes,
@@ -259,8 +265,6 @@ class Engine:
         )
 
     def _new_generator(self):
-        from mlx_lm.generate import BatchGenerator, StopSequences
-
         self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
         self._no_stop = StopSequences()
         return BatchGenerator(
@@ -284,12 +288,10 @@ class Engine:
         """The KV cache of the longest cached prefix of the prompt, and the
         prompt tokens still to process (at least the last one, whose logits
         start the reply)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         prompt = job.prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
-        if self._common_prefix(prompt) < MIN_REUSE_TOKENS:
+        if cached_prefix_length(self.prompt_cache, PROMPT_CACHE_KEY, prompt) < MIN_REUSE_TOKENS:
             # Sharing just a chat template's first tokens is not worth a
             # lookup (which searches the whole trie) and a cache copy.
             self.cache_stats["misses"] += 1
@@ -308,19 +310,6 @@ class Engine:
         self.cache_stats["hits"] += 1
         self.cache_stats["cached_tokens"] += job.cached_tokens
         return cache, rest
-
-    def _common_prefix(self, prompt: list[int]) -> int:
-        """How many leading prompt tokens any cached sequence shares: a walk
-        down mlx-lm's prompt trie, cheap next to its full nearest search."""
-        try:
-            node = self.prompt_cache._trie._trie.get(PROMPT_CACHE_KEY)  # mlx-lm internals
-        except AttributeError:
-            return len(prompt)  # a layout we do not know: let the full lookup decide
-        depth = 0
-        while node is not None and depth < len(prompt):
-            node = node.get(prompt[depth])
-            depth += node is not None
-        return depth
 
     def _insert(self, jobs: list[Job]) -> None:
         reused = [self._reuse(j) for j in jobs]
@@ -377,11 +366,20 @@ class Engine:
             if job.unsent is not None:
                 delta = merge_delta(job.unsent, delta)
                 job.unsent = None
-            # First and last tokens go out at once; the rest at most every
-            # stream_interval seconds per request, so a fast model's tokens
-            # share notifications (and the gateway's wake-ups) while a slow
-            # model's go one by one.
-            if job.finish_reason is not None or now - job.sent_at >= self.stream_interval:
+            # The first visible text and the last token go out at once; the
+            # rest at most every stream_interval seconds per request, so a fast
+            # model's tokens share notifications (and the gateway's wake-ups)
+            # while a slow model's go one by one. "Visible", not "first token":
+            # a byte-level BPE tokenizer's first token may decode to nothing
+            # yet (half a UTF-8 character, a lone space), and the text that
+            # follows must not wait for the next tick.
+            first_visible = not job.shown and _visible(delta)
+            if (
+                first_visible
+                or job.finish_reason is not None
+                or now - job.sent_at >= self.stream_interval
+            ):
+                job.shown = job.shown or first_visible
                 delta["request_id"] = job.request_id
                 deltas.append(delta)
                 job.sent_at = now
@@ -522,25 +520,8 @@ def _logprob_entry(piece: bytes, logprob: float) -> dict:
     return {"token": piece.decode("utf-8", "replace"), "logprob": value, "bytes": list(piece)}
 
 
-def _token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
-    from mlx_lm.tokenizer_utils import (
-        BPEStreamingDetokenizer,
-        SPMStreamingDetokenizer,
-        _byte_decoder,
-    )
-
-    detok = tokenizer._detokenizer
-    if isinstance(detok, SPMStreamingDetokenizer):
-        table = [t.replace(detok._sep, b" ") for t in detok.tokenmap]
-    elif isinstance(detok, BPEStreamingDetokenizer):
-        decoder = _byte_decoder()
-        table = [
-            b"".join(bytes([decoder[c]]) if c in decoder else c.encode() for c in t)
-            for t in detok.tokenmap
-        ]
-    else:
-        table = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
-    return table + [b""] * max(0, vocab_size - len(table))
+def _visible(delta: dict) -> bool:
+    return bool(delta.get("text") or delta.get("reasoning") or delta.get("tool_calls"))
 
 
 def _is_oom(exc: BaseException) -> bool:

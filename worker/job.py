@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_lm.generate import TextStateMachine
-
 from .constraints import parse_forced_calls
+from .mlxlm import TextStateMachine
 from .protocol import RequestId
 from .sampling import SamplingParams
 
@@ -44,6 +43,7 @@ class Job:
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
     source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
+    shown: bool = False  # whether visible output (text, reasoning, a call) went out
 
     def usage(self) -> dict:
         return {
@@ -136,9 +136,15 @@ class Output:
                 space = self._pieces is not None and self._pieces[token].startswith(b" ")
                 self._lead = " " if space else ""
             self.detokenizer.add_token(token)
-        if finishing:
-            self.detokenizer.finalize()
         full = self.detokenizer.text
+        if finishing:
+            held = len(full)
+            self.detokenizer.finalize()
+            full = self.detokenizer.text
+            # What finalize adds is bytes the detokenizer held back as an
+            # unfinished UTF-8 character (a reply cut by max_tokens in the
+            # middle of one): not text, so not a U+FFFD.
+            full = full[:held] + full[held:].rstrip("\ufffd")
         new = full[self._read :]
         self._read = len(full)
         if self._lead and new:

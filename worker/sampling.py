@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlx.core as mx
-from mlx_lm.sample_utils import (
+
+from .mlxlm import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
