@@ -95,7 +95,7 @@ class Group:
     def _sum(self, x: mx.array) -> mx.array:
         # On the stream mlx-lm generates on: collectives on two streams could
         # run in a different order on each rank and cross on the wire.
-        from mlx_lm.generate import generation_stream
+        from .mlxlm import generation_stream
 
         y = mx.distributed.all_sum(x, group=self.group, stream=generation_stream)
         mx.eval(y)
@@ -104,7 +104,7 @@ class Group:
     def load(self, path: str):
         """The model, split over the group the way mlx-lm supports for it
         (tensor parallel when the architecture can, else pipeline)."""
-        from mlx_lm.utils import sharded_load
+        from .mlxlm import sharded_load
 
         return sharded_load(path, return_config=True)
 
