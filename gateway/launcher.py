@@ -176,11 +176,15 @@ async def spawn_on(host: Host, options: SpawnOptions, extra: list[str] = ()) -> 
     args = worker_args(options, extra)
     if host.local:
         return WorkerProcess(await _exec([options.python, *args]), host)
+    return WorkerProcess(await _exec(ssh_argv(host, options, args)), host)
+
+
+def ssh_argv(host: Host, options: SpawnOptions, args: list[str]) -> list[str]:
+    """The ssh command line that runs `python args...` on the host."""
     # The remote shell runs this line: the remote Python may be a word list
     # (`env FOO=1 /opt/venv/bin/python`); exec so no shell sits in between.
     remote = f"PYTHONUNBUFFERED=1 exec {options.remote_python} {shlex.join(args)}"
-    argv = [*shlex.split(options.ssh_command), *SSH_DEFAULT_OPTIONS, host.dest, remote]
-    return WorkerProcess(await _exec(argv), host)
+    return [*shlex.split(options.ssh_command), *SSH_DEFAULT_OPTIONS, host.dest, remote]
 
 
 class LocalLauncher:
