@@ -174,3 +174,16 @@ def test_an_unreachable_host_is_a_clear_state_not_a_crash_loop(start_gateway, ss
     assert 'mlx_gateway_model_circuit_state{model="tiny"} 0.0' in metrics
     r = gw.client.post("/v1/completions", json={**LONG, "max_tokens": 5})
     assert r.status_code == 200
+
+
+def test_a_sigkilled_gateway_leaves_no_worker_on_either_side(mixed, sshd):
+    # Last in this module: it ends the shared gateway.
+    both_ready(mixed)
+    local = mixed.children()
+    remote_workers = sshd.workers()
+    assert local and len(remote_workers) == 1
+    mixed.proc.kill()
+    # The ssh client's stdin closes with the gateway; ssh passes the end on,
+    # and the remote worker exits, as the local one does.
+    _, alive = psutil.wait_procs(local + remote_workers, timeout=30)
+    assert not alive, f"outlived a SIGKILLed gateway: {alive}"
