@@ -1,17 +1,29 @@
-"""/v1/chat/completions: OpenAI request -> worker params, worker output -> OpenAI objects."""
+"""POST /v1/chat/completions: OpenAI's chat API.
+
+The smallest complete API surface, and the model for the others: `Chat` is
+its Exchange (serving.py): request -> worker params, ChunkEncoder -> the
+stream, `completion` -> the final body, OpenAI's error shape; `router`
+registers the route.
+"""
 
 from __future__ import annotations
 
-import json
-import secrets
 import time
 from typing import Any
 
 import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
 
-from . import errors
+from . import errors, schemas, shared
+from .config import Settings
 from .rpc import Delta
-from .schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice, SamplingFields
+from .schemas import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from .serving import serve
+
+PATH = "/v1/chat/completions"
+# Request fields the worker takes under the same name.
+SAMPLING_KEYS = {*shared.SAMPLING_FIELDS, "stop", "ignore_eos"}
 
 # Template variables a request may not override through chat_template_kwargs.
 RESERVED_TEMPLATE_KWARGS = {
@@ -32,49 +44,6 @@ RESERVED_TEMPLATE_KWARGS = {
 }
 
 
-def sampling_params(req: SamplingFields, max_tokens: int | None, cap: int | None) -> dict[str, Any]:
-    """The worker's sampling params from the fields every endpoint shares."""
-    params: dict[str, Any] = {}
-    if cap is not None:
-        if max_tokens is not None and max_tokens > cap:
-            raise errors.invalid(
-                f"max_tokens is {max_tokens}; this server allows at most {cap}.", "max_tokens"
-            )
-        params["max_tokens_cap"] = cap
-    if max_tokens is not None:
-        params["max_tokens"] = max_tokens
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "repetition_penalty",
-        "logit_bias",
-    ):
-        value = getattr(req, name)
-        if value is not None:
-            params[name] = value
-    if req.stop:
-        params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
-    if req.ignore_eos:
-        params["ignore_eos"] = True
-    return params
-
-
-def choice_params(params: dict, n: int) -> list[dict]:
-    """One worker request per choice; a seed is offset so choices differ."""
-    if n == 1:
-        return [params]
-    seed = params.get("seed")
-    if seed is None:
-        return [params] * n
-    # Wrap within the 64-bit range, as the worker reads seeds modulo 2**64.
-    return [{**params, "seed": (seed + i + 2**63) % 2**64 - 2**63} for i in range(n)]
-
-
 def _content(message: ChatMessage, index: int) -> str:
     content = message.content
     if content is None:
@@ -93,14 +62,6 @@ def _content(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def _arguments(text: str) -> Any:
-    # Chat templates expect arguments as an object, as mlx-lm passes them.
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def _message(message: ChatMessage, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         # Few chat templates know "developer"; it means "system" to them.
@@ -116,7 +77,7 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
                 "type": "function",
                 "function": {
                     "name": call.function.name,
-                    "arguments": _arguments(call.function.arguments),
+                    "arguments": shared.call_arguments(call.function.arguments),
                 },
             }
             for call in message.tool_calls
@@ -150,7 +111,15 @@ def _tool_params(req: ChatCompletionRequest, params: dict) -> None:
 
 
 def worker_params(req: ChatCompletionRequest, cap: int | None = None) -> dict[str, Any]:
-    params = sampling_params(req, req.max_completion_tokens or req.max_tokens, cap)
+    max_tokens, param = req.max_tokens, "max_tokens"
+    if req.max_completion_tokens is not None:
+        max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+    params = shared.sampling_params(
+        req.model_dump(include=SAMPLING_KEYS),
+        max_tokens=max_tokens,
+        cap=cap,
+        max_tokens_param=param,
+    )
     params["messages"] = [_message(m, i) for i, m in enumerate(req.messages)]
     if req.logprobs:
         params["logprobs"] = req.top_logprobs or 0
@@ -158,48 +127,27 @@ def worker_params(req: ChatCompletionRequest, cap: int | None = None) -> dict[st
         raise errors.invalid("top_logprobs requires logprobs to be true.", "top_logprobs")
     _tool_params(req, params)
     fmt = req.response_format
-    if fmt is not None and fmt.type != "text":
-        if fmt.type == "json_schema":
-            params["response_format"] = {"type": "json_schema", "schema": fmt.json_schema.schema_}
-        else:
-            params["response_format"] = {"type": "json_object"}
+    if fmt is not None:
+        schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+        if (found := shared.json_format(fmt.type, schema)) is not None:
+            params["response_format"] = found
     kwargs = dict(req.chat_template_kwargs or {})
     reserved = RESERVED_TEMPLATE_KWARGS & kwargs.keys()
     if reserved:
         raise errors.invalid(
             f"chat_template_kwargs may not set {sorted(reserved)}.", "chat_template_kwargs"
         )
-    if req.reasoning_effort is not None:
-        kwargs.setdefault("reasoning_effort", req.reasoning_effort)
-        kwargs.setdefault("enable_thinking", req.reasoning_effort != "none")
+    for name, value in shared.thinking_kwargs(req.reasoning_effort).items():
+        kwargs.setdefault(name, value)
     if kwargs:
         params["chat_template_kwargs"] = kwargs
     return params
 
 
-def new_id(prefix: str = "chatcmpl-") -> str:
-    return prefix + secrets.token_hex(12)
-
-
-def usage(results: list[dict], per_prompt: int | None = None) -> dict:
-    """Usage of all choices; each prompt (shared by `per_prompt` choices) counts once."""
-    firsts = results[:: per_prompt or len(results)]
-    prompt = sum(r["usage"]["prompt_tokens"] for r in firsts)
-    completion = sum(r["usage"]["completion_tokens"] for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {
-            "cached_tokens": sum(r["usage"].get("cached_tokens", 0) for r in firsts)
-        },
-    }
-
-
 def _tool_calls(calls: list[dict]) -> list[dict]:
     return [
         {
-            "id": new_id("call_"),
+            "id": shared.new_id("call_"),
             "type": "function",
             "function": {"name": c["name"], "arguments": c["arguments"]},
         }
@@ -227,35 +175,21 @@ def completion(model: str, results: list[dict], logprobs: bool) -> dict:
             }
         )
     return {
-        "id": new_id(),
+        "id": shared.new_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(results),
+        "usage": shared.openai_usage(results),
     }
 
 
-class Envelope:
-    """What every `data: ...` line of one stream shares, serialized once:
-    each chunk then costs a few byte concatenations around its choices."""
-
-    def __init__(self, object: str, id: str, model: str, include_usage: bool):
-        fixed = {"id": id, "object": object, "created": int(time.time()), "model": model}
-        self.head = b"data: " + orjson.dumps(fixed)[:-1] + b',"choices":'
-        self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
-
-    def usage(self, figures: dict) -> bytes:
-        return self.head + b'[],"usage":' + orjson.dumps(figures) + b"}\n\n"
-
-
-class ChunkEncoder:
+class ChunkEncoder(shared.ChunkStream):
     """Builds the SSE lines of one streamed chat completion."""
 
     def __init__(self, model: str, include_usage: bool, logprobs: bool):
-        envelope = Envelope("chat.completion.chunk", new_id(), model, include_usage)
-        self._head, self._tail = envelope.head, envelope.tail
-        self._envelope = envelope
+        super().__init__("chat.completion.chunk", "chatcmpl-", model, include_usage)
+        self._head, self._tail = self.envelope.head, self.envelope.tail
         self._logprobs = logprobs
         self._call_ids: dict[tuple[int, int], str] = {}
 
@@ -302,7 +236,7 @@ class ChunkEncoder:
         key = (choice, call["index"])
         out: dict[str, Any] = {"index": call["index"]}
         if key not in self._call_ids:
-            self._call_ids[key] = new_id("call_")
+            self._call_ids[key] = shared.new_id("call_")
             out["id"] = self._call_ids[key]
             out["type"] = "function"
             out["function"] = {"name": call.get("name", ""), "arguments": call.get("arguments", "")}
@@ -313,5 +247,44 @@ class ChunkEncoder:
     def finish(self, index: int, result: dict) -> bytes:
         return self._chunk(index, b"{}", b"null", orjson.dumps(result["finish_reason"]))
 
-    def usage(self, results: list[dict]) -> bytes:
-        return self._envelope.usage(usage(results))
+    def error(self, error: errors.APIError, started: bool) -> bytes:
+        # A client reading only deltas still learns the role first.
+        head = b"" if started else self.delta(0, None, True)
+        return head + super().error(error, started)
+
+
+class Chat:
+    """One /v1/chat/completions request, as serving.serve runs it."""
+
+    route = PATH
+    prompt_param = "messages"
+    shape = errors.OPENAI
+
+    def __init__(self, body: ChatCompletionRequest):
+        self.body = body
+        self.model = body.model
+        self.stream = body.stream
+        self._logprobs = bool(body.logprobs)
+
+    def params(self, settings: Settings) -> list[dict]:
+        params = worker_params(self.body, settings.max_tokens_cap)
+        return shared.choice_params(params, self.body.n)
+
+    def encoder(self) -> ChunkEncoder:
+        return ChunkEncoder(self.model, shared.include_usage(self.body), self._logprobs)
+
+    def render(self, results: list[dict]) -> dict:
+        return completion(self.model, results, self._logprobs)
+
+
+router = APIRouter()
+
+
+@router.post(
+    PATH,
+    response_model=schemas.ChatCompletion,
+    responses=shared.generating_responses(schemas.ChatCompletion),
+)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """Chat completions, streaming or not."""
+    return await serve(request, Chat(body))

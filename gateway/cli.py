@@ -158,6 +158,27 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         int,
         d.max_body_size,
     )
+    add(
+        p,
+        "--header-timeout",
+        "seconds a client has to send its request headers (408 after)",
+        float,
+        d.header_timeout,
+    )
+    add(
+        p,
+        "--body-timeout",
+        "seconds a request body may stop arriving (408 after)",
+        float,
+        d.body_timeout,
+    )
+    add(
+        p,
+        "--max-connections",
+        "open client connections; more are refused with 503 at once (default: 4096, or "
+        "fewer where the open-file limit, less a reserve to restart workers, is lower)",
+        int,
+    )
     add(p, "--max-tokens-cap", "most tokens a reply may have; larger max_tokens gets 400", int)
     add(
         p,
@@ -225,6 +246,20 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--cors-origin",
         "allow browser requests from this origin ('*' for any); repeat",
         repeat=True,
+    )
+    add(
+        p,
+        "--response-store-size",
+        "most responses the Responses API keeps for previous_response_id (0: none)",
+        int,
+        d.response_store_size,
+    )
+    add(
+        p,
+        "--response-store-bytes",
+        "most bytes the Responses API's store of responses may hold",
+        int,
+        d.response_store_bytes,
     )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
     p.set_defaults(func=serve)
@@ -347,6 +382,7 @@ def _placement(args: argparse.Namespace) -> dict:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import connections
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
@@ -392,6 +428,9 @@ def serve(args: argparse.Namespace) -> int:
         restart_window=args.restart_window,
         shutdown_grace=args.shutdown_grace,
         max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
@@ -404,10 +443,19 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),
+        response_store_size=args.response_store_size,
+        response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
     )
+    logger = logging.getLogger("gateway")
     for spec in specs:
-        logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)
+        logger.info("serving %s from %s", spec.name, spec.path)
+    cap, warning = connections.connection_limit(
+        settings.max_connections, settings.workers * len(specs)
+    )
+    if warning:
+        logger.warning("%s", warning)
+    logger.info("accepting at most %d connections at once", cap)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -416,6 +464,11 @@ def serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
+        http=connections.http_protocol(
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            max_connections=cap,
+        ),
     )
     try:
         uvicorn.Server(config).run()

@@ -1,4 +1,7 @@
-"""/v1/completions (the legacy text API): prompts in, text out."""
+"""POST /v1/completions: OpenAI's legacy text API, prompts in, text out.
+
+`TextCompletion` is its Exchange (serving.py); see chat.py for the shape.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +9,17 @@ import time
 from typing import Any
 
 import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
 
-from . import errors
-from .chat import Envelope, choice_params, new_id, sampling_params, usage
+from . import errors, schemas, shared
+from .config import Settings
 from .rpc import Delta
 from .schemas import CompletionRequest
+from .serving import serve
+
+PATH = "/v1/completions"
+SAMPLING_KEYS = {*shared.SAMPLING_FIELDS, "stop", "ignore_eos"}
 
 # OpenAI's default for this endpoint.
 DEFAULT_MAX_TOKENS = 16
@@ -35,7 +44,9 @@ def worker_params(req: CompletionRequest, cap: int | None = None) -> tuple[list[
     if req.suffix:
         raise errors.invalid("suffix is not supported.", "suffix", "unsupported_value")
     max_tokens = req.max_tokens or (min(DEFAULT_MAX_TOKENS, cap) if cap else DEFAULT_MAX_TOKENS)
-    base = sampling_params(req, max_tokens, cap)
+    base = shared.sampling_params(
+        req.model_dump(include=SAMPLING_KEYS), max_tokens=max_tokens, cap=cap
+    )
     if req.logprobs is not None:
         base["logprobs"] = req.logprobs
     params, echoes = [], []
@@ -44,7 +55,7 @@ def worker_params(req: CompletionRequest, cap: int | None = None) -> tuple[list[
             raise errors.invalid(
                 "echo is supported for text prompts only.", "echo", "unsupported_value"
             )
-        for p in choice_params({**base, **prompt}, req.n):
+        for p in shared.choice_params({**base, **prompt}, req.n):
             params.append(p)
             echoes.append(prompt["prompt"] if req.echo else "")
     return params, echoes
@@ -77,21 +88,22 @@ def completion(model: str, results: list[dict], echoes: list[str], logprobs: boo
         for i, (result, echo) in enumerate(zip(results, echoes, strict=True))
     ]
     return {
-        "id": new_id("cmpl-"),
+        "id": shared.new_id("cmpl-"),
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(results, n),
+        "usage": shared.openai_usage(results, n),
     }
 
 
-class ChunkEncoder:
+class ChunkEncoder(shared.ChunkStream):
     """Builds the SSE lines of one streamed text completion."""
 
     def __init__(self, model: str, include_usage: bool, logprobs: bool, echoes: list[str], n: int):
-        self._n = n
-        self._envelope = Envelope("text_completion", new_id("cmpl-"), model, include_usage)
+        super().__init__("text_completion", "cmpl-", model, include_usage)
+        self.per_prompt = n
+        self._envelope = self.envelope
         self._logprobs = logprobs
         self._echoes = echoes
         self._offsets = [len(e) for e in echoes]
@@ -114,5 +126,43 @@ class ChunkEncoder:
     def finish(self, index: int, result: dict) -> bytes:
         return self._chunk(index, "", None, result["finish_reason"])
 
-    def usage(self, results: list[dict]) -> bytes:
-        return self._envelope.usage(usage(results, self._n))
+
+class TextCompletion:
+    """One /v1/completions request, as serving.serve runs it."""
+
+    route = PATH
+    prompt_param = "prompt"
+    shape = errors.OPENAI
+
+    def __init__(self, body: CompletionRequest):
+        self.body = body
+        self.model = body.model
+        self.stream = body.stream
+        self._logprobs = body.logprobs is not None
+        self._echoes: list[str] = []  # per choice, the prompt it echoes first
+
+    def params(self, settings: Settings) -> list[dict]:
+        params, self._echoes = worker_params(self.body, settings.max_tokens_cap)
+        return params
+
+    def encoder(self) -> ChunkEncoder:
+        body = self.body
+        return ChunkEncoder(
+            self.model, shared.include_usage(body), self._logprobs, self._echoes, body.n
+        )
+
+    def render(self, results: list[dict]) -> dict:
+        return completion(self.model, results, self._echoes, self._logprobs, self.body.n)
+
+
+router = APIRouter()
+
+
+@router.post(
+    PATH,
+    response_model=schemas.Completion,
+    responses=shared.generating_responses(schemas.Completion),
+)
+async def text_completions(body: CompletionRequest, request: Request) -> Response:
+    """Text completions (the legacy API), streaming or not."""
+    return await serve(request, TextCompletion(body))

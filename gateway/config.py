@@ -48,6 +48,9 @@ class Settings:
     stall_timeout: float = 60.0  # no decode step this long with requests in flight: wedged
     shutdown_grace: float = 30.0
     max_body_size: int = 16 * 1024 * 1024  # bytes; larger requests get 413
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive (408 after)
+    body_timeout: float = 30.0  # seconds a request body may pause (408 after)
+    max_connections: int | None = None  # open client connections (None: from the fd limit)
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
     prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
     prompt_cache_size: int = 64  # per worker: most prompts kept
@@ -60,6 +63,9 @@ class Settings:
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers
     max_concurrent_per_key: int | None = None  # in-flight requests per API key (429 beyond)
     max_queued_prompt_tokens: int | None = None  # per model, estimated from the request size
+    # The Responses API's store of finished responses (previous_response_id).
+    response_store_size: int = 1000  # most responses kept (0: none)
+    response_store_bytes: int = 64 * 1024 * 1024  # most bytes kept
     log_prompts: bool = False  # log prompts and completions (debugging only)
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
 

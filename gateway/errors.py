@@ -1,8 +1,15 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}."""
+"""Errors: raised as APIError anywhere, mapped to HTTP in one place, in the
+shape of the API they came through.
+
+An APIError carries OpenAI's fields (status, message, type, param, code).
+Each API surface registers the path prefix it serves with an ErrorShape
+(`register_shape`); a response for a path takes that shape. OpenAI's,
+{"error": {"message", "type", "param", "code"}}, is the default.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import Request
@@ -44,13 +51,46 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> Response:
+    def response(self, shape: ErrorShape | None = None) -> Response:
+        shape = shape or OPENAI
         return Response(
-            orjson.dumps(self.body()),
-            status_code=self.status,
+            orjson.dumps(shape.body(self)),
+            status_code=shape.status(self),
             media_type="application/json",
             headers=self.headers,
         )
+
+
+class ErrorShape(Protocol):
+    """How one API surface writes an error: its status and its JSON body."""
+
+    def status(self, error: APIError) -> int: ...
+    def body(self, error: APIError) -> dict[str, Any]: ...
+
+
+class OpenAIShape:
+    def status(self, error: APIError) -> int:
+        return error.status
+
+    def body(self, error: APIError) -> dict[str, Any]:
+        return error.body()
+
+
+OPENAI = OpenAIShape()
+_SHAPES: list[tuple[str, ErrorShape]] = []
+
+
+def register_shape(prefix: str, shape: ErrorShape) -> None:
+    """Errors of requests whose path starts with `prefix` take `shape`."""
+    _SHAPES.append((prefix, shape))
+    _SHAPES.sort(key=lambda entry: -len(entry[0]))  # longest prefix wins
+
+
+def shape_for(path: str) -> ErrorShape:
+    for prefix, shape in _SHAPES:
+        if path.startswith(prefix):
+            return shape
+    return OPENAI
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -67,8 +107,9 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def from_exception(exc: BaseException) -> APIError:
-    """Map what the pool and the workers raise onto HTTP errors."""
+def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIError:
+    """Map what the pool and the workers raise onto HTTP errors; `prompt_param`
+    is what the endpoint calls its prompt (for a prompt that does not fit)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, Overloaded):
@@ -95,7 +136,7 @@ def from_exception(exc: BaseException) -> APIError:
     if isinstance(exc, protocol.RPCError):
         if exc.code == protocol.CONTEXT_LENGTH_EXCEEDED:
             return APIError(
-                400, exc.message, "invalid_request_error", "messages", "context_length_exceeded"
+                400, exc.message, "invalid_request_error", prompt_param, "context_length_exceeded"
             )
         if exc.code == protocol.INVALID_PARAMS:
             return APIError(400, exc.message, "invalid_request_error", None, "invalid_value")
@@ -111,11 +152,34 @@ def from_exception(exc: BaseException) -> APIError:
     )
 
 
-def _param(loc: tuple) -> str | None:
-    """`messages[0].content` from pydantic's ("body", "messages", 0, "content")."""
-    parts = [p for p in loc if p != "body"]
-    # Union members show up as extra path parts; they name types, not fields.
-    parts = [p for p in parts if isinstance(p, int) or not _is_type_name(p)]
+def _param(loc: tuple, body: Any = None) -> str | None:
+    """`messages[0].content` from pydantic's ("body", "messages", 0, "content").
+
+    Union members and discriminator tags show up as extra path parts; they
+    name types, not fields. Walking the request body alongside tells them
+    apart: a part the body does not have is a member's name, unless it is
+    the last (a missing field) or the body ran out (a missing object).
+    """
+    parts = [p for p in loc[1:] if p != "body"] if loc[:1] == ("body",) else list(loc)
+    kept: list[str | int] = []
+    node = body
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, dict):
+            if part in node:
+                kept.append(part)
+                node = node[part]
+            elif last and not _is_type_name(str(part)):
+                kept.append(part)
+            continue
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            kept.append(part)
+            node = node[part]
+            continue
+        if (isinstance(part, int) or not _is_type_name(part)) and (node is None or last):
+            kept.append(part)
+            node = None
+    parts = kept
     if not parts:
         return None
     out = str(parts[0])
@@ -133,15 +197,16 @@ def _is_type_name(part: str) -> bool:
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> Response:
+    shape = shape_for(request.url.path)
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
-        return invalid("We could not parse the JSON body of your request.").response()
+        return invalid("We could not parse the JSON body of your request.").response(shape)
+    param = _param(tuple(first.get("loc", ())), exc.body)
     message = first.get("msg", "invalid request")
     if param:
         message = f"Invalid value for '{param}': {message}"
-    return invalid(message, param, "invalid_value").response()
+    return invalid(message, param, "invalid_value").response(shape)
 
 
 async def http_handler(request: Request, exc: StarletteHTTPException) -> Response:
@@ -154,12 +219,12 @@ async def http_handler(request: Request, exc: StarletteHTTPException) -> Respons
         kinds.get(exc.status_code),
         headers=dict(exc.headers or {}),
     )
-    return error.response()
+    return error.response(shape_for(request.url.path))
 
 
 async def api_error_handler(request: Request, exc: APIError) -> Response:
-    return exc.response()
+    return exc.response(shape_for(request.url.path))
 
 
 async def unhandled_handler(request: Request, exc: Exception) -> Response:
-    return from_exception(exc).response()
+    return from_exception(exc).response(shape_for(request.url.path))

@@ -34,6 +34,7 @@ import socket
 from dataclasses import dataclass
 
 from worker import protocol
+from worker.lifeline import PARENT_ENV
 
 log = logging.getLogger("gateway.launcher")
 
@@ -163,7 +164,10 @@ async def _exec(argv: list[str], env: dict[str, str] | None = None) -> asyncio.s
         # Its own session: a Ctrl-C meant for the gateway must not reach the
         # worker before the gateway has drained it.
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        # A local worker arms a parent-death signal (Linux) and checks it is
+        # still ours; an ssh client passes no environment on, so remote
+        # workers rely on their stdin closing alone.
+        env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid()), **(env or {})},
     )
 
 

@@ -16,10 +16,11 @@ import math
 import random
 import time
 from collections import OrderedDict, deque
+from typing import Any
 
 import orjson
 
-from worker.protocol import OUT_OF_MEMORY, OVERLOADED, RPCError
+from worker.protocol import GENERATE, OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
 from .launcher import make_launchers, parse_host
@@ -53,13 +54,18 @@ def prefix_keys(params: dict) -> list[str]:
             for i in range(0, len(ids) - PROMPT_BLOCK + 1, PROMPT_BLOCK)
         ]
     else:
-        return []
+        parts = []
     keys = []
     digest = hashlib.blake2b(digest_size=12)
     for part in parts:
         digest.update(part)
         keys.append(digest.hexdigest())
-    return keys[::-1]
+    keys.reverse()
+    if isinstance(params.get("affinity"), str):
+        # A client's own conversation key (prompt_cache_key): the fallback
+        # when no shared prefix is known yet.
+        keys.append("affinity:" + params["affinity"])
+    return keys
 
 
 CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
@@ -290,15 +296,17 @@ class ModelPool:
         rate = len(recent) / max(now - recent[0], 1e-3)
         return max(1, min(60, math.ceil((len(self._waiters) + 1) / rate)))
 
-    # --- generation ------------------------------------------------------------
+    # --- calls -----------------------------------------------------------------
 
-    async def generate(self, params: dict, stream: bool) -> Generation:
-        """Start a generation; return once its first token (or its end) is in.
+    async def start(self, method: str, params: dict, stream: bool = False) -> Generation:
+        """Acquire a worker, send it the call, release the worker when the call
+        ends; return once the call's first visible output (or its end) is in.
 
-        A worker that dies before producing any token costs the caller
-        nothing: the request is sent again to another (or the restarted)
-        worker, at most RETRIES_MAX times. After the first token, a death is
-        the caller's error to see.
+        The one path every request to a worker takes. A worker that dies
+        before the caller could see anything costs the caller nothing: the
+        call is sent again to another (or the restarted) worker, at most
+        RETRIES_MAX times. After visible output, a death is the caller's
+        error to see. A worker that refuses for memory is retried shortly.
         """
         keys = prefix_keys(params)
         cost = estimate_tokens(params)
@@ -309,17 +317,14 @@ class ModelPool:
             try:
                 if client is None:
                     raise WorkerGone("worker is restarting")
-                generation = await client.generate(params, stream)
+                generation = await client.start(method, params, stream)
             except WorkerGone:
                 # It died between being picked and being written to: the
                 # request never reached it, so it is safe to send elsewhere.
                 self.release(worker, completed=False)
                 if attempt < RETRIES_MAX:
                     attempt += 1
-                    self.metrics.retries.labels(self.spec.name).inc()
-                    log.warning(
-                        "%s: worker gone before the request was sent; retrying", self.spec.name
-                    )
+                    self._retrying("worker gone before the request was sent")
                     continue
                 raise
             except BaseException:
@@ -331,8 +336,7 @@ class ModelPool:
             except WorkerGone:
                 if attempt < RETRIES_MAX and not generation.started:
                     attempt += 1
-                    self.metrics.retries.labels(self.spec.name).inc()
-                    log.warning("%s: worker died before the first token; retrying", self.spec.name)
+                    self._retrying("worker died before the first token")
                     continue
                 raise
             except RPCError as exc:
@@ -354,6 +358,37 @@ class ModelPool:
                 raise
             return generation
 
+    async def generate(self, params: dict, stream: bool) -> Generation:
+        return await self.start(GENERATE, params, stream)
+
+    async def finish(self, method: str, params: dict, generation: Generation) -> Any:
+        """The result of a started call whose output nobody has seen yet.
+
+        A non-streamed reply shows the client nothing until it is whole, so
+        a call whose worker dies part-way is started again elsewhere (at most
+        RETRIES_MAX times). The caller bounds the wait."""
+        retries = 0
+        while True:
+            try:
+                return await generation.wait()
+            except WorkerGone:
+                if retries >= RETRIES_MAX:
+                    raise
+            except BaseException:
+                generation.cancel()  # the caller gave up (its deadline) or it failed
+                raise
+            retries += 1
+            self._retrying("worker died under a reply nobody had seen")
+            generation = await self.start(method, params, False)
+
+    async def call(self, method: str, params: dict) -> Any:
+        """Start a call and return its result: the whole path, retries included."""
+        return await self.finish(method, params, await self.start(method, params, False))
+
+    def _retrying(self, why: str) -> None:
+        self.metrics.retries.labels(self.spec.name).inc()
+        log.warning("%s: %s; retrying", self.spec.name, why)
+
 
 class Pool:
     """Every served model's ModelPool."""
@@ -365,6 +400,10 @@ class Pool:
     @property
     def workers(self) -> list[Supervisor]:
         return [w for pool in self.models.values() for w in pool.workers]
+
+    def resolve(self, name: str) -> ModelPool | None:
+        """The pool serving the model a client named; None if none does."""
+        return self.models.get(name)
 
     def start(self) -> None:
         for worker in self.workers:

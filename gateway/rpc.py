@@ -70,11 +70,17 @@ class Generation:
         self._pending: Delta | None = None
         self._wake = asyncio.Event()
         self.tokens_seen = 0
+        # The prompt's size, from the first delta of a streamed generation.
+        self.prompt_tokens: int | None = None
+        self.cached_tokens = 0
         self.visible = False  # whether any output a client would see has come
         self.started_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
+        # Names the request (never its content) across retries, so a worker
+        # death can be laid at the door of the one request it held.
+        self.fingerprint: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
     @property
@@ -88,6 +94,9 @@ class Generation:
         tokens = delta.get("tokens", 0)
         if self.first_token_at is None:
             self.first_token_at = now
+            if "prompt_tokens" in delta:
+                self.prompt_tokens = delta["prompt_tokens"]
+                self.cached_tokens = delta.get("cached_tokens", 0)
         elif tokens:
             self.gaps.append((now - self.last_token_at, tokens))
         self.last_token_at = now
@@ -176,6 +185,13 @@ class WorkerClient:
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.protocol_errors = 0
         self.protocol_failed = False  # the stream broke (oversized or cut frame)
+        # Fingerprints of the requests in flight when the worker was lost.
+        self.held_at_end: set[str | None] | None = None
+        # Whether this worker's death was laid on a poison request (and so
+        # does not count toward opening the circuit).
+        self.forgiven = False
+        self.counted_at: float | None = None  # when its death was counted, if it was
+        self._close_reason = "the gateway closed its connection to the worker"
         self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
 
     @property
@@ -204,21 +220,28 @@ class WorkerClient:
         finally:
             self._calls.pop(request_id, None)
 
-    async def generate(self, params: dict, stream: bool) -> Generation:
+    async def start(self, method: str, params: dict, stream: bool = False) -> Generation:
+        """Send a request that may stream; its Generation tracks it to the end.
+
+        `generate` streams `tokens` notifications when `stream` is true; any
+        other method simply ends with its result."""
         if self.is_closed:
             raise WorkerGone(self.closed.result())
         request_id = next(self._ids)
         generation = Generation(self, request_id, stream)
         self._generations[request_id] = generation
-        frame = protocol.encode(
-            protocol.Request(protocol.GENERATE, {**params, "stream": stream}, request_id)
-        )
+        if method == protocol.GENERATE:
+            params = {**params, "stream": stream}
+        frame = protocol.encode(protocol.Request(method, params, request_id))
         try:
             await self._send(frame)
         except BaseException:
             self._generations.pop(request_id, None)
             raise
         return generation
+
+    async def generate(self, params: dict, stream: bool) -> Generation:
+        return await self.start(protocol.GENERATE, params, stream)
 
     def notify_cancel(self, request_id: int) -> None:
         """Send `cancel` without waiting; the worker's answer is not needed."""
@@ -247,7 +270,7 @@ class WorkerClient:
             raise WorkerGone("worker stopped reading its stdin") from None
 
     async def _read_loop(self) -> None:
-        reason = "worker closed its stdout"
+        reason = "the worker crashed or exited (its output closed)"
         frames = protocol.FrameBuffer()
         try:
             while True:
@@ -265,7 +288,7 @@ class WorkerClient:
             self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
-            reason = "client closed"
+            reason = self._close_reason
             raise
         except Exception as exc:  # never let a bug here strand the callers
             log.exception("%s: reader failed", self.name)
@@ -312,6 +335,8 @@ class WorkerClient:
     def _fail_all(self, reason: str) -> None:
         if not self.closed.done():
             self.closed.set_result(reason)
+        if self.held_at_end is None:
+            self.held_at_end = {g.fingerprint for g in self._generations.values()}
         error = WorkerGone(reason)
         for future in self._calls.values():
             if not future.done():
@@ -321,12 +346,20 @@ class WorkerClient:
         self._calls.clear()
         self._generations.clear()
 
-    async def close(self) -> None:
-        """Stop reading; pending calls fail. The process is the supervisor's."""
+    def abandon(self, reason: str) -> None:
+        """Fail every pending call now with `reason`; reading stops at close()."""
+        self._close_reason = reason
+        self._fail_all(reason)
+
+    async def close(self, reason: str | None = None) -> None:
+        """Stop reading; pending calls fail with `reason` (why the worker is
+        being let go). The process is the supervisor's."""
+        if reason:
+            self._close_reason = reason
         if not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._fail_all("client closed")
+        self._fail_all(self._close_reason)

@@ -1,7 +1,13 @@
-"""Running the generations of one HTTP request: deadlines, metrics, SSE framing.
+"""The one path of every generating request, whatever API it came through.
 
-Shared by every generating endpoint; the endpoint modules only translate
-requests and results to and from the OpenAI shapes (an Encoder).
+An API module (chat, completions, responses, messages) turns its request
+into an Exchange: the worker params of each choice, a stream Encoder, a
+renderer of the final body, and its error shape. `serve` runs any Exchange:
+per-key limits, admission and retries through the pool, deadlines, metrics,
+the JSON reply or the SSE stream, and errors in the exchange's shape.
+
+A new API surface needs only a module with an Exchange and a router that
+calls `serve(request, exchange)`; see chat.py for the smallest complete one.
 """
 
 from __future__ import annotations
@@ -10,22 +16,26 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
+from fastapi import Request
 from sse_starlette import EventSourceResponse
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from worker.protocol import RPCError
+from worker.protocol import GENERATE, RPCError
 
 from . import errors
+from .config import Settings
+from .errors import APIError, ErrorShape
 from .metrics import Metrics
-from .pool import RETRIES_MAX, ModelPool
+from .middleware import api_key_of, mark_counted
+from .pool import ModelPool, Pool
 from .rpc import Delta, Generation, WorkerGone
 
 log = logging.getLogger("gateway.serving")
-
-DONE = b"data: [DONE]\n\n"
 
 
 class SSEResponse(EventSourceResponse):
@@ -53,9 +63,65 @@ class SSEResponse(EventSourceResponse):
 
 
 class Encoder(Protocol):
+    """The SSE bytes of one streamed reply, event by event.
+
+    Called in this order: `open` once, with the prompt's size (tokens, and
+    those from the prompt cache) when the worker told it; `delta` for each choice's output as it
+    comes (`delta` None with `first` true: the choice started with nothing to
+    show yet; None as a return: nothing worth sending); `finish` as each
+    choice ends; `close` once all have; or `error` once, in place of what
+    is left, when the reply fails part-way (`started`: whether any chunk of
+    a choice went out).
+    """
+
+    def open(self, prompt_tokens: int | None, cached_tokens: int) -> bytes: ...
     def delta(self, index: int, delta: Delta | None, first: bool) -> bytes | None: ...
     def finish(self, index: int, result: dict) -> bytes: ...
-    def usage(self, results: list[dict]) -> bytes: ...
+    def close(self, results: list[dict]) -> bytes: ...
+    def error(self, error: APIError, started: bool) -> bytes: ...
+
+
+class Exchange(Protocol):
+    """One request through one API surface: what `serve` needs of it.
+
+    `params` validates the request (raising APIError) and returns the worker
+    params of each choice (worker/protocol.py `generate`); `render` builds
+    the final JSON body from the workers' results, `encoder` the stream.
+    """
+
+    route: str  # the route it came through, as the metrics label it
+    model: str  # the model name the client sent
+    stream: bool
+    prompt_param: str  # what this API calls its prompt, for errors about it
+    shape: ErrorShape
+
+    def params(self, settings: Settings) -> list[dict]: ...
+    def encoder(self) -> Encoder: ...
+    def render(self, results: list[dict]) -> dict: ...
+
+
+def sse_event(name: str | None, data: bytes) -> bytes:
+    """One Server-Sent Event carrying a JSON payload."""
+    if name is None:
+        return b"data: " + data + b"\n\n"
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+# Line separators that are legal raw inside a JSON string but end a line for
+# clients that split SSE with str.splitlines() (httpx's iter_lines does).
+# Their UTF-8 bytes occur nowhere else, so a byte replace is exact.
+_LINE_BREAKS = (
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+    (b"\xc2\x85", b"\\u0085"),
+)
+
+
+def escape_line_breaks(chunk: bytes) -> bytes:
+    if b"\xe2\x80" in chunk or b"\xc2\x85" in chunk:
+        for raw, escaped in _LINE_BREAKS:
+            chunk = chunk.replace(raw, escaped)
+    return chunk
 
 
 class KeyLimits:
@@ -160,11 +226,87 @@ def cancel_all(generations: list[Generation]) -> None:
         generation.cancel()
 
 
+@dataclass
+class Context:
+    """What serving needs of the app; one per app, in `app.state.context`."""
+
+    settings: Settings
+    pool: Pool
+    metrics: Metrics
+    key_limits: KeyLimits
+    created: int  # when the app was made: the `created` of every model card
+
+    @classmethod
+    def of(cls, request: Request) -> Context:
+        return request.app.state.context
+
+
+async def serve(request: Request, exchange: Exchange) -> Response:
+    """Admit, start and serve the choices of one request; errors in its shape."""
+    ctx = Context.of(request)
+    settings = ctx.settings
+    target = ctx.pool.resolve(exchange.model)
+    # Unknown names are labelled "" so bad requests cannot grow the label set.
+    tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout
+    key = api_key_of(request.scope)
+    if not ctx.key_limits.enter(key):
+        tracker.status = 429
+        tracker.close()
+        ctx.metrics.rejected_requests.labels(tracker.model, "key_limit").inc()
+        return APIError(
+            429,
+            f"This API key already has {settings.max_concurrent_per_key} requests in flight.",
+            "rate_limit_error",
+            None,
+            "rate_limit_exceeded",
+            headers={"Retry-After": "1"},
+        ).response(exchange.shape)
+    tracker.on_close.append(lambda: ctx.key_limits.leave(key))
+    mark_counted(request.scope)
+    try:
+        if target is None:
+            raise errors.model_not_found(exchange.model)
+        params = exchange.params(settings)
+        if settings.log_prompts:
+            tracker.log_prompts = params
+        generations = await start(target, params, exchange.stream, deadline, tracker)
+    except Exception as exc:
+        return _fail(exchange, tracker, exc)
+    except BaseException:
+        tracker.close()
+        raise
+    if exchange.stream:
+        events = stream_events(generations, tracker, exchange)
+
+        def cleanup() -> None:
+            cancel_all(generations)
+            tracker.close()
+
+        return SSEResponse(events, ping=15, sep="\n", cleanup=cleanup)
+    try:
+        results = await complete(target, params, generations, deadline)
+        body = exchange.render(results)
+    except Exception as exc:
+        return _fail(exchange, tracker, exc)
+    finally:
+        tracker.close()
+    tracker.finished(generations, results)
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:
+    error = errors.from_exception(exc, exchange.prompt_param)
+    tracker.status = exchange.shape.status(error)
+    tracker.close()
+    return error.response(exchange.shape)
+
+
 async def start(
     pool: ModelPool, params: list[dict], stream: bool, deadline: float, tracker: Tracker
 ) -> list[Generation]:
     """Admit every choice and wait for their first tokens, within the deadline."""
-    tasks = [asyncio.ensure_future(pool.generate(p, stream)) for p in params]
+    tasks = [asyncio.ensure_future(pool.start(GENERATE, p, stream)) for p in params]
     try:
         async with asyncio.timeout_at(deadline):
             generations = list(await asyncio.gather(*tasks))
@@ -184,37 +326,18 @@ async def start(
 async def complete(
     pool: ModelPool, params: list[dict], generations: list[Generation], deadline: float
 ) -> list[dict]:
-    """Wait for every choice of a non-streamed request.
-
-    Such a reply shows the client nothing until it is whole, so a choice
-    whose worker dies part-way is started again elsewhere (at most
-    RETRIES_MAX times), within the request's deadline.
-    """
-
-    async def one(index: int) -> dict:
-        retries = 0
-        while True:
-            try:
-                return await generations[index].wait()
-            except WorkerGone:
-                if retries >= RETRIES_MAX:
-                    raise
-            retries += 1
-            pool.metrics.retries.labels(pool.spec.name).inc()
-            log.warning("%s: worker died under a non-streamed reply; retrying", pool.spec.name)
-            async with asyncio.timeout_at(deadline):
-                generations[index] = await pool.generate(params[index], False)
-            generations[index].set_deadline(deadline)
-
+    """Wait for every choice of a non-streamed request, within its deadline
+    (the pool retries a choice whose worker dies part-way)."""
     try:
-        return list(await asyncio.gather(*(one(i) for i in range(len(generations)))))
+        async with asyncio.timeout_at(deadline):
+            return list(
+                await asyncio.gather(
+                    *(pool.finish(GENERATE, p, g) for p, g in zip(params, generations, strict=True))
+                )
+            )
     except BaseException:
         cancel_all(generations)
         raise
-
-
-def error_event(exc: BaseException) -> bytes:
-    return b"event: error\ndata: " + orjson.dumps(errors.from_exception(exc).body()) + b"\n\n"
 
 
 class _Merge:
@@ -257,16 +380,14 @@ class _Single:
 
 
 async def stream_events(
-    generations: list[Generation],
-    tracker: Tracker,
-    encoder: Encoder,
-    include_usage: bool,
+    generations: list[Generation], tracker: Tracker, exchange: Exchange
 ) -> AsyncIterator[bytes]:
-    """SSE lines for started generations: deltas, finish chunks, usage, [DONE].
+    """The SSE bytes of started generations, through the exchange's encoder.
 
-    An error after the first chunk becomes an `error` event and ends the
-    stream. A client that leaves cancels the generations in the workers.
+    An error part-way becomes the encoder's error event and ends the stream.
+    A client that leaves cancels the generations in the workers.
     """
+    encoder = exchange.encoder()
     n = len(generations)
     source = _Single(generations[0]) if n == 1 else _Merge(generations)
     results: list[dict] = [{}] * n
@@ -274,31 +395,30 @@ async def stream_events(
     remaining = n
     done = False
     try:
+        head = generations[0]
+        yield escape_line_breaks(encoder.open(head.prompt_tokens, head.cached_tokens))
         while remaining:
             try:
                 index, delta = await source.get()
             except (WorkerGone, RPCError, TimeoutError) as exc:
-                if all(first):
-                    yield encoder.delta(0, None, True)
-                yield error_event(exc)
-                tracker.status = errors.from_exception(exc).status
+                error = errors.from_exception(exc, exchange.prompt_param)
+                yield escape_line_breaks(encoder.error(error, not all(first)))
+                tracker.status = exchange.shape.status(error)
                 log.warning("stream ended early: %s", exc)
                 return
             if delta is None:
                 remaining -= 1
                 if first[index]:
                     first[index] = False
-                    yield encoder.delta(index, None, True)
+                    yield escape_line_breaks(encoder.delta(index, None, True))
                 results[index] = generations[index].result.result()
-                yield encoder.finish(index, results[index])
+                yield escape_line_breaks(encoder.finish(index, results[index]))
                 continue
             chunk = encoder.delta(index, delta, first[index])
             if chunk is not None:
                 first[index] = False
-                yield chunk
-        if include_usage:
-            yield encoder.usage(results)
-        yield DONE
+                yield escape_line_breaks(chunk)
+        yield escape_line_breaks(encoder.close(results))
         done = True
         tracker.finished(generations, results)
     except (asyncio.CancelledError, GeneratorExit):

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constraints import parse_forced_calls
 from .mlxlm import TextStateMachine
 from .protocol import RequestId
 from .sampling import SamplingParams
@@ -33,6 +32,8 @@ class Job:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; else how many alternatives per token
     processors: list = field(default_factory=list)
+    grammar: Any = None  # the GrammarProcessor constraining the output, if any
+    cache_key: str = "model"  # the prompt-cache partition this request may use
     submitted_at: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     n_tokens: int = 0
@@ -40,6 +41,7 @@ class Job:
     finish_reason: str | None = None
     logprob_entries: list = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache
+    reasoning_tokens: int = 0  # generated tokens read inside the thinking markers
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
     source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
@@ -51,6 +53,7 @@ class Job:
             "completion_tokens": self.n_tokens,
             "total_tokens": len(self.prompt) + self.n_tokens,
             "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
         }
 
     def timings(self, now: float) -> dict:
@@ -70,6 +73,8 @@ class Job:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         delta = self.output.feed(None if token in eos else token, finish_reason is not None)
+        if self.output.reasoning_now:
+            self.reasoning_tokens += 1
         if self.output.stopped:
             self.finish_reason = "stop"
         elif finish_reason is not None:
@@ -81,6 +86,8 @@ class Job:
     def result(self) -> dict:
         out = self.output
         result: dict[str, Any] = {"text": out.text, "finish_reason": self.finish_reason}
+        if out.stop_sequence is not None:
+            result["stop_sequence"] = out.stop_sequence
         if out.reasoning:
             result["reasoning"] = out.reasoning
         if out.calls:
@@ -123,12 +130,18 @@ class Output:
         self.reasoning = ""
         self.calls: list[dict] = []
         self.stopped = False
+        self.stop_sequence: str | None = None  # the stop string that ended the output
         self._read = 0  # characters of detokenizer.text consumed
         self._held = ""  # content that might be the start of a stop string
         self._prev_state = initial_state
         self._tool_text = ""
-        self._forced_text = ""
+        self._calls_reader: CallsReader | None = None
         self._plain = machine is None and tools is None and not stops
+
+    @property
+    def reasoning_now(self) -> bool:
+        """Whether the latest text was inside the thinking markers."""
+        return self.machine is not None and self._prev_state == "reasoning"
 
     def feed(self, token: int | None, finishing: bool) -> dict:
         if token is not None:
@@ -205,6 +218,7 @@ class Output:
                 hit = i
         if hit is not None:
             self.stopped = True
+            self.stop_sequence = next(s for s in self.stops if buf.find(s) == hit)
             self._held = ""
             return buf[:hit]
         hold = 0 if finishing else _held_back(buf, self.stops)
@@ -217,7 +231,8 @@ class Output:
         try:
             parsed = self.tools.parser(text, self.tools.tools)
         except Exception as exc:  # the model wrote something that is not a call
-            log.info("unparseable tool call (%s): %.200r", exc, text)
+            # Its kind and size only: the text is the reply.
+            log.info("unparseable tool call (%s, %d chars)", type(exc).__name__, len(text))
             return text
         for call in parsed if isinstance(parsed, list) else [parsed]:
             arguments = call.get("arguments", {})
@@ -235,9 +250,9 @@ class Output:
 
     def _forced(self, new: str, finishing: bool, delta: dict) -> None:
         """Constrained tool calls: JSON arguments of one named function, or an
-        array of calls. A named call streams its arguments as they come."""
+        array of calls. Either streams its arguments as they come, and a
+        reply cut short keeps the calls it began."""
         mode = self.tools
-        self._forced_text += new
         if mode.name is not None:
             if not self.calls:
                 self.calls.append({"name": mode.name, "arguments": ""})
@@ -246,15 +261,100 @@ class Output:
                 delta["tool_calls"] = [{"index": 0, "arguments": new}]
             self.calls[0]["arguments"] += new
             return
-        if not finishing:
+        if self._calls_reader is None:
+            self._calls_reader = CallsReader()
+        found = self._calls_reader.feed(new)
+        if found:
+            delta["tool_calls"] = found
+            self.calls = self._calls_reader.named()
+
+
+class CallsReader:
+    """Reads `[{"name": ..., "arguments": {...}}, ...]` as it is generated.
+
+    The grammar guarantees the shape, not the whitespace or the key order, so
+    this tracks JSON nesting and strings: a call is announced once its name
+    is read, and its arguments stream from their opening brace on (those read
+    before the name go out with it).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []  # {"name": str | None, "arguments": str}
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._string = ""  # a key or value being read at the call's level
+        self._key: str | None = None
+        self._expect_key = True
+        self._capturing = False  # inside an "arguments" value
+
+    def named(self) -> list[dict]:
+        return [c for c in self.calls if c["name"] is not None]
+
+    def feed(self, text: str) -> list[dict]:
+        """Tool-call deltas ({"index", "name"?, "arguments"}) for new text."""
+        out: list[dict] = []
+        for ch in text:
+            if self._capturing:
+                self._argument(ch, out)
+            if self._in_string:
+                self._string_char(ch, out)
+                continue
+            if ch == '"':
+                self._in_string = True
+                self._string = ""
+            elif ch in "{[":
+                if self._depth == 1 and ch == "{":
+                    self.calls.append({"name": None, "arguments": ""})
+                    self._key, self._expect_key = None, True
+                elif self._depth == 2 and self._key == "arguments" and not self._expect_key:
+                    self._capturing = True
+                    self._argument(ch, out)
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._capturing and self._depth == 2:
+                    self._capturing = False
+            elif self._depth == 2 and not self._capturing:
+                if ch == ":":
+                    self._expect_key = False
+                elif ch == ",":
+                    self._expect_key = True
+        return out
+
+    def _string_char(self, ch: str, out: list[dict]) -> None:
+        if self._escaped:
+            self._escaped = False
+        elif ch == "\\":
+            self._escaped = True
+        elif ch == '"':
+            self._in_string = False
+            if self._depth == 2 and not self._capturing:
+                self._string_done(out)
             return
-        calls = parse_forced_calls(self._forced_text, None)
-        if calls is None:  # cut short by max_tokens: give back what there is
-            self.text = self._forced_text
-            delta["text"] = self._forced_text
-            return
-        for call in calls:
-            self._add_call(delta, call["name"], call["arguments"])
+        if self._depth == 2 and not self._capturing:
+            self._string += ch
+
+    def _string_done(self, out: list[dict]) -> None:
+        value = json.loads('"' + self._string + '"')
+        if self._expect_key:
+            self._key = value
+        elif self._key == "name" and self.calls and self.calls[-1]["name"] is None:
+            call = self.calls[-1]
+            call["name"] = value
+            index = len(self.named()) - 1
+            out.append({"index": index, "name": value, "arguments": call["arguments"]})
+
+    def _argument(self, ch: str, out: list[dict]) -> None:
+        call = self.calls[-1]
+        call["arguments"] += ch
+        if call["name"] is None:
+            return  # goes out with the name
+        index = len(self.named()) - 1
+        if out and out[-1]["index"] == index:
+            out[-1]["arguments"] += ch
+        else:
+            out.append({"index": index, "arguments": ch})
 
 
 def merge_delta(into: dict, delta: dict) -> dict:

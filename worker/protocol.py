@@ -14,14 +14,24 @@ Methods (gateway -> worker):
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
                 seed, stop (list of strings), presence_penalty, frequency_penalty,
                 repetition_penalty, logit_bias ({token id: bias}), logprobs (int:
-                alternatives per token), ignore_eos, max_tokens_cap, stream (bool);
+                alternatives per token), ignore_eos, max_tokens_cap, stream (bool),
+                clamp_max_tokens (bool: a max_tokens beyond what the context
+                leaves is cut to fit instead of refused); affinity (a routing
+                hint for the gateway's pool, ignored here);
                 tools, tool_choice ("auto" | "none" | "required" | {"name"}),
                 parallel_tool_calls, response_format ({"type": "json_object"} or
-                {"type": "json_schema", "schema"}), chat_template_kwargs
+                {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
+                (the prompt-cache partition: requests with different keys
+                never share cached prompts; absent, a shared default)
                 -> {"text", "finish_reason", "usage", "timings", "memory",
-                    "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?}
+                    "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?,
+                    "stop_sequence"? (the stop string that ended the text)}
+                usage: {"prompt_tokens", "completion_tokens", "total_tokens",
+                    "cached_tokens" (from the prompt cache), "reasoning_tokens"}
                 While it runs with stream=true the worker sends `tokens`
                 notifications carrying the text deltas.
+    count_tokens {"messages": [...], "tools"?, "chat_template_kwargs"?} (or "prompt")
+                -> {"prompt_tokens": int}: the prompt `generate` would run.
     cancel      {"request_id": id} -> {"cancelled": bool}
                 The cancelled `generate` then fails with CANCELLED.
     health      {} -> {"state", "model", "active", "queued", "pid", "memory", ...}
@@ -31,7 +41,8 @@ Notification (worker -> gateway):
 
     tokens      {"deltas": [{"request_id": id, "tokens": int, "text"?: str,
                   "reasoning"?: str, "tool_calls"?: [{"index", "name"?, "arguments"}],
-                  "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"}]}, ...]}
+                  "logprobs"?: [{"token", "logprob", "bytes", "top_logprobs"}],
+                  "prompt_tokens"?, "cached_tokens"? (on a request's first delta)}, ...]}
                 One notification per decode step carries the deltas of every
                 request that advanced in that step. `tokens` counts the tokens
                 behind the delta; `text` may be empty while the detokenizer or
@@ -82,6 +93,7 @@ ERROR_NAMES = {
 # Method and notification names.
 LOAD_MODEL = "load_model"
 GENERATE = "generate"
+COUNT_TOKENS = "count_tokens"
 CANCEL = "cancel"
 HEALTH = "health"
 SHUTDOWN = "shutdown"

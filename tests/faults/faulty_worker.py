@@ -12,13 +12,22 @@ gateway meets it exactly as it would meet a worker that went wrong:
   refuse     every generate is refused as if the memory ceiling were reached
   abort      after a few steps the process aborts with Metal's out-of-memory
              message, as a GPU out of memory does
+  poison     a generate whose params mention POISON kills the process (a
+             request that crashes the engine, whichever worker gets it)
 """
 
 import os
 import sys
 import time
 
-from worker import engine, protocol, server
+from worker import lifeline
+
+lifeline.die_with_parent()
+lifeline.tolerate_fd_limit()
+
+import signal  # noqa: E402
+
+from worker import engine, protocol, requests, server  # noqa: E402
 
 FAULT = os.environ.get("FAULT", "")
 
@@ -64,6 +73,16 @@ elif FAULT == "abort":
         step(self)
 
     engine.Engine._step = aborting_step
+
+elif FAULT == "poison":
+    prepare = requests.prepare
+
+    def poisoned_prepare(loaded, request_id, params):
+        if "POISON" in repr(params):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return prepare(loaded, request_id, params)
+
+    requests.prepare = poisoned_prepare
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
