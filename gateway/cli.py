@@ -103,6 +103,34 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=d.access_log,
     )
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
+    add(
+        p,
+        "--worker-host",
+        "where workers run: `local` or an ssh destination (user@host); --workers "
+        "workers on each; repeat for several hosts",
+        repeat=True,
+    )
+    add(
+        p,
+        "--remote-python",
+        "the Python that runs the workers on ssh hosts (default: --worker-python)",
+    )
+    add(p, "--ssh-command", "the ssh client and its options", str, d.ssh_command)
+    add(p, "--shard", "ranks per worker: split each model over an MLX ring of N", int, d.shard)
+    add(
+        p,
+        "--shard-hosts",
+        "one host per rank, rank 0 first: `local` or user@host[=IP]; comma-separate or repeat",
+        repeat=True,
+    )
+    add(p, "--shard-backend", "MLX distributed backend of the ranks", str, d.shard_backend)
+    add(
+        p,
+        "--shard-port",
+        "first TCP port of the ring (one per rank); 0 picks free ports when all ranks are local",
+        int,
+        d.shard_port,
+    )
     add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
     add(
         p,
@@ -391,6 +419,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """Where workers run (the --worker-host and --shard flags), checked."""
+    from .launcher import parse_host
+
+    hosts = _split(args.worker_host or args.worker_host_env)
+    shard_hosts = _split(args.shard_hosts or args.shard_hosts_env)
+    for h in [*hosts, *shard_hosts]:
+        parse_host(h)
+    if args.shard < 1:
+        raise ValueError("--shard must be 1 or more")
+    if args.shard > 1 and hosts:
+        raise ValueError("use --shard-hosts, not --worker-host, to place the ranks of --shard")
+    if shard_hosts and len(shard_hosts) != args.shard:
+        raise ValueError(
+            f"--shard {args.shard} needs {args.shard} --shard-hosts (rank 0 first), "
+            f"got {len(shard_hosts)}"
+        )
+    if args.shard_backend != "ring":
+        # JACCL needs its RDMA device map and coordinator passed to each
+        # rank, which the launcher does not do yet.
+        raise ValueError("--shard-backend supports only ring so far")
+    return {
+        "worker_hosts": hosts,
+        "remote_python": args.remote_python,
+        "ssh_command": args.ssh_command,
+        "shard": args.shard,
+        "shard_hosts": shard_hosts,
+        "shard_backend": args.shard_backend,
+        "shard_port": args.shard_port,
+    }
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -418,6 +482,11 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"mlx-gateway: error: cannot read the API key file: {exc}", file=sys.stderr)
         return 2
+    try:
+        placement = _placement(args)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
@@ -431,6 +500,7 @@ def serve(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         access_log=args.access_log,
         worker_python=args.worker_python,
+        **placement,
         max_batch_size=args.max_batch_size,
         prefill_step_size=args.prefill_step_size,
         max_queue=args.max_queue,

@@ -43,6 +43,15 @@ class Settings:
     # The interpreter that runs `-m worker`: point it at a separate, pinned
     # environment to upgrade mlx without touching the gateway's.
     worker_python: str = sys.executable
+    # Where each model's workers run: `local` or ssh destinations, each
+    # getting `workers` workers; empty means local only.
+    worker_hosts: list[str] = field(default_factory=list)
+    remote_python: str | None = None  # the interpreter on ssh hosts (default: worker_python)
+    ssh_command: str = "ssh"  # the ssh client, with any options of the user's
+    shard: int = 1  # ranks per worker: >1 splits each model over an MLX ring
+    shard_hosts: list[str] = field(default_factory=list)  # one per rank, rank 0 first
+    shard_backend: str = "ring"
+    shard_port: int = 0  # first ring port; 0 picks free ports when every rank is local
     max_batch_size: int = 32  # sequences decoded together in one worker
     prefill_step_size: int = 512  # prompt tokens per step, interleaved with decoding
     max_queue: int = 256  # requests waiting per model before 503

@@ -91,6 +91,11 @@ class Metrics:
             "worker_restarts", "Worker restarts by reason.", (*WORKER, "reason")
         )
         self.worker_up = gauge("worker_up", "1 when the worker is ready to serve, else 0.", WORKER)
+        self.worker_info = gauge(
+            "worker_info",
+            "Always 1: where each worker runs (host, `local` for this machine) and its ranks.",
+            (*WORKER, "host", "ranks"),
+        )
         self.rejected_requests = counter(
             "rejected_requests",
             "Requests refused before generation, by reason.",

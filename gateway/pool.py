@@ -24,9 +24,10 @@ import orjson
 from worker.protocol import GENERATE, OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
+from .launcher import make_launchers, parse_host
 from .metrics import Metrics
 from .rpc import Generation, WorkerGone
-from .supervisor import State, Supervisor
+from .supervisor import State, Supervisor, spawn_options
 
 log = logging.getLogger("gateway.pool")
 
@@ -122,15 +123,26 @@ class ModelPool:
         self._circuit_gauge = metrics.circuit_state.labels(spec.name)
 
     def _new_workers(self) -> list[Supervisor]:
+        settings = self.settings
+        launchers = make_launchers(
+            spawn_options(settings),
+            hosts=[parse_host(h) for h in settings.worker_hosts],
+            workers=settings.workers,
+            shard=settings.shard,
+            shard_hosts=[parse_host(h) for h in settings.shard_hosts],
+            backend=settings.shard_backend,
+            ring_port=settings.shard_port,
+        )
         return [
             Supervisor(
                 f"{self.spec.name}/{i}",
                 self.spec,
-                self.settings,
+                settings,
                 self.metrics,
                 on_change=self._dispatch,
+                launcher=how,
             )
-            for i in range(self.settings.workers)
+            for i, how in enumerate(launchers)
         ]
 
     # --- loading and unloading (driven by the model registry) ---------------------
@@ -173,8 +185,12 @@ class ModelPool:
 
     @property
     def failed(self) -> bool:
-        """The circuit is open: every worker failed, or is only probing again."""
-        return all(w.state is State.FAILED or (w.probing and not w.ready) for w in self.workers)
+        """The circuit is open: every worker failed, is only probing again, or
+        sits on a host ssh cannot reach."""
+        return all(
+            w.state in (State.FAILED, State.UNREACHABLE) or (w.probing and not w.ready)
+            for w in self.workers
+        )
 
     @property
     def circuit(self) -> str:

@@ -286,16 +286,26 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class RankHealth(BaseModel):
+    rank: int
+    host: str
+
+
 class WorkerHealth(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
     pid: int | None
+    host: str = Field("local", description="where it runs: `local` or the ssh destination")
     state: str
     model: str
     in_flight: int
     restarts: int
     last_exit: str | None
     failure: str | None
+    ranks: list[RankHealth] | None = Field(
+        None, description="a sharded worker's ranks (rank 0 speaks for the group)"
+    )
+    pids: list[int] | None = Field(None, description="a sharded worker's processes, by rank")
 
 
 class ModelHealth(BaseModel):

@@ -5,6 +5,7 @@ The life of a worker:
     starting -> loading -> ready --(exit, EOF, missed heartbeat)--> backoff -> starting ...
                                  \\--(stop)--> stopping -> stopped
     too many crashes within the restart window -> failed
+    ssh cannot reach the worker's host -> unreachable -> starting ... (not a crash)
 
 Every wait is bounded and nothing here blocks the event loop: the process is
 an asyncio subprocess, and stopping it escalates shutdown RPC -> close stdin
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
 import re
 import signal
@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable
 
 from worker import protocol
-from worker.lifeline import PARENT_ENV
 
 from . import logs
 from .config import ModelSpec, Settings
+from .launcher import LocalLauncher, SpawnOptions
 from .metrics import Metrics
 from .rpc import WorkerClient, WorkerGone
 
@@ -49,6 +49,7 @@ class State(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    UNREACHABLE = "unreachable"  # a remote host ssh cannot reach; retried with back-off
 
 
 class Supervisor:
@@ -59,6 +60,7 @@ class Supervisor:
         settings: Settings,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        launcher=None,
     ):
         self.id = worker_id
         self.spec = spec
@@ -67,7 +69,10 @@ class Supervisor:
         self._on_change = on_change
         self.state = State.STOPPED
         self.client: WorkerClient | None = None
-        self.process: asyncio.subprocess.Process | None = None
+        # Builds and starts the worker's process(es): here, over ssh, or a
+        # sharded group (launcher.py); the rest of this file is the same.
+        self.launcher = launcher or LocalLauncher(spawn_options(settings))
+        self.process = None  # the launcher's process handle
         self.in_flight = 0
         self.restarts = 0
         # The worker's last stderr lines, to tell an out-of-memory abort
@@ -79,10 +84,15 @@ class Supervisor:
         self.health: dict = {}  # the worker's last heartbeat answer
         self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
+        self._host_down = False  # ssh could not reach the host on the last try
+        self._host_backoff = settings.restart_backoff  # next wait before trying it again
         self._crashes: deque[float] = deque()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._up = metrics.worker_up.labels(spec.name, worker_id)
+        metrics.worker_info.labels(
+            spec.name, worker_id, self.launcher.host.label, str(self.launcher.ranks)
+        ).set(1)
 
     # --- public ----------------------------------------------------------------
 
@@ -122,17 +132,27 @@ class Supervisor:
         return {
             "id": self.id,
             "pid": self.pid,
+            "host": self.launcher.host.label,
             "state": self.state.value,
             "model": self.spec.name,
             "in_flight": self.in_flight,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "failure": self.failure,
+            **self._group_info(),
             # As of the last heartbeat: requests the worker itself holds.
             "active": self.health.get("active", 0) if self.ready else 0,
             "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
+        }
+
+    def _group_info(self) -> dict:
+        if self.launcher.ranks == 1:
+            return {}
+        return {
+            "ranks": [{"rank": i, "host": h.label} for i, h in enumerate(self.launcher.hosts)],
+            "pids": self.process.pids if self.pid is not None else [],
         }
 
     # --- the loop ----------------------------------------------------------------
@@ -144,6 +164,21 @@ class Supervisor:
             reason = await self._serve_once()
             if self._stopping.is_set():
                 break
+            if reason == "unreachable":
+                # Not a crash: nothing ran. Say so once, keep trying with
+                # back-off, and leave the circuit to the workers that run.
+                self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
+                if not self._host_down:
+                    log.error("%s: %s; retrying with back-off", self.id, self.failure)
+                self._host_down = True
+                self._set_state(State.UNREACHABLE)
+                delay, self._host_backoff = (
+                    self._host_backoff,
+                    min(self._host_backoff * 2, self.settings.restart_backoff_max),
+                )
+                if await self._sleep(delay):
+                    return
+                continue
             self.restarts += 1
             self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
             now = time.monotonic()
@@ -213,32 +248,13 @@ class Supervisor:
 
     async def _serve_once(self) -> str:
         """Run one worker process to its end; return why it ended."""
-        self._set_state(State.STARTING)
+        if not self._host_down:
+            self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                self.settings.worker_python,
-                "-m",
-                "worker",
-                "--log-level",
-                self.settings.log_level,
-                # Parsed back by the relay, then written in the gateway's format.
-                "--log-format",
-                "json",
-                *(["--log-requests"] if self.settings.access_log else []),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=protocol.MAX_FRAME_BYTES + 1,
-                # Its own session: a Ctrl-C meant for the gateway must not
-                # reach the worker before the gateway has drained it.
-                start_new_session=True,
-                # The worker arms a parent-death signal (Linux) and checks it
-                # is still ours.
-                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
-            )
-        except OSError as exc:
+            self.process = await self.launcher.spawn()
+        except (OSError, ValueError) as exc:
             self.last_exit = f"spawn failed: {exc}"
             return "spawn_failed"
         proc = self.process
@@ -256,6 +272,11 @@ class Supervisor:
             reason = await self._load(client)
             if reason == "ready":
                 self.ready_since = time.monotonic()
+                if self._host_down:
+                    self._host_down = False
+                    self._host_backoff = self.settings.restart_backoff
+                    log.info("%s: host %s reachable again", self.id, self.launcher.host.label)
+                    self.failure = None
                 if self.probing:
                     log.info("%s: probe start succeeded; serving again", self.id)
                     self.probing = False
@@ -271,13 +292,20 @@ class Supervisor:
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
+        if reason == "crash" and self.ready_since is None and proc.unreachable():
+            self.last_exit = f"ssh exited with code {proc.returncode}"
+            self.failure = f"host {self.launcher.host.label} unreachable: " + (
+                self._stderr_tail[-1] if self._stderr_tail else self.last_exit
+            )
+            return "unreachable"
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
             reason = _crash_reason(proc.returncode, self._stderr_tail)
         return reason
 
     async def _load(self, client: WorkerClient) -> str:
-        self._set_state(State.LOADING)
+        if not self._host_down:  # an unreachable host stays so until it answers
+            self._set_state(State.LOADING)
         params = {
             "path": self.spec.path,
             "name": self.spec.name,
@@ -398,7 +426,7 @@ class Supervisor:
 
     async def _end(
         self,
-        proc: asyncio.subprocess.Process,
+        proc,
         client: WorkerClient,
         graceful: bool,
         why: str = "the worker is stopping",
@@ -409,8 +437,7 @@ class Supervisor:
             self._set_state(State.STOPPING)
             with contextlib.suppress(WorkerGone, TimeoutError, protocol.RPCError):
                 await client.call(protocol.SHUTDOWN, timeout=2.0)
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
+        proc.close_stdin()
         if graceful:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
@@ -440,7 +467,7 @@ class Supervisor:
         if self.process is not None:
             _signal(self.process, signal.SIGKILL)
 
-    async def _relay_stderr(self, proc: asyncio.subprocess.Process) -> None:
+    async def _relay_stderr(self, proc) -> None:
         try:
             while True:
                 try:
@@ -462,7 +489,7 @@ class Supervisor:
         self._on_change()
 
 
-async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+async def _wait_exit(proc, timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             await proc.wait()
@@ -471,12 +498,18 @@ async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
         return False
 
 
-def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-    # os.kill, not proc.send_signal: the latter polls, which can reap the
-    # child behind asyncio's back and lose its exit status.
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
+def _signal(proc, sig: int) -> None:
+    proc.signal(sig)
+
+
+def spawn_options(settings: Settings) -> SpawnOptions:
+    return SpawnOptions(
+        python=settings.worker_python,
+        remote_python=settings.remote_python or settings.worker_python,
+        ssh_command=settings.ssh_command,
+        log_level=settings.log_level,
+        log_requests=settings.access_log,
+    )
 
 
 def _crash_reason(returncode: int | None, stderr_tail: deque[str]) -> str:

@@ -98,6 +98,9 @@ class Engine:
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
         self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
+        # A sharded worker's ranks (group.py): rank 0 shares each turn's
+        # commands, the others follow them; None for a worker on its own.
+        self.group = None
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
         self.log_requests = False  # one info line per request that ends
@@ -129,6 +132,7 @@ class Engine:
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
+            **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
@@ -149,13 +153,46 @@ class Engine:
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once the engine must stop."""
-        new_jobs: list[Job] = []
+        commands = self._take(block)
+        if self.group is not None:
+            # Every turn, even an empty one: the other ranks step with us.
+            if self.group.leader:
+                self.group.share([_wire(c) for c in commands])
+            else:
+                commands = [self._unwire(c) for c in self.group.share()]
+        return self._apply(commands) if commands else True
+
+    def _take(self, block: bool) -> list[tuple]:
+        """The commands queued now, waiting up to half a second for one if asked."""
+        if self.group is not None and not self.group.leader:
+            return []  # a follower's commands come from rank 0
+        commands = []
         try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            commands.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
+            while True:
+                commands.append(self._inbox.get_nowait())
         except queue.Empty:
-            return True
+            pass
+        return commands
+
+    def _unwire(self, command: list) -> tuple:
+        """A follower's copy of one of rank 0's commands."""
+        if command[0] != "generate":
+            return tuple(command)
+        from .requests import prepare
+
+        try:
+            return ("generate", prepare(self.loaded, command[1], command[2]))
+        except Exception as exc:  # rank 0 accepted it: the ranks disagree
+            from .group import lost
+
+            lost(f"cannot follow request {command[1]!r}: {exc}")
+            raise
+
+    def _apply(self, commands: list[tuple]) -> bool:
+        new_jobs: list[Job] = []
         keep_going = True
-        while True:
+        for command in commands:
             kind = command[0]
             if kind == "generate":
                 new_jobs.append(command[1])
@@ -168,10 +205,6 @@ class Engine:
                 keep_going = False
             elif kind == "stop":
                 keep_going = False
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
         if keep_going and new_jobs:
             self._insert(new_jobs)
         return keep_going
@@ -181,9 +214,16 @@ class Engine:
         self.state = "loading"
         started = time.perf_counter()
         try:
-            model, tokenizer, config = load(path, return_config=True)
+            if self.group is not None:
+                model, tokenizer, config = self.group.load(path)
+            else:
+                model, tokenizer, config = load(path, return_config=True)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
+            if self.group is not None and not self.group.leader:
+                from .group import lost
+
+                lost(f"rank {self.group.rank} cannot load {path}")
             self.state = "empty"
             self._send(
                 protocol.error_response(
@@ -315,6 +355,11 @@ class Engine:
         try:
             _, responses = self._generator.next()
         except Exception as exc:
+            if self.group is not None:
+                from .group import lost
+
+                # A collective failed (a rank is gone) or the ranks diverged.
+                lost(f"a sharded step failed: {exc}")
             self._fail_all(exc)
             return
         self.steps += 1
@@ -528,6 +573,14 @@ def _log_job(job: Job, level: int, message: str, **fields: object) -> None:
             **fields,
         },
     )
+
+
+def _wire(command: tuple) -> list:
+    """A command as rank 0 shares it: a new request as its raw params."""
+    if command[0] == "generate":
+        job = command[1]
+        return ["generate", job.request_id, job.source]
+    return list(command)
 
 
 def _logprob_entry(piece: bytes, logprob: float) -> dict:

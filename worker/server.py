@@ -141,7 +141,10 @@ class Preparer:
         loaded = engine.loaded
         if loaded is None or engine.state != "ready":
             raise RPCError(protocol.SHUTTING_DOWN, "worker is shutting down")
-        return self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+        job = self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+        if engine.group is not None:
+            job.source = params  # shared with the other ranks as it came
+        return job
 
     def _guarded(self, request_id: RequestId, work: Callable[[], Any]) -> Any:
         """Run `work`; any failure becomes an RPCError that quotes nothing of
@@ -233,6 +236,11 @@ class Dispatcher:
             return self.engine.snapshot()
         if msg.id is None:
             return None  # the only notifications we honour need no answer
+        group = self.engine.group
+        if group is not None and not group.leader:
+            raise RPCError(
+                protocol.INVALID_REQUEST, f"rank {group.rank} follows rank 0; talk to rank 0"
+            )
         if method == protocol.GENERATE:
             self.admit()
             self.preparer.submit(msg.id, params)
@@ -283,6 +291,10 @@ class Dispatcher:
             )
 
 
+def _discard(data: bytes) -> None:
+    pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MLX_GATEWAY_LOG_LEVEL", "info"))
@@ -297,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--log-requests", action="store_true", help="log one line per request that ends"
     )
+    # A rank of a sharded worker (group.py): its place, the group's size,
+    # the ring's addresses (MLX's hostfile, as JSON) and the backend.
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--ring", default=None)
+    parser.add_argument("--backend", default="ring")
     args = parser.parse_args(argv)
 
     proto_fd = claim_stdout()
@@ -306,7 +324,9 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     writer = FrameWriter(proto_fd)
-    engine = Engine(writer.send, args.max_batch_size, args.prefill_step_size)
+    # Only rank 0 speaks for a sharded worker; the others compute silently.
+    send = writer.send if args.rank == 0 else _discard
+    engine = Engine(send, args.max_batch_size, args.prefill_step_size)
     engine.log_requests = args.log_requests
     dispatcher = Dispatcher(engine, writer)
 
@@ -317,7 +337,17 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
 
     threading.Thread(target=read, name="stdin-reader", daemon=True).start()
+    if args.ranks > 1:
+        from .group import Group
+
+        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend)
+        engine.group.connect()
     log.info("worker %d ready for load_model", os.getpid())
-    engine.run()
+    try:
+        engine.run()
+    except Exception:  # a bug must end the worker, not leave it half alive
+        log.exception("the engine failed")
+        logging.shutdown()
+        os._exit(1)
     logging.shutdown()
     os._exit(0)
