@@ -24,7 +24,7 @@ class FakeSupervisor:
     gate: dict[str, asyncio.Event] = {}  # a model's loads wait for its event
     fail: set[str] = set()  # models whose load crashes
 
-    def __init__(self, worker_id, spec, settings, metrics, on_change=lambda: None):
+    def __init__(self, worker_id, spec, settings, metrics, on_change=lambda: None, **_kw):
         self.id = worker_id
         self.spec = spec
         self._on_change = on_change
