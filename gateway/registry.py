@@ -572,6 +572,11 @@ class Registry:
             info["pids"] = [w.pid for w in model.pool.workers if w.pid]
         if model.load_seconds is not None:
             info["load_seconds"] = round(model.load_seconds, 3)
+            # Of which the worker spent loading the weights (the rest is the
+            # process starting and importing MLX).
+            inner = [w.loaded.get("load_s") for w in model.pool.workers if w.loaded]
+            if any(inner):
+                info["worker_load_seconds"] = max(x for x in inner if x)
         if model.loaded_at is not None:
             info["loaded_at"] = int(model.loaded_at)
         due = self.idle_deadline(model)
