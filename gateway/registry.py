@@ -162,6 +162,12 @@ class Registry:
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap(), name="model-reaper")
+        for name in self.settings.pins:
+            if name not in self.models:
+                log.warning("--pin %s: no such model (yet); it is pinned if it appears", name)
+        for alias, target in self.aliases.items():
+            if target not in self.models:
+                log.warning("--alias %s=%s: no such model (yet)", alias, target)
         if self.budget is not None:
             used = sum(self.usage(m) for m in self.models.values() if m.startup)
             if used > self.budget:

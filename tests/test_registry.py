@@ -285,3 +285,15 @@ def test_request_arriving_while_unloading_loads_the_model_again(models_dir):
         await reg.stop()
 
     run(go())
+
+
+def test_an_alias_resolves_to_its_model_and_unknown_names_to_nothing(models_dir):
+    async def go():
+        reg = registry(models_dir, aliases={"fast": "a"})
+        reg.start()
+        pool, worker = await use(reg, "fast")
+        assert pool is reg.models["a"].pool and worker.ready
+        assert reg.canonical("fast") == "a" and reg.resolve("nope") is None
+        await reg.stop()
+
+    run(go())
