@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import math
@@ -161,7 +162,9 @@ class Registry:
     # --- life ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap(), name="model-reaper")
+        self._reaper = asyncio.create_task(
+            self._reap(), name="model-reaper", context=contextvars.Context()
+        )
         for name in self.settings.pins:
             if name not in self.models:
                 log.warning("--pin %s: no such model (yet); it is pinned if it appears", name)
@@ -411,7 +414,11 @@ class Registry:
         """Start unloading (synchronously stop taking requests)."""
         model.status = Status.UNLOADING
         model.pool.drain()
-        model.task = asyncio.create_task(self._unload(model, reason), name=f"unload-{model.name}")
+        # A fresh context: an unload belongs to no request (a load keeps the
+        # context of the request that started it, so its log lines carry its id).
+        model.task = asyncio.create_task(
+            self._unload(model, reason), name=f"unload-{model.name}", context=contextvars.Context()
+        )
 
     async def _unload(self, model: Model, reason: str) -> None:
         rss = _rss(model.pool)

@@ -189,7 +189,7 @@ def test_no_room_in_time_fails_the_waiters_with_the_numbers(models_dir):
             await use(reg, "c")
         message = str(info.value)
         assert "the memory budget is 4.5 MB and busy, pinned or loading models hold 4 MB" in message
-        assert "a (2 MB), b (2 MB)" in message
+        assert "a (2 MB, busy), b (2 MB, busy)" in message
         await asyncio.sleep(0.1)
         assert reg.models["c"].status is Status.UNLOADED
         assert FakeSupervisor.starts == ["a", "b"]
