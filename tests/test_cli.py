@@ -30,13 +30,19 @@ def serve_actions():
     return [a for a in serve._actions if a.option_strings and a.dest != "help"]
 
 
+# Flags whose values are checked: a valid value, and what it parses to.
+SAMPLES = {"--keep-alive": ("5m", 300.0), "--log-format": ("json", "json")}
+
+
 def test_every_serve_flag_has_an_environment_variable():
     """Each flag, set through its documented variable (named here by the
     README's rule, not by the code under test), takes the variable's value."""
     for action in serve_actions():
         flag = action.option_strings[0]
         var = "MLX_GATEWAY_" + flag.removeprefix("--").upper().replace("-", "_")
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if flag in SAMPLES:
+            (raw, expected), attr = SAMPLES[flag], action.dest
+        elif isinstance(action, argparse.BooleanOptionalAction):
             raw, attr, expected = "true", action.dest, True
         elif action.nargs is None and isinstance(action, argparse._AppendAction):
             raw, attr, expected = "a,b", action.dest + "_env", ["a", "b"]
