@@ -133,6 +133,7 @@ class Registry:
         self._scanned = -math.inf
         self._scan_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task | None = None
+        self._rescan: asyncio.Task | None = None
         self._closing = False
         pins = set(settings.pins)
         for spec in settings.models:
@@ -184,7 +185,9 @@ class Registry:
     async def stop(self) -> None:
         """Stop loading and unloading; the pool stops the workers."""
         self._closing = True
-        tasks = [t for t in (self._reaper, *(m.task for m in self.models.values())) if t]
+        tasks = [
+            t for t in (self._reaper, self._rescan, *(m.task for m in self.models.values())) if t
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -232,6 +235,13 @@ class Registry:
             self._add(entries)
             self.update_gauges()
 
+    def _rescan_soon(self) -> None:
+        """An unknown name may be a model just added: look again, in the
+        background (the request itself gets its 404 now)."""
+        catalogued = self.settings.models_dirs or self.settings.models_hf_cache
+        if catalogued and not self._closing and (self._rescan is None or self._rescan.done()):
+            self._rescan = asyncio.create_task(self.refresh(), context=contextvars.Context())
+
     def lookup(self, name: str) -> Model | None:
         return self.models.get(self.aliases.get(name, name))
 
@@ -250,6 +260,7 @@ class Registry:
         A request's `keep_alive` may lengthen the model's stay."""
         model = self.lookup(name)
         if model is None:
+            self._rescan_soon()
             return None
         if keep_alive is not None:
             model.keep_alive_asked = (

@@ -297,3 +297,25 @@ def test_an_alias_resolves_to_its_model_and_unknown_names_to_nothing(models_dir)
         await reg.stop()
 
     run(go())
+
+
+def test_a_model_added_to_the_directory_is_found_after_a_miss(models_dir, monkeypatch):
+    from gateway import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "RESCAN_INTERVAL", 0.0)
+
+    async def go():
+        reg = registry(models_dir)
+        reg.start()
+        assert reg.resolve("new") is None
+        await reg._rescan  # the miss started a scan; nothing new yet
+        d = models_dir / "new"
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        assert reg.resolve("new") is None
+        await reg._rescan
+        _, worker = await use(reg, "new")
+        assert worker.ready and reg.models["new"].size_bytes == 2
+        await reg.stop()
+
+    run(go())
