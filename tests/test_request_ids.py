@@ -148,6 +148,11 @@ def test_every_line_is_json_and_no_prompt_is_logged(gw):
         assert {"time", "level", "logger", "message"} <= record.keys(), record
         assert record["level"] in {"debug", "info", "warning", "error", "critical"}
     assert any(r["logger"] == "worker.engine" for r in records)  # relayed worker lines
+    # The supervisor's lines about a worker name it in the field too.
+    loaded = [
+        r for r in records if r["logger"] == "gateway.supervisor" and "loaded" in r["message"]
+    ]
+    assert loaded and loaded[0]["worker"] == f"{MODEL_NAME}/0"
     assert SECRET not in gw.log()
 
 
