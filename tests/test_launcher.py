@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -58,8 +57,9 @@ def test_workers_per_host_and_groups_of_ranks():
     groups = make_launchers(OPTIONS, hosts=[], workers=2, shard=2)
     assert all(isinstance(g, GroupLauncher) and g.ranks == 2 for g in groups)
     assert all(g.port == 0 for g in groups)  # all local: free ports at each start
-    ring = json.loads(json.dumps(groups[0]._ring()))
+    ring, schedule = groups[0]._ring()
     assert len(ring) == 2 and all(r[0].startswith("127.0.0.1:") for r in ring)
+    assert schedule.startswith("127.0.0.1:") and [schedule] not in ring
 
     remote = make_launchers(
         OPTIONS,
@@ -70,8 +70,8 @@ def test_workers_per_host_and_groups_of_ranks():
     )
     # Each group gets its own run of ports, so two groups never collide.
     assert [g._ring() for g in remote] == [
-        [["10.0.0.1:32323"], ["10.0.0.2:32324"]],
-        [["10.0.0.1:32325"], ["10.0.0.2:32326"]],
+        ([["10.0.0.1:32323"], ["10.0.0.2:32324"]], "10.0.0.1:32325"),
+        ([["10.0.0.1:32326"], ["10.0.0.2:32327"]], "10.0.0.1:32328"),
     ]
     with pytest.raises(ValueError, match="needs 2"):
         make_launchers(OPTIONS, hosts=[], workers=1, shard=2, shard_hosts=[Host("local")])
