@@ -11,11 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
-from .config import Settings
+from worker.logs import FORMATS
+
+from . import __version__, logs
+from .config import Settings, parse_duration
 
 ENV_PREFIX = "MLX_GATEWAY_"
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)}")
+    return value
 
 
 def env_name(flag: str) -> str:
@@ -80,7 +87,21 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
     add(p, "--log-level", "debug, info, warning or error", str, d.log_level)
-    add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
+    add(
+        p,
+        "--log-format",
+        "text, or json for one JSON object per line (workers' lines too)",
+        _log_format,
+        d.log_format,
+    )
+    add(
+        p,
+        "--access-log",
+        "log every HTTP request (with its id, status, model, tokens and duration) "
+        "and, in each worker, every generation that ends",
+        switch=True,
+        default=d.access_log,
+    )
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
     add(
         p,
@@ -262,8 +283,63 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         d.response_store_bytes,
     )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
+    add(
+        p,
+        "--models-dir",
+        "serve every model under this directory, loaded on its first request; repeat",
+        repeat=True,
+    )
+    add(
+        p,
+        "--models-hf-cache",
+        "also serve, on demand, the models in the Hugging Face hub cache",
+        switch=True,
+    )
+    add(
+        p,
+        "--keep-alive",
+        "seconds (or 90s, 5m, 1h) an on-demand model stays loaded while idle; "
+        "0 unloads it as soon as it is idle, -1 never",
+        parse_duration,
+        d.keep_alive,
+    )
+    add(p, "--max-loaded-models", "most models loaded at once (idle ones are evicted, LRU)", int)
+    add(
+        p,
+        "--memory-budget",
+        "MB that loaded models may hold together (idle ones are evicted, LRU)",
+        float,
+    )
+    add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
+    add(p, "--alias", "ALIAS=MODEL: another id clients may send for a model; repeat", repeat=True)
     p.set_defaults(func=serve)
     return p
+
+
+def many_models(args: argparse.Namespace, models_dirs: list[str]) -> dict[str, Any]:
+    """The settings of models loaded on demand, checked."""
+    for path in models_dirs:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models-dir {path!r} is not a directory")
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise ValueError("--max-loaded-models must be at least 1")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise ValueError("--memory-budget must be more than 0 MB")
+    aliases = {}
+    for item in args.alias or args.alias_env or []:
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"--alias {item!r} is not ALIAS=MODEL")
+        aliases[alias.strip()] = target.strip()
+    return {
+        "models_dirs": models_dirs,
+        "models_hf_cache": args.models_hf_cache,
+        "keep_alive": args.keep_alive,
+        "max_loaded_models": args.max_loaded_models,
+        "memory_budget_mb": args.memory_budget,
+        "pins": list(args.pin or args.pin_env or []),
+        "aliases": aliases,
+    }
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -386,8 +462,16 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    models = args.model or args.model_env or [None]
+    logs.setup(args.log_level, args.log_format)
+    models_dirs = list(args.models_dir or args.models_dir_env or [])
+    on_demand = bool(models_dirs or args.models_hf_cache)
+    # With a catalogue, nothing is loaded at start unless named.
+    models = args.model or args.model_env or ([] if on_demand else [None])
+    try:
+        many = many_models(args, models_dirs)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     try:
         specs = [resolve(m, args.worker_python) for m in models]
     except ModelSourceError as exc:
@@ -413,6 +497,7 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_format=args.log_format,
         access_log=args.access_log,
         worker_python=args.worker_python,
         **placement,
@@ -446,6 +531,7 @@ def serve(args: argparse.Namespace) -> int:
         response_store_size=args.response_store_size,
         response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
+        **many,
     )
     logger = logging.getLogger("gateway")
     for spec in specs:
@@ -462,7 +548,8 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        # The app writes its own access log, with request ids (request_id.py).
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         http=connections.http_protocol(
             header_timeout=settings.header_timeout,

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from dataclasses import dataclass, field
+
+DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from 300, "300", "90s", "5m", "1h" (or a negative number: forever)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (e.g. 300, 90s, 5m, 1h, -1)")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration")
+    return -1.0 if seconds < 0 else seconds
 
 
 @dataclass(frozen=True)
@@ -19,6 +38,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object per line
     access_log: bool = False
     # The interpreter that runs `-m worker`: point it at a separate, pinned
     # environment to upgrade mlx without touching the gateway's.
@@ -68,6 +88,14 @@ class Settings:
     response_store_bytes: int = 64 * 1024 * 1024  # most bytes kept
     log_prompts: bool = False  # log prompts and completions (debugging only)
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
+    # Models loaded on demand (see registry.py).
+    models_dirs: list[str] = field(default_factory=list)  # the catalogue's directories
+    models_hf_cache: bool = False  # also offer models in the Hugging Face hub cache
+    keep_alive: float = 300.0  # idle seconds before an on-demand model unloads; -1 never
+    max_loaded_models: int | None = None
+    memory_budget_mb: float | None = None
+    pins: list[str] = field(default_factory=list)  # never unloaded when idle nor evicted
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> model name
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)

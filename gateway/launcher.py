@@ -101,6 +101,7 @@ class SpawnOptions:
     remote_python: str  # ... and on ssh hosts (a path or a shell word list)
     ssh_command: str  # the ssh client and any options of the user's
     log_level: str
+    log_requests: bool = False  # one log line per request that ends (with --access-log)
 
 
 class WorkerProcess:
@@ -172,7 +173,12 @@ async def _exec(argv: list[str], env: dict[str, str] | None = None) -> asyncio.s
 
 
 def worker_args(options: SpawnOptions, extra: list[str] = ()) -> list[str]:
-    return ["-m", "worker", "--log-level", options.log_level, *extra]
+    # JSON log lines: the relay parses them back and writes them in the
+    # gateway's own format.
+    logging = ["--log-level", options.log_level, "--log-format", "json"]
+    if options.log_requests:
+        logging.append("--log-requests")
+    return ["-m", "worker", *logging, *extra]
 
 
 async def spawn_on(host: Host, options: SpawnOptions, extra: list[str] = ()) -> WorkerProcess:

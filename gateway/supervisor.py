@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from worker import protocol
 
+from . import logs
 from .config import ModelSpec, Settings
 from .launcher import LocalLauncher, SpawnOptions
 from .metrics import Metrics
@@ -37,7 +38,6 @@ log = logging.getLogger("gateway.supervisor")
 
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
-worker_log = logging.getLogger("gateway.worker")
 OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
@@ -82,6 +82,7 @@ class Supervisor:
         self.failure: str | None = None
         self.ready_since: float | None = None
         self.health: dict = {}  # the worker's last heartbeat answer
+        self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
         self._host_down = False  # ssh could not reach the host on the last try
         self._host_backoff = settings.restart_backoff  # next wait before trying it again
@@ -102,6 +103,11 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.state is State.READY and self.client is not None and not self.client.is_closed
+
+    @property
+    def last_words(self) -> str | None:
+        """The worker's last line on stderr: often why it died."""
+        return self._stderr_tail[-1] if self._stderr_tail else None
 
     def start(self) -> None:
         self._stopping.clear()
@@ -136,6 +142,7 @@ class Supervisor:
             **self._group_info(),
             # As of the last heartbeat: requests the worker itself holds.
             "active": self.health.get("active", 0) if self.ready else 0,
+            "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
         }
@@ -252,7 +259,12 @@ class Supervisor:
             return "spawn_failed"
         proc = self.process
         relay = asyncio.create_task(self._relay_stderr(proc), name=f"stderr-{self.id}")
-        client = WorkerClient(proc.stdout, proc.stdin, self.id)
+        client = WorkerClient(
+            proc.stdout,
+            proc.stdin,
+            self.id,
+            on_protocol_error=self.metrics.protocol_errors.labels(self.spec.name, self.id).inc,
+        )
         self.client = client
         reason = "crash"
         why = "the worker was lost"
@@ -280,10 +292,6 @@ class Supervisor:
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
-            if client.protocol_errors:
-                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
-                    client.protocol_errors
-                )
         if reason == "crash" and self.ready_since is None and proc.unreachable():
             self.last_exit = f"ssh exited with code {proc.returncode}"
             self.failure = f"host {self.launcher.host.label} unreachable: " + (
@@ -333,6 +341,7 @@ class Supervisor:
             log.error("%s: %s", self.id, self.last_exit)
             return "load_failed"
         info = load.result()
+        self.loaded = info
         log.info(
             "%s: pid %s loaded %s in %.2fs",
             self.id,
@@ -442,6 +451,11 @@ class Supervisor:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
+            log.warning(
+                "%s: still running %.0fs after SIGTERM; SIGKILL",
+                self.id,
+                self.settings.worker_stop_timeout,
+            )
         # A crashed or wedged worker gets no courtesy. Fail what it held
         # first: the kill and the wait for its exit take a moment.
         client.abandon(why)
@@ -454,7 +468,6 @@ class Supervisor:
             _signal(self.process, signal.SIGKILL)
 
     async def _relay_stderr(self, proc) -> None:
-        prefix = f"[{self.id} pid {proc.pid}]"
         try:
             while True:
                 try:
@@ -463,9 +476,8 @@ class Supervisor:
                     continue
                 if not line:
                     return
-                text = line.decode("utf-8", "replace").rstrip()[:4000]
-                self._stderr_tail.append(text)
-                worker_log.info("%s %s", prefix, text)
+                text = line.decode("utf-8", "replace").rstrip()[:16000]
+                self._stderr_tail.append(logs.relay(self.id, proc.pid, text))
         except asyncio.CancelledError:
             pass
 
@@ -496,6 +508,7 @@ def spawn_options(settings: Settings) -> SpawnOptions:
         remote_python=settings.remote_python or settings.worker_python,
         ssh_command=settings.ssh_command,
         log_level=settings.log_level,
+        log_requests=settings.access_log,
     )
 
 

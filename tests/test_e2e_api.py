@@ -138,6 +138,47 @@ def test_every_role_and_tool_round_trip(client):
     assert resp.choices[0].finish_reason in ("stop", "length")
 
 
+def test_every_role_and_tool_call_reaches_the_template(client):
+    """The content of each role, content parts and an assistant's tool calls
+    are rendered into the prompt: 40 words instead of one add 39 tokens."""
+    many = " ".join(["river"] * 40)
+
+    def conversation(text: str, slot: str) -> list[dict]:
+        def t(name):
+            return text if slot == name else "river"
+
+        return [
+            {"role": "system", "content": t("system")},
+            {"role": "developer", "content": [{"type": "text", "text": t("developer")}]},
+            {"role": "user", "content": t("user")},
+            {
+                "role": "assistant",
+                "content": t("assistant"),
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {
+                            "name": "get_weather",
+                            "arguments": json.dumps({"city": t("arguments"), "unit": "c"}),
+                        },
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": t("tool")},
+        ]
+
+    def prompt_tokens(messages) -> int:
+        return chat(client, messages=messages, max_tokens=1).usage.prompt_tokens
+
+    base = prompt_tokens(conversation("river", ""))
+    for slot in ("system", "developer", "user", "assistant", "arguments", "tool"):
+        assert prompt_tokens(conversation(many, slot)) == base + 39, slot
+    without_calls = conversation("river", "")
+    del without_calls[3]["tool_calls"]
+    assert prompt_tokens(without_calls) < base - 5  # the call's name and arguments
+
+
 # --- sampling -----------------------------------------------------------------------
 
 
@@ -380,7 +421,9 @@ def test_tool_call_streaming_deltas(client):
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
     )
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(deltas) > 2  # arguments arrive in fragments
+    # How many fragments reach the client depends on how fast it reads (the
+    # gateway merges what piles up); test_worker checks the worker streams
+    # every token's fragment.
     first = deltas[0]
     assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
     assert first.function.name == "get_weather"
@@ -389,21 +432,46 @@ def test_tool_call_streaming_deltas(client):
     jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
-    # Required mode streams too: each call's first delta names it, the rest
-    # carry its arguments as they are generated.
+    # Required mode streams each call's arguments as they are generated too.
     chunks = chat_stream(client, tools=TOOLS, tool_choice="required", max_tokens=3000, seed=2)
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     calls: dict[int, dict] = {}
     for d in deltas:
         if d.index not in calls:
-            assert d.id.startswith("call_") and d.function.name in SCHEMAS
+            assert d.id.startswith("call_") and d.function.name in SCHEMAS, d
             calls[d.index] = {"name": d.function.name, "arguments": ""}
         else:
-            assert d.id is None and d.function.name is None
+            assert d.id is None and d.function.name is None, d
         calls[d.index]["arguments"] += d.function.arguments or ""
-    assert calls and len(deltas) > len(calls)
+    assert calls
     for call in calls.values():
         jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_forced_tool_call_cut_by_max_tokens_stays_a_tool_call(client):
+    """A required call cut short comes back as a (partial) tool call with
+    finish_reason length, never as the raw JSON in content."""
+    for stream in (False, True):
+        # Enough tokens to name the function (the tiny model spells JSON out
+        # a character at a time), too few to finish its arguments.
+        body = {"tools": TOOLS[:1], "tool_choice": "required", "max_tokens": 60, "seed": 3}
+        if stream:
+            chunks = chat_stream(client, **body)
+            deltas = [
+                tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])
+            ]
+            content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert deltas and deltas[0].function.name in SCHEMAS
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            choice = chat(client, **body).choices[0]
+            assert choice.finish_reason == "length"
+            assert (
+                choice.message.tool_calls and choice.message.tool_calls[0].function.name in SCHEMAS
+            )
+            content = choice.message.content or ""
+        assert "{" not in content and "name" not in content, content
 
 
 def test_tool_choice_auto_and_none_let_the_model_answer(client):
@@ -421,7 +489,10 @@ def test_reasoning_goes_to_reasoning_content(client):
     message = resp.choices[0].message
     reasoning = message.model_extra.get("reasoning_content")
     assert reasoning and "<think>" not in reasoning and "</think>" not in reasoning
-    assert "</think>" not in (message.content or "")[:1]
+    # The reasoning's end marker is consumed, not left at the start of the
+    # reply. (This random model may write markers again later in its reply;
+    # those stay in the content.)
+    assert not (message.content or "").lstrip().startswith("</think>")
     chunks = chat_stream(client, model=THINK, max_tokens=200, seed=3)
     assert joined(chunks, "reasoning_content") == reasoning
     assert joined(chunks) == message.content

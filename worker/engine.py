@@ -103,6 +103,7 @@ class Engine:
         self.group = None
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
+        self.log_requests = False  # one info line per request that ends
 
     # --- called from the reader thread -----------------------------------------
 
@@ -276,6 +277,7 @@ class Engine:
                     "context_length": context,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
+                    "memory": dict(self.memory),
                 },
             )
         )
@@ -486,6 +488,16 @@ class Engine:
         result["timings"] = job.timings(now)
         result["memory"] = dict(self.memory, kv_cache_mb=round(kv_bytes / MB, 3))
         self._send(protocol.result_response(job.request_id, result))
+        if self.log_requests:
+            timings = result["timings"]
+            _log_job(
+                job,
+                logging.INFO,
+                "finished",
+                finish_reason=job.finish_reason,
+                ttft_ms=round(timings["ttft_s"] * 1000, 1),
+                total_ms=round(timings["total_s"] * 1000, 1),
+            )
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.uid, None)
@@ -501,6 +513,8 @@ class Engine:
             self._generator.remove([job.uid])
         if job is not None:
             self._forget(job)
+            if self.log_requests:
+                _log_job(job, logging.INFO, "cancelled")
             self._send(
                 protocol.error_response(
                     job.request_id, protocol.CANCELLED, "request cancelled", {"usage": job.usage()}
@@ -526,6 +540,7 @@ class Engine:
         code = protocol.OUT_OF_MEMORY if _is_oom(exc) else protocol.INTERNAL_ERROR
         log.error("generation step failed (%s): %s", protocol.ERROR_NAMES[code], message)
         for job in list(self._jobs.values()):
+            _log_job(job, logging.ERROR, "failed", error=protocol.ERROR_NAMES[code])
             self._send(
                 protocol.error_response(job.request_id, code, f"generation failed: {message}")
             )
@@ -542,6 +557,23 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+
+
+def _log_job(job: Job, level: int, message: str, **fields: object) -> None:
+    """A log line about one request: its id and sizes, never its text."""
+    usage = job.usage()
+    log.log(
+        level,
+        message,
+        extra={
+            "request_id": job.http_request_id,
+            "rpc_id": job.request_id,
+            "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["cached_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            **fields,
+        },
+    )
 
 
 def _wire(command: tuple) -> list:

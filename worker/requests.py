@@ -249,6 +249,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         processors=processors,
         grammar=constraint,
         cache_key=_cache_key(params),
+        http_request_id=protocol.http_request_id(params),
     )
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol, requests
+from . import logs, protocol, requests
 from .engine import Engine
 from .job import Job
 from .protocol import RequestId, RPCError
@@ -207,6 +207,15 @@ class Dispatcher:
         try:
             result = self.dispatch(msg)
         except RPCError as exc:
+            if msg.method == protocol.GENERATE and self.engine.log_requests:
+                log.info(
+                    "refused",
+                    extra={
+                        "request_id": protocol.http_request_id(msg.params),
+                        "rpc_id": msg.id,
+                        "error": exc.name,
+                    },
+                )
             if msg.id is not None:
                 self.writer.send(protocol.error_response(msg.id, exc.code, exc.message, exc.data))
             return
@@ -291,6 +300,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-level", default=os.environ.get("MLX_GATEWAY_LOG_LEVEL", "info"))
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--prefill-step-size", type=int, default=512)
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=os.environ.get("MLX_GATEWAY_LOG_FORMAT", "text"),
+        help="the gateway runs its workers with json and relays their lines",
+    )
+    parser.add_argument(
+        "--log-requests", action="store_true", help="log one line per request that ends"
+    )
     # A rank of a sharded worker (group.py): its place, the group's size,
     # the ring's addresses (MLX's hostfile, as JSON) and the backend.
     parser.add_argument("--rank", type=int, default=0)
@@ -301,11 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     proto_fd = claim_stdout()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.log_level, args.log_format)
     # The gateway decides when a worker stops; a Ctrl-C in its terminal
     # reaches it, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -314,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     # Only rank 0 speaks for a sharded worker; the others compute silently.
     send = writer.send if args.rank == 0 else _discard
     engine = Engine(send, args.max_batch_size, args.prefill_step_size)
+    engine.log_requests = args.log_requests
     dispatcher = Dispatcher(engine, writer)
 
     def read() -> None:
