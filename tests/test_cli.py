@@ -30,8 +30,8 @@ def serve_actions():
     return [a for a in serve._actions if a.option_strings and a.dest != "help"]
 
 
-# Flags whose values are checked: a valid value, and what it parses to.
-SAMPLES = {"--keep-alive": ("5m", 300.0), "--log-format": ("json", "json")}
+# Flags whose values are checked by a type of their own: a valid sample each.
+TYPED_SAMPLES = {"--log-format": ("json", "json"), "--keep-alive": ("90s", 90.0)}
 
 
 def test_every_serve_flag_has_an_environment_variable():
@@ -40,9 +40,7 @@ def test_every_serve_flag_has_an_environment_variable():
     for action in serve_actions():
         flag = action.option_strings[0]
         var = "MLX_GATEWAY_" + flag.removeprefix("--").upper().replace("-", "_")
-        if flag in SAMPLES:
-            (raw, expected), attr = SAMPLES[flag], action.dest
-        elif isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(action, argparse.BooleanOptionalAction):
             raw, attr, expected = "true", action.dest, True
         elif action.nargs is None and isinstance(action, argparse._AppendAction):
             raw, attr, expected = "a,b", action.dest + "_env", ["a", "b"]
@@ -50,6 +48,9 @@ def test_every_serve_flag_has_an_environment_variable():
             raw, attr, expected = "7", action.dest, 7
         elif action.type is float:
             raw, attr, expected = "7.5", action.dest, 7.5
+        elif flag in TYPED_SAMPLES:
+            raw, expected = TYPED_SAMPLES[flag]
+            attr = action.dest
         else:
             raw, attr, expected = "some-value", action.dest, "some-value"
         args = parse(env={var: raw})
