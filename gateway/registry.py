@@ -48,6 +48,10 @@ MB = 1024 * 1024
 # before a model added to them is found without anyone listing /v1/models.
 RESCAN_INTERVAL = 2.0
 RESCAN_EVERY = 10.0
+# After a failed load, requests get its error at once for LOAD_RETRY_BASE
+# seconds, doubling with each failure in a row up to LOAD_RETRY_MAX.
+LOAD_RETRY_BASE = 1.0
+LOAD_RETRY_MAX = 60.0
 # How long a load may take beyond --load-timeout (spawning, resolving) before
 # the registry gives up on it.
 LOAD_SLACK = 30.0
@@ -116,6 +120,8 @@ class Model:
     last_error: str | None = None
     error: Exception | None = None  # why the last load failed
     weights_bytes: int | None = None  # as its workers measured once loaded
+    failures: int = 0  # failed loads in a row
+    retry_at: float = 0.0  # monotonic: before this, requests get the last failure at once
     loads: int = 0
     unloads: dict[str, int] = field(default_factory=dict)  # by reason
     changed: Signal = field(default_factory=Signal)
@@ -289,8 +295,17 @@ class Registry:
         """A request waits for `model`: load it unless it is loaded or loading.
 
         An unloading model is loaded again once its unload ends (see _unload)."""
-        if model.status is Status.UNLOADED and not self._closing:
-            self._begin_load(model)
+        if model.status is not Status.UNLOADED or self._closing:
+            return
+        wait = model.retry_at - time.monotonic()
+        if wait > 0 and model.error is not None:
+            # Its last load failed moments ago: answer with that failure
+            # rather than start (and crash) another worker per request.
+            model.pool.fail_waiters(
+                ModelLoadFailed(f"{model.error} (the next load is tried in {wait:.0f}s)")
+            )
+            return
+        self._begin_load(model)
 
     def _begin_load(self, model: Model) -> None:
         model.status = Status.LOADING
@@ -339,6 +354,13 @@ class Registry:
             model.last_error = str(error)
             self.metrics.model_loads.labels(model.name, _load_result(error)).inc()
             log.error("%s: %s", model.name, error)
+            if spawned:
+                # Requests after a failed load get its error at once for a
+                # while (1 s, doubling up to a minute), then a new load is tried.
+                model.failures += 1
+                model.retry_at = time.monotonic() + min(
+                    LOAD_RETRY_MAX, LOAD_RETRY_BASE * 2 ** (model.failures - 1)
+                )
             pool.fail_waiters(error)
             await self._stop(model, "load_failed" if spawned else None)
             return
@@ -346,6 +368,7 @@ class Registry:
             pool.blocked = None
         model.status = Status.LOADED
         model.loads += 1
+        model.failures = 0
         model.loaded_at = time.time()
         model.load_seconds = time.perf_counter() - started
         model.weights_bytes = self._measured_weights(model)

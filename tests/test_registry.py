@@ -221,10 +221,15 @@ def test_a_crash_during_load_reaches_every_waiter_and_the_model_stays_unloaded(m
         results = await asyncio.gather(*(use(reg, "a") for _ in range(5)), return_exceptions=True)
         assert all(isinstance(r, ModelLoadFailed) for r in results), results
         assert "SIGSEGV" in str(results[0]) and "Segmentation fault" in str(results[0])
-        await asyncio.sleep(0.05)
+        await reg.models["a"].task
         assert reg.models["a"].status is Status.UNLOADED
         assert FakeSupervisor.starts == ["a"]
-        FakeSupervisor.fail.clear()  # the next request tries again
+        # For a while, requests get that failure at once, without a new worker.
+        with pytest.raises(ModelLoadFailed, match="next load is tried in 1s"):
+            await use(reg, "a")
+        assert FakeSupervisor.starts == ["a"]
+        FakeSupervisor.fail.clear()
+        reg.models["a"].retry_at = 0.0  # that while is over: the next request tries again
         _, worker = await use(reg, "a")
         assert worker.ready and FakeSupervisor.starts == ["a", "a"]
         await reg.stop()
