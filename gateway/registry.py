@@ -482,7 +482,7 @@ class Registry:
         self.update_gauges()
         self.changed.notify()
         if model.pool.waiting and not self._closing:
-            self._begin_load(model)  # requests arrived while it unloaded
+            self.demand(model)  # requests arrived while it unloaded
 
     async def unload(self, name: str) -> Model:
         """Unload a model now (the admin API); refused while it is busy."""
