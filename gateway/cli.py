@@ -76,6 +76,13 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "prefix NAME= to set the served id; repeat to serve several",
         repeat=True,
     )
+    add(
+        p,
+        "--alias",
+        "PATTERN=MODEL: serve MODEL to clients that ask for a name matching the glob "
+        "PATTERN (e.g. 'claude-*=mlx-gateway-demo'); repeat for several",
+        repeat=True,
+    )
     add(p, "--workers", "worker processes per model", int, d.workers)
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
@@ -225,6 +232,19 @@ def api_keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
+def parse_aliases(values: list[str], served: list[str]) -> list[tuple[str, str]]:
+    """`PATTERN=MODEL` flags as (pattern, model); MODEL must be served."""
+    aliases = []
+    for value in values:
+        pattern, sep, model = value.partition("=")
+        if not sep or not pattern.strip() or not model.strip():
+            raise ValueError(f"--alias {value!r}: expected PATTERN=MODEL")
+        if model.strip() not in served:
+            raise ValueError(f"--alias {value!r}: {model.strip()!r} is not a served model {served}")
+        aliases.append((pattern.strip(), model.strip()))
+    return aliases
+
+
 def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("openapi", help="print (or write) the OpenAPI spec of the HTTP API")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
@@ -316,8 +336,14 @@ def serve(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
         return 2
+    try:
+        aliases = parse_aliases(args.alias or args.alias_env or [], names)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     settings = Settings(
         models=specs,
+        aliases=aliases,
         workers=args.workers,
         host=args.host,
         port=args.port,

@@ -15,6 +15,8 @@ class ModelSpec:
 @dataclass
 class Settings:
     models: list[ModelSpec] = field(default_factory=list)
+    # (glob pattern, served model name): other names clients may send, in order.
+    aliases: list[tuple[str, str]] = field(default_factory=list)
     workers: int = 1  # worker processes per model
     host: str = "127.0.0.1"
     port: int = 8000

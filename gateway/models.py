@@ -1,4 +1,7 @@
-"""GET /v1/models and /v1/models/{id}: the served models, in OpenAI's shape."""
+"""GET /v1/models and /v1/models/{id}: the served models, in OpenAI's shape.
+
+Aliases (--alias PATTERN=MODEL) are listed too, each with `alias_of`.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ async def list_models(request: Request) -> Response:
     """The served models."""
     ctx = Context.of(request)
     cards = [_card(name, ctx.created) for name in ctx.pool.models]
+    for pattern, model in ctx.settings.aliases:
+        cards.append({**_card(pattern, ctx.created), "alias_of": model})
     return _json({"object": "list", "data": cards})
 
 
@@ -36,6 +41,10 @@ async def list_models(request: Request) -> Response:
 async def get_model(model_id: str, request: Request) -> Response:
     """One served model."""
     ctx = Context.of(request)
-    if ctx.pool.resolve(model_id) is None:
+    found = ctx.pool.resolve(model_id)
+    if found is None:
         raise errors.model_not_found(model_id)
-    return _json(_card(model_id, ctx.created))
+    card = _card(model_id, ctx.created)
+    if found.spec.name != model_id:
+        card["alias_of"] = found.spec.name
+    return _json(card)

@@ -10,6 +10,7 @@ or the model has failed.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import logging
 import math
@@ -386,8 +387,14 @@ class Pool:
         return [w for pool in self.models.values() for w in pool.workers]
 
     def resolve(self, name: str) -> ModelPool | None:
-        """The pool serving the model a client named; None if none does."""
-        return self.models.get(name)
+        """The pool serving the model a client named, directly or through
+        the first alias whose glob matches; None if none does."""
+        found = self.models.get(name)
+        if found is None:
+            for pattern, model in self.settings.aliases:
+                if fnmatch.fnmatchcase(name, pattern):
+                    return self.models[model]
+        return found
 
     def start(self) -> None:
         for worker in self.workers:

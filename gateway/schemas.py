@@ -45,11 +45,13 @@ class ToolCall(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": the deprecated functions API's result turn.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # deprecated: an assistant's one call
 
 
 class FunctionDefinition(_Body):
@@ -139,6 +141,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Deprecated by OpenAI in favour of tools; mapped onto them.
+    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -205,9 +210,10 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
+    function_call: ResponseFunctionCall | None = None  # for requests with `functions`
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatChoice(BaseModel):
@@ -254,6 +260,7 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    alias_of: str | None = None  # the served model an alias (a glob) stands for
 
 
 class ModelList(BaseModel):
