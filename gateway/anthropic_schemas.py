@@ -169,6 +169,9 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     type: Literal["error"]
     error: ErrorDetail
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in its X-Request-Id response header"
+    )
 
 
 class Usage(BaseModel):

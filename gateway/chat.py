@@ -308,6 +308,7 @@ class Chat:
     def __init__(self, body: ChatCompletionRequest):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         self._logprobs = bool(body.logprobs)
         self._legacy = body.functions is not None

@@ -11,11 +11,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
-from .config import Settings
+from worker.logs import FORMATS
+
+from . import __version__, logs
+from .config import Settings, parse_duration
 
 ENV_PREFIX = "MLX_GATEWAY_"
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _log_format(value: str) -> str:
+    if value not in FORMATS:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)}")
+    return value
 
 
 def env_name(flag: str) -> str:
@@ -76,19 +83,54 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "prefix NAME= to set the served id; repeat to serve several",
         repeat=True,
     )
-    add(
-        p,
-        "--alias",
-        "PATTERN=MODEL: serve MODEL to clients that ask for a name matching the glob "
-        "PATTERN (e.g. 'claude-*=mlx-gateway-demo'); repeat for several",
-        repeat=True,
-    )
     add(p, "--workers", "worker processes per model", int, d.workers)
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
     add(p, "--log-level", "debug, info, warning or error", str, d.log_level)
-    add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
+    add(
+        p,
+        "--log-format",
+        "text, or json for one JSON object per line (workers' lines too)",
+        _log_format,
+        d.log_format,
+    )
+    add(
+        p,
+        "--access-log",
+        "log every HTTP request (with its id, status, model, tokens and duration) "
+        "and, in each worker, every generation that ends",
+        switch=True,
+        default=d.access_log,
+    )
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
+    add(
+        p,
+        "--worker-host",
+        "where workers run: `local` or an ssh destination (user@host); --workers "
+        "workers on each; repeat for several hosts",
+        repeat=True,
+    )
+    add(
+        p,
+        "--remote-python",
+        "the Python that runs the workers on ssh hosts (default: --worker-python)",
+    )
+    add(p, "--ssh-command", "the ssh client and its options", str, d.ssh_command)
+    add(p, "--shard", "ranks per worker: split each model over an MLX ring of N", int, d.shard)
+    add(
+        p,
+        "--shard-hosts",
+        "one host per rank, rank 0 first: `local` or user@host[=IP]; comma-separate or repeat",
+        repeat=True,
+    )
+    add(p, "--shard-backend", "MLX distributed backend of the ranks", str, d.shard_backend)
+    add(
+        p,
+        "--shard-port",
+        "first TCP port of the ring (one per rank); 0 picks free ports when all ranks are local",
+        int,
+        d.shard_port,
+    )
     add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
     add(
         p,
@@ -136,6 +178,27 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "largest request body in bytes (larger gets 413)",
         int,
         d.max_body_size,
+    )
+    add(
+        p,
+        "--header-timeout",
+        "seconds a client has to send its request headers (408 after)",
+        float,
+        d.header_timeout,
+    )
+    add(
+        p,
+        "--body-timeout",
+        "seconds a request body may stop arriving (408 after)",
+        float,
+        d.body_timeout,
+    )
+    add(
+        p,
+        "--max-connections",
+        "open client connections; more are refused with 503 at once (default: 4096, or "
+        "fewer where the open-file limit, less a reserve to restart workers, is lower)",
+        int,
     )
     add(p, "--max-tokens-cap", "most tokens a reply may have; larger max_tokens gets 400", int)
     add(
@@ -220,8 +283,69 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         d.response_store_bytes,
     )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
+    add(
+        p,
+        "--models-dir",
+        "serve every model under this directory, loaded on its first request; repeat",
+        repeat=True,
+    )
+    add(
+        p,
+        "--models-hf-cache",
+        "also serve, on demand, the models in the Hugging Face hub cache",
+        switch=True,
+    )
+    add(
+        p,
+        "--keep-alive",
+        "seconds (or 90s, 5m, 1h) an on-demand model stays loaded while idle; "
+        "0 unloads it as soon as it is idle, -1 never",
+        parse_duration,
+        d.keep_alive,
+    )
+    add(p, "--max-loaded-models", "most models loaded at once (idle ones are evicted, LRU)", int)
+    add(
+        p,
+        "--memory-budget",
+        "MB that loaded models may hold together (idle ones are evicted, LRU)",
+        float,
+    )
+    add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
+    add(
+        p,
+        "--alias",
+        "ALIAS=MODEL: another id clients may send for a model, or a glob of ids "
+        "(e.g. 'claude-*=NAME' for the names Claude Code sends); repeat",
+        repeat=True,
+    )
     p.set_defaults(func=serve)
     return p
+
+
+def many_models(args: argparse.Namespace, models_dirs: list[str]) -> dict[str, Any]:
+    """The settings of models loaded on demand, checked."""
+    for path in models_dirs:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models-dir {path!r} is not a directory")
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise ValueError("--max-loaded-models must be at least 1")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise ValueError("--memory-budget must be more than 0 MB")
+    aliases = {}
+    for item in args.alias or args.alias_env or []:
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"--alias {item!r} is not ALIAS=MODEL")
+        aliases[alias.strip()] = target.strip()
+    return {
+        "models_dirs": models_dirs,
+        "models_hf_cache": args.models_hf_cache,
+        "keep_alive": args.keep_alive,
+        "max_loaded_models": args.max_loaded_models,
+        "memory_budget_mb": args.memory_budget,
+        "pins": list(args.pin or args.pin_env or []),
+        "aliases": aliases,
+    }
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -230,19 +354,6 @@ def api_keys(args: argparse.Namespace) -> list[str]:
         with open(args.api_key_file, encoding="utf-8") as f:
             keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
     return keys
-
-
-def parse_aliases(values: list[str], served: list[str]) -> list[tuple[str, str]]:
-    """`PATTERN=MODEL` flags as (pattern, model); MODEL must be served."""
-    aliases = []
-    for value in values:
-        pattern, sep, model = value.partition("=")
-        if not sep or not pattern.strip() or not model.strip():
-            raise ValueError(f"--alias {value!r}: expected PATTERN=MODEL")
-        if model.strip() not in served:
-            raise ValueError(f"--alias {value!r}: {model.strip()!r} is not a served model {served}")
-        aliases.append((pattern.strip(), model.strip()))
-    return aliases
 
 
 def openapi_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -314,14 +425,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """Where workers run (the --worker-host and --shard flags), checked."""
+    from .launcher import parse_host
+
+    hosts = _split(args.worker_host or args.worker_host_env)
+    shard_hosts = _split(args.shard_hosts or args.shard_hosts_env)
+    for h in [*hosts, *shard_hosts]:
+        parse_host(h)
+    if args.shard < 1:
+        raise ValueError("--shard must be 1 or more")
+    if args.shard > 1 and hosts:
+        raise ValueError("use --shard-hosts, not --worker-host, to place the ranks of --shard")
+    if shard_hosts and len(shard_hosts) != args.shard:
+        raise ValueError(
+            f"--shard {args.shard} needs {args.shard} --shard-hosts (rank 0 first), "
+            f"got {len(shard_hosts)}"
+        )
+    if args.shard_backend != "ring":
+        # JACCL needs its RDMA device map and coordinator passed to each
+        # rank, which the launcher does not do yet.
+        raise ValueError("--shard-backend supports only ring so far")
+    return {
+        "worker_hosts": hosts,
+        "remote_python": args.remote_python,
+        "ssh_command": args.ssh_command,
+        "shard": args.shard,
+        "shard_hosts": shard_hosts,
+        "shard_backend": args.shard_backend,
+        "shard_port": args.shard_port,
+    }
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import connections
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    models = args.model or args.model_env or [None]
+    logs.setup(args.log_level, args.log_format)
+    models_dirs = list(args.models_dir or args.models_dir_env or [])
+    on_demand = bool(models_dirs or args.models_hf_cache)
+    # With a catalogue, nothing is loaded at start unless named.
+    models = args.model or args.model_env or ([] if on_demand else [None])
+    try:
+        many = many_models(args, models_dirs)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     try:
         specs = [resolve(m, args.worker_python) for m in models]
     except ModelSourceError as exc:
@@ -332,24 +488,25 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"mlx-gateway: error: cannot read the API key file: {exc}", file=sys.stderr)
         return 2
+    try:
+        placement = _placement(args)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
         return 2
-    try:
-        aliases = parse_aliases(args.alias or args.alias_env or [], names)
-    except ValueError as exc:
-        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
-        return 2
     settings = Settings(
         models=specs,
-        aliases=aliases,
         workers=args.workers,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_format=args.log_format,
         access_log=args.access_log,
         worker_python=args.worker_python,
+        **placement,
         max_batch_size=args.max_batch_size,
         prefill_step_size=args.prefill_step_size,
         max_queue=args.max_queue,
@@ -362,6 +519,9 @@ def serve(args: argparse.Namespace) -> int:
         restart_window=args.restart_window,
         shutdown_grace=args.shutdown_grace,
         max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
@@ -377,17 +537,31 @@ def serve(args: argparse.Namespace) -> int:
         response_store_size=args.response_store_size,
         response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
+        **many,
     )
+    logger = logging.getLogger("gateway")
     for spec in specs:
-        logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)
+        logger.info("serving %s from %s", spec.name, spec.path)
+    cap, warning = connections.connection_limit(
+        settings.max_connections, settings.workers * len(specs)
+    )
+    if warning:
+        logger.warning("%s", warning)
+    logger.info("accepting at most %d connections at once", cap)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        # The app writes its own access log, with request ids (request_id.py).
+        access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
+        http=connections.http_protocol(
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            max_connections=cap,
+        ),
     )
     try:
         uvicorn.Server(config).run()

@@ -12,10 +12,13 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from worker import protocol
 from worker.protocol import RPCError
+
+from .request_id import current as current_request_id
 
 log = logging.getLogger("gateway.rpc")
 
@@ -78,6 +81,9 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
+        # Names the request (never its content) across retries, so a worker
+        # death can be laid at the door of the one request it held.
+        self.fingerprint: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
     @property
@@ -172,8 +178,17 @@ class Generation:
 
 
 class WorkerClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        on_protocol_error: Callable[[], None] = lambda: None,
+    ):
         self.name = name
+        # Called at each unreadable frame, so a live worker's stray output is
+        # counted as it happens, not when the worker ends.
+        self._on_protocol_error = on_protocol_error
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -182,6 +197,13 @@ class WorkerClient:
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.protocol_errors = 0
         self.protocol_failed = False  # the stream broke (oversized or cut frame)
+        # Fingerprints of the requests in flight when the worker was lost.
+        self.held_at_end: set[str | None] | None = None
+        # Whether this worker's death was laid on a poison request (and so
+        # does not count toward opening the circuit).
+        self.forgiven = False
+        self.counted_at: float | None = None  # when its death was counted, if it was
+        self._close_reason = "the gateway closed its connection to the worker"
         self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
 
     @property
@@ -222,6 +244,10 @@ class WorkerClient:
         self._generations[request_id] = generation
         if method == protocol.GENERATE:
             params = {**params, "stream": stream}
+            http_id = current_request_id.get()
+            if http_id is not None:
+                # So the worker's log lines about it carry the same id.
+                params[protocol.HTTP_REQUEST_ID] = http_id
         frame = protocol.encode(protocol.Request(method, params, request_id))
         try:
             await self._send(frame)
@@ -260,7 +286,7 @@ class WorkerClient:
             raise WorkerGone("worker stopped reading its stdin") from None
 
     async def _read_loop(self) -> None:
-        reason = "worker closed its stdout"
+        reason = "the worker crashed or exited (its output closed)"
         frames = protocol.FrameBuffer()
         try:
             while True:
@@ -274,11 +300,11 @@ class WorkerClient:
                     if line.strip():
                         self._handle(line)
         except protocol.FrameError as exc:
-            self.protocol_errors += 1
+            self._protocol_error()
             self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
-            reason = "client closed"
+            reason = self._close_reason
             raise
         except Exception as exc:  # never let a bug here strand the callers
             log.exception("%s: reader failed", self.name)
@@ -291,11 +317,15 @@ class WorkerClient:
             msg = protocol.decode(line)
         except RPCError as exc:
             # Garbage on the pipe (a stray print): count it, keep going.
-            self.protocol_errors += 1
+            self._protocol_error()
             # The frame itself may hold a prompt: only its size is logged.
             log.warning("%s: unreadable frame of %d bytes (%s)", self.name, len(line), exc.message)
             return
         self._dispatch(msg)
+
+    def _protocol_error(self) -> None:
+        self.protocol_errors += 1
+        self._on_protocol_error()
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Request):
@@ -325,6 +355,8 @@ class WorkerClient:
     def _fail_all(self, reason: str) -> None:
         if not self.closed.done():
             self.closed.set_result(reason)
+        if self.held_at_end is None:
+            self.held_at_end = {g.fingerprint for g in self._generations.values()}
         error = WorkerGone(reason)
         for future in self._calls.values():
             if not future.done():
@@ -334,12 +366,20 @@ class WorkerClient:
         self._calls.clear()
         self._generations.clear()
 
-    async def close(self) -> None:
-        """Stop reading; pending calls fail. The process is the supervisor's."""
+    def abandon(self, reason: str) -> None:
+        """Fail every pending call now with `reason`; reading stops at close()."""
+        self._close_reason = reason
+        self._fail_all(reason)
+
+    async def close(self, reason: str | None = None) -> None:
+        """Stop reading; pending calls fail with `reason` (why the worker is
+        being let go). The process is the supervisor's."""
+        if reason:
+            self._close_reason = reason
         if not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._fail_all("client closed")
+        self._fail_all(self._close_reason)

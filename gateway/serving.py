@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from worker.protocol import GENERATE, RPCError
 
-from . import errors
+from . import errors, request_id
 from .config import Settings
 from .errors import APIError, ErrorShape
 from .metrics import Metrics
@@ -197,7 +197,12 @@ class Tracker:
                     for _ in range(n - 1):
                         itl.observe(gap)
             first_token = first if first_token is None else min(first_token, first)
-        m.time_to_first_token.labels(model).observe(first_token - self.started)
+        m.observe_ttft(model, first_token - self.started)
+        request_id.annotate(
+            prompt_tokens=results[0]["usage"]["prompt_tokens"],
+            completion_tokens=sum(r["usage"]["completion_tokens"] for r in results),
+            ttft_ms=round((first_token - self.started) * 1000, 1),
+        )
         if self.log_prompts is not None:
             log.info(
                 "%s %s: %s -> %s",
@@ -219,6 +224,7 @@ class Tracker:
             self.metrics.num_requests_running.labels(self.model).dec()
             self._running = False
         self.metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
+        request_id.annotate(model=self.model or None)
 
 
 def cancel_all(generations: list[Generation]) -> None:
@@ -245,7 +251,7 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     """Admit, start and serve the choices of one request; errors in its shape."""
     ctx = Context.of(request)
     settings = ctx.settings
-    target = ctx.pool.resolve(exchange.model)
+    target = ctx.pool.resolve(exchange.model, getattr(exchange, "keep_alive", None))
     # Unknown names are labelled "" so bad requests cannot grow the label set.
     tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout

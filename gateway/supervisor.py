@@ -5,6 +5,7 @@ The life of a worker:
     starting -> loading -> ready --(exit, EOF, missed heartbeat)--> backoff -> starting ...
                                  \\--(stop)--> stopping -> stopped
     too many crashes within the restart window -> failed
+    ssh cannot reach the worker's host -> unreachable -> starting ... (not a crash)
 
 Every wait is bounded and nothing here blocks the event loop: the process is
 an asyncio subprocess, and stopping it escalates shutdown RPC -> close stdin
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
 import re
 import signal
@@ -28,7 +28,9 @@ from collections.abc import Callable
 
 from worker import protocol
 
+from . import logs
 from .config import ModelSpec, Settings
+from .launcher import LocalLauncher, SpawnOptions
 from .metrics import Metrics
 from .rpc import WorkerClient, WorkerGone
 
@@ -36,7 +38,6 @@ log = logging.getLogger("gateway.supervisor")
 
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
-worker_log = logging.getLogger("gateway.worker")
 OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
@@ -48,6 +49,7 @@ class State(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    UNREACHABLE = "unreachable"  # a remote host ssh cannot reach; retried with back-off
 
 
 class Supervisor:
@@ -58,6 +60,7 @@ class Supervisor:
         settings: Settings,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        launcher=None,
     ):
         self.id = worker_id
         self.spec = spec
@@ -66,7 +69,10 @@ class Supervisor:
         self._on_change = on_change
         self.state = State.STOPPED
         self.client: WorkerClient | None = None
-        self.process: asyncio.subprocess.Process | None = None
+        # Builds and starts the worker's process(es): here, over ssh, or a
+        # sharded group (launcher.py); the rest of this file is the same.
+        self.launcher = launcher or LocalLauncher(spawn_options(settings))
+        self.process = None  # the launcher's process handle
         self.in_flight = 0
         self.restarts = 0
         # The worker's last stderr lines, to tell an out-of-memory abort
@@ -76,11 +82,17 @@ class Supervisor:
         self.failure: str | None = None
         self.ready_since: float | None = None
         self.health: dict = {}  # the worker's last heartbeat answer
+        self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
+        self._host_down = False  # ssh could not reach the host on the last try
+        self._host_backoff = settings.restart_backoff  # next wait before trying it again
         self._crashes: deque[float] = deque()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._up = metrics.worker_up.labels(spec.name, worker_id)
+        metrics.worker_info.labels(
+            spec.name, worker_id, self.launcher.host.label, str(self.launcher.ranks)
+        ).set(1)
 
     # --- public ----------------------------------------------------------------
 
@@ -91,6 +103,11 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.state is State.READY and self.client is not None and not self.client.is_closed
+
+    @property
+    def last_words(self) -> str | None:
+        """The worker's last line on stderr: often why it died."""
+        return self._stderr_tail[-1] if self._stderr_tail else None
 
     def start(self) -> None:
         self._stopping.clear()
@@ -115,28 +132,53 @@ class Supervisor:
         return {
             "id": self.id,
             "pid": self.pid,
+            "host": self.launcher.host.label,
             "state": self.state.value,
             "model": self.spec.name,
             "in_flight": self.in_flight,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "failure": self.failure,
+            **self._group_info(),
             # As of the last heartbeat: requests the worker itself holds.
             "active": self.health.get("active", 0) if self.ready else 0,
+            "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
+        }
+
+    def _group_info(self) -> dict:
+        if self.launcher.ranks == 1:
+            return {}
+        return {
+            "ranks": [{"rank": i, "host": h.label} for i, h in enumerate(self.launcher.hosts)],
+            "pids": self.process.pids if self.pid is not None else [],
         }
 
     # --- the loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self.settings.restart_backoff
         probe_delay = self.settings.circuit_reset
         while not self._stopping.is_set():
             started = time.monotonic()
             reason = await self._serve_once()
             if self._stopping.is_set():
                 break
+            if reason == "unreachable":
+                # Not a crash: nothing ran. Say so once, keep trying with
+                # back-off, and leave the circuit to the workers that run.
+                self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
+                if not self._host_down:
+                    log.error("%s: %s; retrying with back-off", self.id, self.failure)
+                self._host_down = True
+                self._set_state(State.UNREACHABLE)
+                delay, self._host_backoff = (
+                    self._host_backoff,
+                    min(self._host_backoff * 2, self.settings.restart_backoff_max),
+                )
+                if await self._sleep(delay):
+                    return
+                continue
             self.restarts += 1
             self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
             now = time.monotonic()
@@ -144,9 +186,13 @@ class Supervisor:
                 self.ready_since is not None
                 and now - self.ready_since > self.settings.restart_window
             ):
-                backoff = self.settings.restart_backoff  # it ran well for a while
-                probe_delay = self.settings.circuit_reset
-            self._crashes.append(now)
+                probe_delay = self.settings.circuit_reset  # it ran well for a while
+                self._crashes.clear()
+            client = self.client
+            if client is None or not client.forgiven:
+                self._crashes.append(now)
+                if client is not None:
+                    client.counted_at = now
             while self._crashes and now - self._crashes[0] > self.settings.restart_window:
                 self._crashes.popleft()
             if self.probing or len(self._crashes) > self.settings.max_restarts:
@@ -167,6 +213,7 @@ class Supervisor:
                 self._crashes.clear()
                 self.probing = True
                 continue
+            backoff = self._backoff()
             log.warning(
                 "%s: worker lost after %.1fs (%s); restarting in %.0fs",
                 self.id,
@@ -177,7 +224,20 @@ class Supervisor:
             self._set_state(State.BACKOFF)
             if await self._sleep(backoff):
                 return
-            backoff = min(backoff * 2, self.settings.restart_backoff_max)
+
+    def _backoff(self) -> float:
+        """1 s, doubling with each counted crash in the window, capped. Deaths
+        laid on a poison request do not count, so they do not slow restarts."""
+        counted = max(0, len(self._crashes) - 1)
+        return min(self.settings.restart_backoff * 2**counted, self.settings.restart_backoff_max)
+
+    def forgive(self, client: WorkerClient) -> None:
+        """The death of this incarnation was a poison request's doing: it
+        does not count toward the circuit (whether or not it was counted yet)."""
+        client.forgiven = True
+        if client.counted_at is not None:
+            with contextlib.suppress(ValueError):
+                self._crashes.remove(client.counted_at)
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait, unless stopped first; True if stopped."""
@@ -188,59 +248,64 @@ class Supervisor:
 
     async def _serve_once(self) -> str:
         """Run one worker process to its end; return why it ended."""
-        self._set_state(State.STARTING)
+        if not self._host_down:
+            self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                self.settings.worker_python,
-                "-m",
-                "worker",
-                "--log-level",
-                self.settings.log_level,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=protocol.MAX_FRAME_BYTES + 1,
-                # Its own session: a Ctrl-C meant for the gateway must not
-                # reach the worker before the gateway has drained it.
-                start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        except OSError as exc:
+            self.process = await self.launcher.spawn()
+        except (OSError, ValueError) as exc:
             self.last_exit = f"spawn failed: {exc}"
             return "spawn_failed"
         proc = self.process
         relay = asyncio.create_task(self._relay_stderr(proc), name=f"stderr-{self.id}")
-        client = WorkerClient(proc.stdout, proc.stdin, self.id)
+        client = WorkerClient(
+            proc.stdout,
+            proc.stdin,
+            self.id,
+            on_protocol_error=self.metrics.protocol_errors.labels(self.spec.name, self.id).inc,
+        )
         self.client = client
         reason = "crash"
+        why = "the worker was lost"
         try:
             reason = await self._load(client)
             if reason == "ready":
                 self.ready_since = time.monotonic()
+                if self._host_down:
+                    self._host_down = False
+                    self._host_backoff = self.settings.restart_backoff
+                    log.info("%s: host %s reachable again", self.id, self.launcher.host.label)
+                    self.failure = None
                 if self.probing:
                     log.info("%s: probe start succeeded; serving again", self.id)
                     self.probing = False
                     self.failure = None
                 self._set_state(State.READY)
                 reason = await self._watch(client)
+            if reason in ("heartbeat", "stall", "load_timeout"):
+                why = f"the worker was replaced: {self.last_exit}"
+            elif self._stopping.is_set():
+                why = "the worker is stopping"
         finally:
-            await self._end(proc, client, graceful=self._stopping.is_set())
+            await self._end(proc, client, graceful=self._stopping.is_set(), why=why)
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
-            if client.protocol_errors:
-                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
-                    client.protocol_errors
-                )
+        if reason == "crash" and self.ready_since is None and proc.unreachable():
+            self.last_exit = f"ssh exited with code {proc.returncode}"
+            self.failure = f"host {self.launcher.host.label} unreachable: " + (
+                self._stderr_tail[-1] if self._stderr_tail else self.last_exit
+            )
+            return "unreachable"
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
             reason = _crash_reason(proc.returncode, self._stderr_tail)
         return reason
 
     async def _load(self, client: WorkerClient) -> str:
-        self._set_state(State.LOADING)
+        if not self._host_down:  # an unreachable host stays so until it answers
+            self._set_state(State.LOADING)
         params = {
             "path": self.spec.path,
             "name": self.spec.name,
@@ -276,6 +341,7 @@ class Supervisor:
             log.error("%s: %s", self.id, self.last_exit)
             return "load_failed"
         info = load.result()
+        self.loaded = info
         log.info(
             "%s: pid %s loaded %s in %.2fs",
             self.id,
@@ -359,18 +425,22 @@ class Supervisor:
                 gauge.labels(self.spec.name, self.id, kind).set(mb * 1024 * 1024)
 
     async def _end(
-        self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool
+        self,
+        proc,
+        client: WorkerClient,
+        graceful: bool,
+        why: str = "the worker is stopping",
     ) -> None:
-        """Make sure the process is gone; politely first when stopping on purpose."""
+        """Make sure the process is gone; politely first when stopping on
+        purpose. What it still held fails with `why`."""
         if graceful and proc.returncode is None:
             self._set_state(State.STOPPING)
             with contextlib.suppress(WorkerGone, TimeoutError, protocol.RPCError):
                 await client.call(protocol.SHUTDOWN, timeout=2.0)
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
+        proc.close_stdin()
         if graceful:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
-                await client.close()
+                await client.close(why)
                 return
             log.warning(
                 "%s: still running %.0fs after stdin closed; SIGTERM",
@@ -379,19 +449,25 @@ class Supervisor:
             )
             _signal(proc, signal.SIGTERM)
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
-                await client.close()
+                await client.close(why)
                 return
-        # A crashed or wedged worker gets no courtesy.
+            log.warning(
+                "%s: still running %.0fs after SIGTERM; SIGKILL",
+                self.id,
+                self.settings.worker_stop_timeout,
+            )
+        # A crashed or wedged worker gets no courtesy. Fail what it held
+        # first: the kill and the wait for its exit take a moment.
+        client.abandon(why)
         _signal(proc, signal.SIGKILL)
         await _wait_exit(proc, 10.0)
-        await client.close()
+        await client.close(why)
 
     def _kill(self) -> None:
         if self.process is not None:
             _signal(self.process, signal.SIGKILL)
 
-    async def _relay_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        prefix = f"[{self.id} pid {proc.pid}]"
+    async def _relay_stderr(self, proc) -> None:
         try:
             while True:
                 try:
@@ -400,9 +476,8 @@ class Supervisor:
                     continue
                 if not line:
                     return
-                text = line.decode("utf-8", "replace").rstrip()[:4000]
-                self._stderr_tail.append(text)
-                worker_log.info("%s %s", prefix, text)
+                text = line.decode("utf-8", "replace").rstrip()[:16000]
+                self._stderr_tail.append(logs.relay(self.id, proc.pid, text))
         except asyncio.CancelledError:
             pass
 
@@ -414,7 +489,7 @@ class Supervisor:
         self._on_change()
 
 
-async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+async def _wait_exit(proc, timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             await proc.wait()
@@ -423,12 +498,18 @@ async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
         return False
 
 
-def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-    # os.kill, not proc.send_signal: the latter polls, which can reap the
-    # child behind asyncio's back and lose its exit status.
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
+def _signal(proc, sig: int) -> None:
+    proc.signal(sig)
+
+
+def spawn_options(settings: Settings) -> SpawnOptions:
+    return SpawnOptions(
+        python=settings.worker_python,
+        remote_python=settings.remote_python or settings.worker_python,
+        ssh_command=settings.ssh_command,
+        log_level=settings.log_level,
+        log_requests=settings.access_log,
+    )
 
 
 def _crash_reason(returncode: int | None, stderr_tail: deque[str]) -> str:

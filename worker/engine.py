@@ -33,13 +33,16 @@ from .mlxlm import (
     token_bytes_table,
     trim_prompt_cache,
 )
+from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
 
 log = logging.getLogger("worker.engine")
 
 MB = 1024 * 1024
-# The prompt cache is per worker and per model, so one key is enough.
+# The prompt cache is per worker and per model; requests name their
+# partition (the gateway sends one per API key, so one key's prompts never
+# serve, or reveal themselves to, another's). Without one, this partition.
 PROMPT_CACHE_KEY = "model"
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 DEFAULT_PROMPT_CACHE_SIZE = 64
@@ -58,6 +61,9 @@ class LoadedModel:
     vocab_size: int
     grammars: Grammars
     machines: dict = field(default_factory=dict)  # TextStateMachines by (reasoning, tools)
+    # The most text bytes one token stands for, when the tokenizer has an
+    # exact bound (see prompt_bound); None otherwise.
+    max_token_bytes: int | None = None
     _token_bytes: list[bytes] | None = None
 
     def token_bytes(self) -> list[bytes]:
@@ -92,6 +98,12 @@ class Engine:
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
         self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
+        # A sharded worker's ranks (group.py): rank 0 shares each turn's
+        # commands, the others follow them; None for a worker on its own.
+        self.group = None
+        # Requests still being prepared (templated, tokenized) off this thread.
+        self.preparing: Callable[[], int] = lambda: 0
+        self.log_requests = False  # one info line per request that ends
 
     # --- called from the reader thread -----------------------------------------
 
@@ -99,7 +111,7 @@ class Engine:
         self._inbox.put(command)
 
     def pending(self) -> int:
-        return len(self._jobs) + self._inbox.qsize()
+        return len(self._jobs) + self._inbox.qsize() + self.preparing()
 
     def over_memory(self) -> bool:
         """Whether MLX memory in use is above the configured ceiling."""
@@ -113,13 +125,14 @@ class Engine:
             "state": self.state,
             "model": loaded.name if loaded else None,
             "active": len(self._jobs),
-            "queued": self._inbox.qsize(),
+            "queued": self._inbox.qsize() + self.preparing(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "steps": self.steps,
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
+            **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
@@ -140,13 +153,46 @@ class Engine:
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once the engine must stop."""
-        new_jobs: list[Job] = []
+        commands = self._take(block)
+        if self.group is not None:
+            # Every turn, even an empty one: the other ranks step with us.
+            if self.group.leader:
+                self.group.share([_wire(c) for c in commands])
+            else:
+                commands = [self._unwire(c) for c in self.group.share()]
+        return self._apply(commands) if commands else True
+
+    def _take(self, block: bool) -> list[tuple]:
+        """The commands queued now, waiting up to half a second for one if asked."""
+        if self.group is not None and not self.group.leader:
+            return []  # a follower's commands come from rank 0
+        commands = []
         try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            commands.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
+            while True:
+                commands.append(self._inbox.get_nowait())
         except queue.Empty:
-            return True
+            pass
+        return commands
+
+    def _unwire(self, command: list) -> tuple:
+        """A follower's copy of one of rank 0's commands."""
+        if command[0] != "generate":
+            return tuple(command)
+        from .requests import prepare
+
+        try:
+            return ("generate", prepare(self.loaded, command[1], command[2]))
+        except Exception as exc:  # rank 0 accepted it: the ranks disagree
+            from .group import lost
+
+            lost(f"cannot follow request {command[1]!r}: {exc}")
+            raise
+
+    def _apply(self, commands: list[tuple]) -> bool:
+        new_jobs: list[Job] = []
         keep_going = True
-        while True:
+        for command in commands:
             kind = command[0]
             if kind == "generate":
                 new_jobs.append(command[1])
@@ -159,10 +205,6 @@ class Engine:
                 keep_going = False
             elif kind == "stop":
                 keep_going = False
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
         if keep_going and new_jobs:
             self._insert(new_jobs)
         return keep_going
@@ -172,9 +214,16 @@ class Engine:
         self.state = "loading"
         started = time.perf_counter()
         try:
-            model, tokenizer, config = load(path, return_config=True)
+            if self.group is not None:
+                model, tokenizer, config = self.group.load(path)
+            else:
+                model, tokenizer, config = load(path, return_config=True)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
+            if self.group is not None and not self.group.leader:
+                from .group import lost
+
+                lost(f"rank {self.group.rank} cannot load {path}")
             self.state = "empty"
             self._send(
                 protocol.error_response(
@@ -206,12 +255,19 @@ class Engine:
         self.loaded = LoadedModel(
             name, path, model, tokenizer, context, eos, vocab_size, Grammars(tokenizer, vocab_size)
         )
+        self.loaded.max_token_bytes = max_token_bytes(tokenizer, self.loaded.token_bytes())
         self._generator = self._new_generator()
         self._warm_up()
         self.state = "ready"
         self._update_memory()
         load_s = time.perf_counter() - started
-        log.info("loaded %s in %.2fs (context %s)", path, load_s, context)
+        log.info(
+            "loaded %s in %.2fs (context %s, at most %s bytes per token)",
+            path,
+            load_s,
+            context,
+            self.loaded.max_token_bytes,
+        )
         self._send(
             protocol.result_response(
                 rpc_id,
@@ -220,6 +276,7 @@ class Engine:
                     "context_length": context,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
+                    "memory": dict(self.memory),
                 },
             )
         )
@@ -251,12 +308,12 @@ class Engine:
         prompt = job.prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
-        if cached_prefix_length(self.prompt_cache, PROMPT_CACHE_KEY, prompt) < MIN_REUSE_TOKENS:
+        if cached_prefix_length(self.prompt_cache, job.cache_key, prompt) < MIN_REUSE_TOKENS:
             # Sharing just a chat template's first tokens is not worth a
             # lookup (which searches the whole trie) and a cache copy.
             self.cache_stats["misses"] += 1
             return None, prompt
-        cache, rest = self.prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
+        cache, rest = self.prompt_cache.fetch_nearest_cache(job.cache_key, prompt)
         if cache is not None and not rest:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
@@ -298,6 +355,11 @@ class Engine:
         try:
             _, responses = self._generator.next()
         except Exception as exc:
+            if self.group is not None:
+                from .group import lost
+
+                # A collective failed (a rank is gone) or the ranks diverged.
+                lost(f"a sharded step failed: {exc}")
             self._fail_all(exc)
             return
         self.steps += 1
@@ -308,8 +370,12 @@ class Engine:
         advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:
             job = self._jobs.get(r.uid)
-            if job is not None:
-                advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+            if job is None:
+                continue
+            if job.grammar is not None and job.grammar.failed:
+                self._fail_grammar(job, r)
+                continue
+            advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         deltas = []
@@ -362,7 +428,21 @@ class Engine:
                 if cache and tokens and self.prompt_cache is not None:
                     # Kept for later requests that share a prefix (a system
                     # prompt, the turns of a conversation).
-                    self.prompt_cache.insert_cache(PROMPT_CACHE_KEY, list(tokens), cache)
+                    self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+
+    def _fail_grammar(self, job: Job, response: Any) -> None:
+        """A constrained reply whose grammar failed: an error, never a cut reply."""
+        if response.finish_reason is None:
+            self._generator.remove([job.uid])
+        self._forget(job)
+        self._send(
+            protocol.error_response(
+                job.request_id,
+                protocol.INTERNAL_ERROR,
+                f"structured output failed mid-reply: {job.grammar.failed}",
+                {"usage": job.usage()},
+            )
+        )
 
     def _logprobs(self, advanced: list[tuple[Job, Any, dict]]) -> None:
         """Log-probabilities of the sampled tokens and the top alternatives,
@@ -407,6 +487,16 @@ class Engine:
         result["timings"] = job.timings(now)
         result["memory"] = dict(self.memory, kv_cache_mb=round(kv_bytes / MB, 3))
         self._send(protocol.result_response(job.request_id, result))
+        if self.log_requests:
+            timings = result["timings"]
+            _log_job(
+                job,
+                logging.INFO,
+                "finished",
+                finish_reason=job.finish_reason,
+                ttft_ms=round(timings["ttft_s"] * 1000, 1),
+                total_ms=round(timings["total_s"] * 1000, 1),
+            )
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.uid, None)
@@ -422,6 +512,8 @@ class Engine:
             self._generator.remove([job.uid])
         if job is not None:
             self._forget(job)
+            if self.log_requests:
+                _log_job(job, logging.INFO, "cancelled")
             self._send(
                 protocol.error_response(
                     job.request_id, protocol.CANCELLED, "request cancelled", {"usage": job.usage()}
@@ -447,6 +539,7 @@ class Engine:
         code = protocol.OUT_OF_MEMORY if _is_oom(exc) else protocol.INTERNAL_ERROR
         log.error("generation step failed (%s): %s", protocol.ERROR_NAMES[code], message)
         for job in list(self._jobs.values()):
+            _log_job(job, logging.ERROR, "failed", error=protocol.ERROR_NAMES[code])
             self._send(
                 protocol.error_response(job.request_id, code, f"generation failed: {message}")
             )
@@ -463,6 +556,31 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+
+
+def _log_job(job: Job, level: int, message: str, **fields: object) -> None:
+    """A log line about one request: its id and sizes, never its text."""
+    usage = job.usage()
+    log.log(
+        level,
+        message,
+        extra={
+            "request_id": job.http_request_id,
+            "rpc_id": job.request_id,
+            "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["cached_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            **fields,
+        },
+    )
+
+
+def _wire(command: tuple) -> list:
+    """A command as rank 0 shares it: a new request as its raw params."""
+    if command[0] == "generate":
+        job = command[1]
+        return ["generate", job.request_id, job.source]
+    return list(command)
 
 
 def _logprob_entry(piece: bytes, logprob: float) -> dict:

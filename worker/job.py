@@ -32,6 +32,8 @@ class Job:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; else how many alternatives per token
     processors: list = field(default_factory=list)
+    grammar: Any = None  # the GrammarProcessor constraining the output, if any
+    cache_key: str = "model"  # the prompt-cache partition this request may use
     submitted_at: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     n_tokens: int = 0
@@ -42,7 +44,9 @@ class Job:
     reasoning_tokens: int = 0  # generated tokens read inside the thinking markers
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
+    source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
     shown: bool = False  # whether visible output (text, reasoning, a call) went out
+    http_request_id: str | None = None  # the HTTP request's id, for log lines
 
     def usage(self) -> dict:
         return {
@@ -228,7 +232,8 @@ class Output:
         try:
             parsed = self.tools.parser(text, self.tools.tools)
         except Exception as exc:  # the model wrote something that is not a call
-            log.info("unparseable tool call (%s): %.200r", exc, text)
+            # Its kind and size only: the text is the reply.
+            log.info("unparseable tool call (%s, %d chars)", type(exc).__name__, len(text))
             return text
         for call in parsed if isinstance(parsed, list) else [parsed]:
             arguments = call.get("arguments", {})

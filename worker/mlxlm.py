@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine
+from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import (
     greedy_sampler,
     make_repetition_penalty,
 )
+from mlx_lm.utils import sharded_load
 
 __all__ = [
     "BatchGenerator",
@@ -34,10 +35,12 @@ __all__ = [
     "apply_top_p",
     "cached_prefix_length",
     "can_trim_prompt_cache",
+    "generation_stream",
     "greedy_sampler",
     "hf_tokenizer",
     "load",
     "make_repetition_penalty",
+    "sharded_load",
     "token_bytes_table",
     "trim_prompt_cache",
 ]
