@@ -4,8 +4,11 @@ the API key that made it, and a damaged file costs a warning, not a worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from .conftest import MODEL_NAME, Gateway
+from .conftest import MODEL_NAME, ROOT, Gateway
 from .helpers import wait_until
 
 KEYS = ("key-alice", "key-bob")
@@ -138,3 +141,23 @@ def test_a_truncated_cache_file_is_skipped_with_a_warning(gw, cache_dir):
     # the worker serves, that conversation from scratch
     reply, _, cached = turn(gw, KEYS[0], messages)
     assert reply and cached == 0
+
+
+def test_bench_agent_replay_across_a_sigkill_stays_warm(gw):
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway", "bench", "--json", "--url", gw.url),
+            *("--agent", "--agent-turns", "4", "--agent-tool-words", "40"),
+            *("--max-tokens", "4", "--agent-kill-at", "2", "--api-key", KEYS[0]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    turns = json.loads(out.stdout)["turns"]
+    assert [t["after_kill"] for t in turns] == [False, False, True, False]
+    assert all(t["ok"] for t in turns)
+    # the turn after the crash computes only what it added, as a warm one does
+    assert turns[2]["cached_tokens"] >= turns[1]["prompt_tokens"] - 1
