@@ -445,7 +445,7 @@ def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
     if remote:
         return path  # a path on the worker hosts; each worker makes it there
     path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # it will hold what prompts said
     return path
 
 

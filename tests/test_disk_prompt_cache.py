@@ -199,3 +199,9 @@ def _entry(key: str, toks: list[int], cache: list):
     from worker.diskcache import Entry
 
     return Entry(key, toks, cache, sum(c.nbytes for c in cache))
+
+
+def test_files_are_private_to_their_owner(tmp_path):
+    path = store(tmp_path).write(_entry("k", tokens(40), kv(40)))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700

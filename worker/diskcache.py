@@ -236,7 +236,8 @@ class DiskPromptCache:
         """Save one entry, then keep the directory under its budget."""
         part = partition_name(entry.cache_key)
         folder = self.dir / part
-        folder.mkdir(parents=True, exist_ok=True)
+        # The files hold what the prompts said: private to this user.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         name = tokens_digest(entry.tokens)
         temp = folder / f"{name}.{os.getpid()}.{threading.get_ident()}{TEMP_SUFFIX}{SUFFIX}"
         metadata = {
@@ -247,6 +248,7 @@ class DiskPromptCache:
         }
         try:
             save_prompt_cache(str(temp), entry.cache, metadata)
+            os.chmod(temp, 0o600)
             path = folder / f"{name}-{_file_digest(temp)}{SUFFIX}"
             os.replace(temp, path)
         finally:
