@@ -19,12 +19,6 @@ from .config import Settings, parse_duration
 ENV_PREFIX = "MLX_GATEWAY_"
 
 
-def _log_format(value: str) -> str:
-    if value not in FORMATS:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)}")
-    return value
-
-
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
 
@@ -41,6 +35,7 @@ def add(
     default: Any = None,
     repeat: bool = False,
     switch: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> None:
     """Add a flag whose default comes from its environment variable."""
     var = env_name(flag)
@@ -63,7 +58,9 @@ def add(
         parser.add_argument(flag, action="append", default=None, help=help)
         parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
     else:
-        parser.add_argument(flag, type=type, default=default, help=help)
+        # argparse checks `choices` on the command line only; a value from the
+        # environment is checked where the command starts.
+        parser.add_argument(flag, type=type, default=default, choices=choices, help=help)
 
 
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -91,8 +88,9 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         p,
         "--log-format",
         "text, or json for one JSON object per line (workers' lines too)",
-        _log_format,
+        str,
         d.log_format,
+        choices=FORMATS,
     )
     add(
         p,
@@ -488,6 +486,13 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
+    if args.log_format not in FORMATS:
+        print(
+            f"mlx-gateway: error: --log-format must be one of {', '.join(FORMATS)}, "
+            f"not {args.log_format!r}",
+            file=sys.stderr,
+        )
+        return 2
     logs.setup(args.log_level, args.log_format)
     models_dirs = list(args.models_dir or args.models_dir_env or [])
     on_demand = bool(models_dirs or args.models_hf_cache)

@@ -160,7 +160,8 @@ class Engine:
         if self.group is not None:
             # Every turn, even an empty one: the other ranks step with us.
             if self.group.leader:
-                self.group.share([_wire(c) for c in commands])
+                idle = not commands and not self._jobs
+                self.group.share([_wire(c) for c in commands], idle=idle)
             else:
                 commands = [self._unwire(c) for c in self.group.share()]
         return self._apply(commands) if commands else True

@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--ring", default=None)
     parser.add_argument("--backend", default="ring")
+    parser.add_argument("--schedule", default="", help="rank 0's host:port for the schedule")
     args = parser.parse_args(argv)
 
     proto_fd = claim_stdout()
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ranks > 1:
         from .group import Group
 
-        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend)
+        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend, args.schedule)
         engine.group.connect()
     log.info("worker %d ready for load_model", os.getpid())
     try:
