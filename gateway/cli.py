@@ -130,6 +130,27 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         int,
         d.max_body_size,
     )
+    add(
+        p,
+        "--header-timeout",
+        "seconds a client has to send its request headers (408 after)",
+        float,
+        d.header_timeout,
+    )
+    add(
+        p,
+        "--body-timeout",
+        "seconds a request body may stop arriving (408 after)",
+        float,
+        d.body_timeout,
+    )
+    add(
+        p,
+        "--max-connections",
+        "open client connections; more are refused with 503 at once (default: 4096, or "
+        "fewer where the open-file limit, less a reserve to restart workers, is lower)",
+        int,
+    )
     add(p, "--max-tokens-cap", "most tokens a reply may have; larger max_tokens gets 400", int)
     add(
         p,
@@ -297,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from . import connections
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
@@ -336,6 +358,9 @@ def serve(args: argparse.Namespace) -> int:
         restart_window=args.restart_window,
         shutdown_grace=args.shutdown_grace,
         max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        max_connections=args.max_connections,
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
@@ -352,8 +377,15 @@ def serve(args: argparse.Namespace) -> int:
         response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
     )
+    logger = logging.getLogger("gateway")
     for spec in specs:
-        logging.getLogger("gateway").info("serving %s from %s", spec.name, spec.path)
+        logger.info("serving %s from %s", spec.name, spec.path)
+    cap, warning = connections.connection_limit(
+        settings.max_connections, settings.workers * len(specs)
+    )
+    if warning:
+        logger.warning("%s", warning)
+    logger.info("accepting at most %d connections at once", cap)
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -362,6 +394,11 @@ def serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
+        http=connections.http_protocol(
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            max_connections=cap,
+        ),
     )
     try:
         uvicorn.Server(config).run()

@@ -39,6 +39,9 @@ class Settings:
     stall_timeout: float = 60.0  # no decode step this long with requests in flight: wedged
     shutdown_grace: float = 30.0
     max_body_size: int = 16 * 1024 * 1024  # bytes; larger requests get 413
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive (408 after)
+    body_timeout: float = 30.0  # seconds a request body may pause (408 after)
+    max_connections: int | None = None  # open client connections (None: from the fd limit)
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
     prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
     prompt_cache_size: int = 64  # per worker: most prompts kept

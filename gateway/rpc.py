@@ -79,6 +79,9 @@ class Generation:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.gaps: list[tuple[float, int]] = []  # (seconds, tokens) between arrivals
+        # Names the request (never its content) across retries, so a worker
+        # death can be laid at the door of the one request it held.
+        self.fingerprint: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
 
     @property
@@ -192,6 +195,13 @@ class WorkerClient:
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
         self.protocol_errors = 0
         self.protocol_failed = False  # the stream broke (oversized or cut frame)
+        # Fingerprints of the requests in flight when the worker was lost.
+        self.held_at_end: set[str | None] | None = None
+        # Whether this worker's death was laid on a poison request (and so
+        # does not count toward opening the circuit).
+        self.forgiven = False
+        self.counted_at: float | None = None  # when its death was counted, if it was
+        self._close_reason = "the gateway closed its connection to the worker"
         self._task = asyncio.create_task(self._read_loop(), name=f"rpc-reader-{name}")
 
     @property
@@ -270,7 +280,7 @@ class WorkerClient:
             raise WorkerGone("worker stopped reading its stdin") from None
 
     async def _read_loop(self) -> None:
-        reason = "worker closed its stdout"
+        reason = "the worker crashed or exited (its output closed)"
         frames = protocol.FrameBuffer()
         try:
             while True:
@@ -288,7 +298,7 @@ class WorkerClient:
             self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
-            reason = "client closed"
+            reason = self._close_reason
             raise
         except Exception as exc:  # never let a bug here strand the callers
             log.exception("%s: reader failed", self.name)
@@ -339,6 +349,8 @@ class WorkerClient:
     def _fail_all(self, reason: str) -> None:
         if not self.closed.done():
             self.closed.set_result(reason)
+        if self.held_at_end is None:
+            self.held_at_end = {g.fingerprint for g in self._generations.values()}
         error = WorkerGone(reason)
         for future in self._calls.values():
             if not future.done():
@@ -348,12 +360,20 @@ class WorkerClient:
         self._calls.clear()
         self._generations.clear()
 
-    async def close(self) -> None:
-        """Stop reading; pending calls fail. The process is the supervisor's."""
+    def abandon(self, reason: str) -> None:
+        """Fail every pending call now with `reason`; reading stops at close()."""
+        self._close_reason = reason
+        self._fail_all(reason)
+
+    async def close(self, reason: str | None = None) -> None:
+        """Stop reading; pending calls fail with `reason` (why the worker is
+        being let go). The process is the supervisor's."""
+        if reason:
+            self._close_reason = reason
         if not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._fail_all("client closed")
+        self._fail_all(self._close_reason)

@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable
 
 from worker import protocol
+from worker.lifeline import PARENT_ENV
 
 from .config import ModelSpec, Settings
 from .metrics import Metrics
@@ -131,7 +132,6 @@ class Supervisor:
     # --- the loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self.settings.restart_backoff
         probe_delay = self.settings.circuit_reset
         while not self._stopping.is_set():
             started = time.monotonic()
@@ -145,9 +145,13 @@ class Supervisor:
                 self.ready_since is not None
                 and now - self.ready_since > self.settings.restart_window
             ):
-                backoff = self.settings.restart_backoff  # it ran well for a while
-                probe_delay = self.settings.circuit_reset
-            self._crashes.append(now)
+                probe_delay = self.settings.circuit_reset  # it ran well for a while
+                self._crashes.clear()
+            client = self.client
+            if client is None or not client.forgiven:
+                self._crashes.append(now)
+                if client is not None:
+                    client.counted_at = now
             while self._crashes and now - self._crashes[0] > self.settings.restart_window:
                 self._crashes.popleft()
             if self.probing or len(self._crashes) > self.settings.max_restarts:
@@ -168,6 +172,7 @@ class Supervisor:
                 self._crashes.clear()
                 self.probing = True
                 continue
+            backoff = self._backoff()
             log.warning(
                 "%s: worker lost after %.1fs (%s); restarting in %.0fs",
                 self.id,
@@ -178,7 +183,20 @@ class Supervisor:
             self._set_state(State.BACKOFF)
             if await self._sleep(backoff):
                 return
-            backoff = min(backoff * 2, self.settings.restart_backoff_max)
+
+    def _backoff(self) -> float:
+        """1 s, doubling with each counted crash in the window, capped. Deaths
+        laid on a poison request do not count, so they do not slow restarts."""
+        counted = max(0, len(self._crashes) - 1)
+        return min(self.settings.restart_backoff * 2**counted, self.settings.restart_backoff_max)
+
+    def forgive(self, client: WorkerClient) -> None:
+        """The death of this incarnation was a poison request's doing: it
+        does not count toward the circuit (whether or not it was counted yet)."""
+        client.forgiven = True
+        if client.counted_at is not None:
+            with contextlib.suppress(ValueError):
+                self._crashes.remove(client.counted_at)
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait, unless stopped first; True if stopped."""
@@ -206,7 +224,9 @@ class Supervisor:
                 # Its own session: a Ctrl-C meant for the gateway must not
                 # reach the worker before the gateway has drained it.
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # The worker arms a parent-death signal (Linux) and checks it
+                # is still ours.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
             )
         except OSError as exc:
             self.last_exit = f"spawn failed: {exc}"
@@ -221,6 +241,7 @@ class Supervisor:
         )
         self.client = client
         reason = "crash"
+        why = "the worker was lost"
         try:
             reason = await self._load(client)
             if reason == "ready":
@@ -231,8 +252,12 @@ class Supervisor:
                     self.failure = None
                 self._set_state(State.READY)
                 reason = await self._watch(client)
+            if reason in ("heartbeat", "stall", "load_timeout"):
+                why = f"the worker was replaced: {self.last_exit}"
+            elif self._stopping.is_set():
+                why = "the worker is stopping"
         finally:
-            await self._end(proc, client, graceful=self._stopping.is_set())
+            await self._end(proc, client, graceful=self._stopping.is_set(), why=why)
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
@@ -361,9 +386,14 @@ class Supervisor:
                 gauge.labels(self.spec.name, self.id, kind).set(mb * 1024 * 1024)
 
     async def _end(
-        self, proc: asyncio.subprocess.Process, client: WorkerClient, graceful: bool
+        self,
+        proc: asyncio.subprocess.Process,
+        client: WorkerClient,
+        graceful: bool,
+        why: str = "the worker is stopping",
     ) -> None:
-        """Make sure the process is gone; politely first when stopping on purpose."""
+        """Make sure the process is gone; politely first when stopping on
+        purpose. What it still held fails with `why`."""
         if graceful and proc.returncode is None:
             self._set_state(State.STOPPING)
             with contextlib.suppress(WorkerGone, TimeoutError, protocol.RPCError):
@@ -372,7 +402,7 @@ class Supervisor:
             proc.stdin.close()
         if graceful:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
-                await client.close()
+                await client.close(why)
                 return
             log.warning(
                 "%s: still running %.0fs after stdin closed; SIGTERM",
@@ -381,17 +411,19 @@ class Supervisor:
             )
             _signal(proc, signal.SIGTERM)
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
-                await client.close()
+                await client.close(why)
                 return
             log.warning(
                 "%s: still running %.0fs after SIGTERM; SIGKILL",
                 self.id,
                 self.settings.worker_stop_timeout,
             )
-        # A crashed or wedged worker gets no courtesy.
+        # A crashed or wedged worker gets no courtesy. Fail what it held
+        # first: the kill and the wait for its exit take a moment.
+        client.abandon(why)
         _signal(proc, signal.SIGKILL)
         await _wait_exit(proc, 10.0)
-        await client.close()
+        await client.close(why)
 
     def _kill(self) -> None:
         if self.process is not None:

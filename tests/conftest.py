@@ -54,13 +54,21 @@ class Gateway:
     """A `python -m gateway serve` process and what a test needs of it."""
 
     def __init__(
-        self, model: Path, *args: str, env: dict | None = None, log: Path, name: str = MODEL_NAME
+        self,
+        model: Path,
+        *args: str,
+        env: dict | None = None,
+        log: Path,
+        name: str = MODEL_NAME,
+        prefix: tuple[str, ...] = (),
+        preexec_fn=None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")  # noqa: SIM115
         cmd = [
+            *prefix,  # e.g. a command that lowers the process's limits
             sys.executable,
             "-m",
             "gateway",
@@ -79,6 +87,7 @@ class Gateway:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
@@ -141,8 +150,8 @@ def start_gateway(tiny_model, tmp_path) -> Iterator:
     """Start gateways with given flags; each is stopped (and checked) at the end."""
     started: list[Gateway] = []
 
-    def start(*args: str, env: dict | None = None, ready: bool = True) -> Gateway:
-        gw = Gateway(tiny_model, *args, env=env, log=tmp_path / f"gateway-{len(started)}.log")
+    def start(*args: str, env: dict | None = None, ready: bool = True, **kw) -> Gateway:
+        gw = Gateway(tiny_model, *args, env=env, log=tmp_path / f"gateway-{len(started)}.log", **kw)
         started.append(gw)
         if ready:
             gw.wait_ready()

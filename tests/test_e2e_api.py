@@ -430,11 +430,21 @@ def test_tool_call_streaming_deltas(client):
     jsonschema.validate(json.loads(arguments), SCHEMAS["get_weather"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
+    # Required mode streams too: each call's first delta names it, the rest
+    # carry its arguments as they are generated.
     chunks = chat_stream(client, tools=TOOLS, tool_choice="required", max_tokens=3000, seed=2)
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert calls and all(c.id.startswith("call_") and c.function.name in SCHEMAS for c in calls)
-    for c in calls:
-        jsonschema.validate(json.loads(c.function.arguments), SCHEMAS[c.function.name])
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id.startswith("call_") and d.function.name in SCHEMAS
+            calls[d.index] = {"name": d.function.name, "arguments": ""}
+        else:
+            assert d.id is None and d.function.name is None
+        calls[d.index]["arguments"] += d.function.arguments or ""
+    assert calls and len(deltas) > len(calls)
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
 def test_tool_choice_auto_and_none_let_the_model_answer(client):

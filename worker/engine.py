@@ -33,13 +33,16 @@ from .mlxlm import (
     token_bytes_table,
     trim_prompt_cache,
 )
+from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
 
 log = logging.getLogger("worker.engine")
 
 MB = 1024 * 1024
-# The prompt cache is per worker and per model, so one key is enough.
+# The prompt cache is per worker and per model; requests name their
+# partition (the gateway sends one per API key, so one key's prompts never
+# serve, or reveal themselves to, another's). Without one, this partition.
 PROMPT_CACHE_KEY = "model"
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 DEFAULT_PROMPT_CACHE_SIZE = 64
@@ -58,6 +61,9 @@ class LoadedModel:
     vocab_size: int
     grammars: Grammars
     machines: dict = field(default_factory=dict)  # TextStateMachines by (reasoning, tools)
+    # The most text bytes one token stands for, when the tokenizer has an
+    # exact bound (see prompt_bound); None otherwise.
+    max_token_bytes: int | None = None
     _token_bytes: list[bytes] | None = None
 
     def token_bytes(self) -> list[bytes]:
@@ -92,6 +98,8 @@ class Engine:
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
         self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
+        # Requests still being prepared (templated, tokenized) off this thread.
+        self.preparing: Callable[[], int] = lambda: 0
 
     # --- called from the reader thread -----------------------------------------
 
@@ -99,7 +107,7 @@ class Engine:
         self._inbox.put(command)
 
     def pending(self) -> int:
-        return len(self._jobs) + self._inbox.qsize()
+        return len(self._jobs) + self._inbox.qsize() + self.preparing()
 
     def over_memory(self) -> bool:
         """Whether MLX memory in use is above the configured ceiling."""
@@ -113,7 +121,7 @@ class Engine:
             "state": self.state,
             "model": loaded.name if loaded else None,
             "active": len(self._jobs),
-            "queued": self._inbox.qsize(),
+            "queued": self._inbox.qsize() + self.preparing(),
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
             "steps": self.steps,
@@ -206,12 +214,19 @@ class Engine:
         self.loaded = LoadedModel(
             name, path, model, tokenizer, context, eos, vocab_size, Grammars(tokenizer, vocab_size)
         )
+        self.loaded.max_token_bytes = max_token_bytes(tokenizer, self.loaded.token_bytes())
         self._generator = self._new_generator()
         self._warm_up()
         self.state = "ready"
         self._update_memory()
         load_s = time.perf_counter() - started
-        log.info("loaded %s in %.2fs (context %s)", path, load_s, context)
+        log.info(
+            "loaded %s in %.2fs (context %s, at most %s bytes per token)",
+            path,
+            load_s,
+            context,
+            self.loaded.max_token_bytes,
+        )
         self._send(
             protocol.result_response(
                 rpc_id,
@@ -251,12 +266,12 @@ class Engine:
         prompt = job.prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
-        if cached_prefix_length(self.prompt_cache, PROMPT_CACHE_KEY, prompt) < MIN_REUSE_TOKENS:
+        if cached_prefix_length(self.prompt_cache, job.cache_key, prompt) < MIN_REUSE_TOKENS:
             # Sharing just a chat template's first tokens is not worth a
             # lookup (which searches the whole trie) and a cache copy.
             self.cache_stats["misses"] += 1
             return None, prompt
-        cache, rest = self.prompt_cache.fetch_nearest_cache(PROMPT_CACHE_KEY, prompt)
+        cache, rest = self.prompt_cache.fetch_nearest_cache(job.cache_key, prompt)
         if cache is not None and not rest:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)
@@ -308,8 +323,12 @@ class Engine:
         advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:
             job = self._jobs.get(r.uid)
-            if job is not None:
-                advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+            if job is None:
+                continue
+            if job.grammar is not None and job.grammar.failed:
+                self._fail_grammar(job, r)
+                continue
+            advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         deltas = []
@@ -362,7 +381,21 @@ class Engine:
                 if cache and tokens and self.prompt_cache is not None:
                     # Kept for later requests that share a prefix (a system
                     # prompt, the turns of a conversation).
-                    self.prompt_cache.insert_cache(PROMPT_CACHE_KEY, list(tokens), cache)
+                    self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+
+    def _fail_grammar(self, job: Job, response: Any) -> None:
+        """A constrained reply whose grammar failed: an error, never a cut reply."""
+        if response.finish_reason is None:
+            self._generator.remove([job.uid])
+        self._forget(job)
+        self._send(
+            protocol.error_response(
+                job.request_id,
+                protocol.INTERNAL_ERROR,
+                f"structured output failed mid-reply: {job.grammar.failed}",
+                {"usage": job.usage()},
+            )
+        )
 
     def _logprobs(self, advanced: list[tuple[Job, Any, dict]]) -> None:
         """Log-probabilities of the sampled tokens and the top alternatives,

@@ -32,6 +32,8 @@ class Job:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; else how many alternatives per token
     processors: list = field(default_factory=list)
+    grammar: Any = None  # the GrammarProcessor constraining the output, if any
+    cache_key: str = "model"  # the prompt-cache partition this request may use
     submitted_at: float = field(default_factory=time.perf_counter)
     uid: int | None = None
     n_tokens: int = 0
@@ -228,7 +230,8 @@ class Output:
         try:
             parsed = self.tools.parser(text, self.tools.tools)
         except Exception as exc:  # the model wrote something that is not a call
-            log.info("unparseable tool call (%s): %.200r", exc, text)
+            # Its kind and size only: the text is the reply.
+            log.info("unparseable tool call (%s, %d chars)", type(exc).__name__, len(text))
             return text
         for call in parsed if isinstance(parsed, list) else [parsed]:
             arguments = call.get("arguments", {})

@@ -20,7 +20,9 @@ Methods (gateway -> worker):
                 hint for the gateway's pool, ignored here);
                 tools, tool_choice ("auto" | "none" | "required" | {"name"}),
                 parallel_tool_calls, response_format ({"type": "json_object"} or
-                {"type": "json_schema", "schema"}), chat_template_kwargs
+                {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
+                (the prompt-cache partition: requests with different keys
+                never share cached prompts; absent, a shared default)
                 -> {"text", "finish_reason", "usage", "timings", "memory",
                     "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?,
                     "stop_sequence"? (the stop string that ended the text)}

@@ -10,8 +10,9 @@ from typing import Any
 
 from . import protocol
 from .constraints import response_format_grammar, tool_grammar
-from .engine import LoadedModel
+from .engine import PROMPT_CACHE_KEY, LoadedModel
 from .job import Job, Output, ToolMode, machine_for
+from .prompt_bound import content_bytes, min_tokens
 from .protocol import RequestId, RPCError
 from .sampling import SamplingParams, make_processors
 
@@ -77,10 +78,45 @@ def parse_sampling(params: dict, vocab_size: int) -> SamplingParams:
     )
 
 
-def tokenize(tokenizer, params: dict) -> list[int]:
+def _too_long(n: int, context: int | None, max_tokens: int | None, exact: bool) -> None:
+    """Refuse a prompt of (at least, unless exact) n tokens that cannot fit."""
+    if not context:
+        return
+    if n < context and (max_tokens is None or n + max_tokens <= context):
+        return
+    count = f"{n}" if exact else f"at least {n}"
+    data = {"prompt_tokens": n, "max_tokens": max_tokens, "context_length": context}
+    if max_tokens is None or n >= context:
+        message = f"the prompt has {count} tokens; this model's context is {context} tokens"
+    else:
+        message = (
+            f"the prompt ({count} tokens) plus max_tokens ({max_tokens}) exceeds this "
+            f"model's context of {context} tokens"
+        )
+    raise RPCError(protocol.CONTEXT_LENGTH_EXCEEDED, message, data)
+
+
+def _check_text(loaded: LoadedModel, n_bytes: int, max_tokens: int | None) -> None:
+    """Refuse a text that takes more tokens than fit, before tokenizing it."""
+    least = min_tokens(n_bytes, loaded.max_token_bytes)
+    if least:
+        _too_long(least, loaded.context_length, max_tokens, exact=False)
+
+
+def _utf8(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -> list[int]:
+    """The prompt's token ids. A prompt that cannot fit the context is
+    refused before the costly part (templating, tokenizing) where possible."""
+    tokenizer = loaded.tokenizer
+    context = loaded.context_length
     if "prompt_tokens" in params:
         ids = params["prompt_tokens"]
         vocab = len(tokenizer)
+        if isinstance(ids, list):
+            _too_long(len(ids), context, max_tokens, exact=True)
         if not isinstance(ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
         ):
@@ -89,6 +125,7 @@ def tokenize(tokenizer, params: dict) -> list[int]:
     if "prompt" in params:
         if not isinstance(params["prompt"], str):
             raise invalid("prompt must be a string")
+        _check_text(loaded, _utf8(params["prompt"]), max_tokens)
         return tokenizer.encode(params["prompt"], add_special_tokens=True)
     messages = params.get("messages")
     if (
@@ -97,8 +134,12 @@ def tokenize(tokenizer, params: dict) -> list[int]:
         or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
     ):
         raise invalid("generate needs messages, prompt or prompt_tokens")
+    # Every chat template renders the messages' text: if that alone cannot
+    # fit, nothing is rendered or tokenized.
+    _check_text(loaded, content_bytes(messages), max_tokens)
     if not tokenizer.has_chat_template:
         text = "\n".join(str(m.get("content") or "") for m in messages)
+        _check_text(loaded, _utf8(text), max_tokens)
         return tokenizer.encode(text, add_special_tokens=True)
     extra = params.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
@@ -107,10 +148,17 @@ def tokenize(tokenizer, params: dict) -> list[int]:
     if params.get("tools"):
         kwargs["tools"] = params["tools"]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+    except RecursionError:
+        raise invalid("the chat template could not render messages nested this deeply") from None
     except Exception as exc:  # templates raise on conversations they do not accept
         raise invalid(f"the chat template rejected the messages: {exc}") from None
-    return list(ids)
+    if not isinstance(text, str):  # a custom renderer that tokenizes itself
+        return list(text)
+    _check_text(loaded, _utf8(text), max_tokens)
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str | None]:
@@ -131,7 +179,8 @@ def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str 
         name = choice.get("name") if isinstance(choice, dict) else None
         if name is not None and not isinstance(name, str):
             raise invalid("tool_choice name must be a string")
-        return ToolMode(tools, forced=True, name=name), tool_grammar(tools, name, parallel)
+        grammar = tool_grammar(tools, name, parallel, _max_chars(loaded))
+        return ToolMode(tools, forced=True, name=name), grammar
     if choice != "auto":
         raise invalid(f"unknown tool_choice {choice!r}")
     tokenizer = loaded.tokenizer
@@ -152,7 +201,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     tokenizer = loaded.tokenizer
     sampling = parse_sampling(params, loaded.vocab_size)
     logprobs = _number(params, "logprobs", None, 0, 20, integer=True)
-    prompt = tokenize(tokenizer, params)
+    prompt = tokenize(loaded, params, sampling.max_tokens)
     n = len(prompt)
     if n == 0:
         raise invalid("the prompt is empty")
@@ -167,11 +216,13 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     if grammar is None and params.get("response_format"):
         if not isinstance(params["response_format"], dict):
             raise invalid("response_format must be an object")
-        grammar = response_format_grammar(params["response_format"])
+        grammar = response_format_grammar(params["response_format"], _max_chars(loaded))
     processors = make_processors(sampling)
+    constraint = None
     if grammar is not None:
         # First, so the penalties only reorder tokens the grammar allows.
-        processors.insert(0, loaded.grammars.processor(grammar))
+        constraint = loaded.grammars.processor(grammar)
+        processors.insert(0, constraint)
 
     reasoning = tokenizer.has_thinking
     parse_tools = tools is not None and not tools.forced
@@ -196,7 +247,25 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         ignore_eos=bool(params.get("ignore_eos", False)),
         logprobs=logprobs,
         processors=processors,
+        grammar=constraint,
+        cache_key=_cache_key(params),
     )
+
+
+def _cache_key(params: dict) -> str:
+    key = params.get("cache_key")
+    if key is None:
+        return PROMPT_CACHE_KEY
+    if not isinstance(key, str) or not key or len(key) > 128:
+        raise invalid("cache_key must be a non-empty string of at most 128 characters")
+    return "key:" + key  # never the default partition
+
+
+def _max_chars(loaded: LoadedModel) -> int | None:
+    """The most characters a reply could hold, when the tokenizer bounds it."""
+    if loaded.context_length and loaded.max_token_bytes:
+        return loaded.context_length * loaded.max_token_bytes
+    return None
 
 
 def _limit(context: int | None, n: int, max_tokens: int | None, cap: int | None) -> int:
@@ -232,5 +301,7 @@ def _limit(context: int | None, n: int, max_tokens: int | None, cap: int | None)
 
 
 def count_tokens(loaded: LoadedModel, params: dict) -> dict:
-    """The `count_tokens` method: the prompt's size, templated as `generate` would."""
-    return {"prompt_tokens": len(tokenize(loaded.tokenizer, params))}
+    """The `count_tokens` method: the prompt's size, templated as `generate`
+    would. A prompt that cannot fit the context is refused, as for generate,
+    rather than tokenized in full."""
+    return {"prompt_tokens": len(tokenize(loaded, params))}

@@ -1,11 +1,12 @@
 """The worker process: JSON-RPC over stdio around the engine.
 
-Two threads. The main thread runs the engine and is the only one that touches
-MLX. A reader thread parses stdin, answers `health` itself, turns `generate`
-params into token ids (so templating never stalls a decode step) and queues
-the rest for the engine. Frames go out through one locked writer on a private
-duplicate of fd 1; fd 1 itself is pointed at stderr so a library that prints
-can never corrupt the protocol stream.
+Three threads. The main thread runs the engine and is the only one that
+touches MLX. A reader thread parses stdin, answers `health` itself and queues
+the rest. A preparer thread turns `generate` params into token ids and
+grammars: templating and tokenizing a long prompt can take seconds, and must
+neither stall a decode step nor the heartbeat answers. Frames go out through
+one locked writer on a private duplicate of fd 1; fd 1 itself is pointed at
+stderr so a library that prints can never corrupt the protocol stream.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import protocol, requests
@@ -57,6 +60,106 @@ class FrameWriter:
                 os._exit(0)
 
 
+class Preparer:
+    """Prepares `generate` requests in arrival order on its own thread.
+
+    A request cancelled while it waits here is answered CANCELLED without
+    being prepared; one already handed to the engine is the engine's to
+    cancel. One lock orders the hand-over against cancels, so a cancel never
+    reaches the engine before the request it names.
+    """
+
+    def __init__(self, engine: Engine, writer: FrameWriter):
+        self.engine = engine
+        self.writer = writer
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting: set[RequestId] = set()
+        self._cancelled: set[RequestId] = set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="preparer", daemon=True).start()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, request_id: RequestId, params: dict, count: bool = False) -> None:
+        """Queue a `generate` (or, with count, a `count_tokens`) request."""
+        with self._lock:
+            self._waiting.add(request_id)
+        self._queue.put((request_id, params, count))
+
+    def cancel(self, rpc_id: RequestId, target: RequestId) -> None:
+        with self._lock:
+            if target in self._waiting:
+                self._cancelled.add(target)
+                self.writer.send(protocol.result_response(rpc_id, {"cancelled": True}))
+                return
+            self.engine.submit(("cancel", rpc_id, target))
+
+    def _run(self) -> None:
+        while True:
+            request_id, params, count = self._queue.get()
+            if count:
+                self._count(request_id, params)
+                continue
+            job = error = None
+            if request_id not in self._cancelled:
+                try:
+                    job = self._prepare(request_id, params)
+                except RPCError as exc:
+                    error = protocol.error_response(request_id, exc.code, exc.message, exc.data)
+            with self._lock:
+                self._waiting.discard(request_id)
+                if request_id in self._cancelled:
+                    self._cancelled.discard(request_id)
+                    job = None
+                    error = protocol.error_response(
+                        request_id, protocol.CANCELLED, "request cancelled"
+                    )
+                if job is not None:
+                    self.engine.submit(("generate", job))
+            if error is not None:
+                self.writer.send(error)
+
+    def _count(self, request_id: RequestId, params: dict) -> None:
+        try:
+            loaded = self.engine.loaded
+            if loaded is None:
+                raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
+            result = self._guarded(request_id, lambda: requests.count_tokens(loaded, params))
+            answer = protocol.result_response(request_id, result)
+        except RPCError as exc:
+            answer = protocol.error_response(request_id, exc.code, exc.message, exc.data)
+        with self._lock:
+            self._waiting.discard(request_id)
+            self._cancelled.discard(request_id)
+        self.writer.send(answer)
+
+    def _prepare(self, request_id: RequestId, params: dict) -> Job:
+        engine = self.engine
+        loaded = engine.loaded
+        if loaded is None or engine.state != "ready":
+            raise RPCError(protocol.SHUTTING_DOWN, "worker is shutting down")
+        return self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+
+    def _guarded(self, request_id: RequestId, work: Callable[[], Any]) -> Any:
+        """Run `work`; any failure becomes an RPCError that quotes nothing of
+        the request."""
+        try:
+            return work()
+        except RPCError:
+            raise
+        except RecursionError:
+            raise RPCError(protocol.INVALID_PARAMS, "the request is nested too deeply") from None
+        except Exception as exc:
+            # Only the kind of failure is logged: its text may quote the request.
+            log.error("preparing request %r failed: %s", request_id, type(exc).__name__)
+            raise RPCError(
+                protocol.INTERNAL_ERROR, f"preparing the request failed: {type(exc).__name__}"
+            ) from None
+
+
 class Dispatcher:
     """Reads frames from stdin and routes each message."""
 
@@ -65,6 +168,9 @@ class Dispatcher:
         self.writer = writer
         self.reader = protocol.FrameReader(stdin or sys.stdin.buffer)
         self.max_pending = max_pending
+        self.preparer = Preparer(engine, writer)
+        engine.preparing = self.preparer.__len__
+        self.preparer.start()
 
     def run(self) -> None:
         while True:
@@ -102,9 +208,11 @@ class Dispatcher:
                 self.writer.send(protocol.error_response(msg.id, exc.code, exc.message, exc.data))
             return
         except Exception as exc:  # a bug in a handler must not kill the reader
-            log.exception("handling %s failed", msg.method)
+            # The kind of failure only: its text may quote the request.
+            log.error("handling %s failed: %s", msg.method, type(exc).__name__)
             if msg.id is not None:
-                self.writer.send(protocol.error_response(msg.id, protocol.INTERNAL_ERROR, str(exc)))
+                message = f"{msg.method} failed: {type(exc).__name__}"
+                self.writer.send(protocol.error_response(msg.id, protocol.INTERNAL_ERROR, message))
             return
         if result is not None and msg.id is not None:
             self.writer.send(protocol.result_response(msg.id, result))
@@ -117,18 +225,21 @@ class Dispatcher:
         if msg.id is None:
             return None  # the only notifications we honour need no answer
         if method == protocol.GENERATE:
-            self.engine.submit(("generate", self.prepare(msg.id, params)))
+            self.admit()
+            self.preparer.submit(msg.id, params)
             return None
         if method == protocol.COUNT_TOKENS:
             loaded = self.engine.loaded
             if loaded is None or self.engine.state != "ready":
                 raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
-            return requests.count_tokens(loaded, params)
+            # Templating and tokenizing: the preparer's work, never this thread's.
+            self.preparer.submit(msg.id, params, count=True)
+            return None
         if method == protocol.CANCEL:
             target = params.get("request_id")
             if not isinstance(target, (int, str)) or isinstance(target, bool):
                 raise RPCError(protocol.INVALID_PARAMS, "cancel needs a request_id")
-            self.engine.submit(("cancel", msg.id, target))
+            self.preparer.cancel(msg.id, target)
             return None
         if method == protocol.LOAD_MODEL:
             if not isinstance(params.get("path"), str):
@@ -143,7 +254,8 @@ class Dispatcher:
             return None
         raise RPCError(protocol.METHOD_NOT_FOUND, f"unknown method {method!r}")
 
-    def prepare(self, request_id: RequestId, params: dict) -> Job:
+    def admit(self) -> None:
+        """Refuse a request the worker cannot take now (cheap checks only)."""
         engine = self.engine
         loaded = engine.loaded
         if loaded is None or engine.state != "ready":
@@ -160,7 +272,6 @@ class Dispatcher:
                 f"worker memory is above its limit ({engine.memory_limit_mb} MB)",
                 {"reason": "memory"},
             )
-        return requests.prepare(loaded, request_id, params)
 
 
 def main(argv: list[str] | None = None) -> None:

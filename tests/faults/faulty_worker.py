@@ -22,6 +22,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              whatever it is asked (a model that calls tools, on demand)
   deaf       ignores the shutdown RPC, its stdin closing and SIGTERM, so only
              SIGKILL ends it (each refusal is written to stderr)
+  poison     a generate whose params mention POISON kills the process (a
+             request that crashes the engine, whichever worker gets it)
 """
 
 import os
@@ -29,7 +31,12 @@ import signal
 import sys
 import time
 
-from worker import engine, protocol, server
+from worker import lifeline
+
+lifeline.die_with_parent()
+lifeline.tolerate_fd_limit()
+
+from worker import engine, protocol, requests, server  # noqa: E402
 
 FAULT = os.environ.get("FAULT", "")
 
@@ -173,6 +180,15 @@ elif FAULT == "deaf":
         return drain(self, False)
 
     engine.Engine._drain = deaf_drain
+elif FAULT == "poison":
+    prepare = requests.prepare
+
+    def poisoned_prepare(loaded, request_id, params):
+        if "POISON" in repr(params):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return prepare(loaded, request_id, params)
+
+    requests.prepare = poisoned_prepare
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
