@@ -216,6 +216,19 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add(
         p,
+        "--prompt-cache-dir",
+        "keep the prompt cache on disk here too (written in the background, read back by "
+        "restarted and new workers of the same model; per model and API key)",
+    )
+    add(
+        p,
+        "--prompt-cache-disk-bytes",
+        "most bytes the --prompt-cache-dir holds, all models together (oldest go first)",
+        int,
+        d.prompt_cache_disk_bytes,
+    )
+    add(
+        p,
         "--stream-interval-ms",
         "least time between streamed updates of a request: tokens that come faster share "
         "an update (first and last tokens always go at once; 0 sends every token)",
@@ -309,7 +322,13 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         float,
     )
     add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
-    add(p, "--alias", "ALIAS=MODEL: another id clients may send for a model; repeat", repeat=True)
+    add(
+        p,
+        "--alias",
+        "ALIAS=MODEL: another id clients may send for a model, or a glob of ids "
+        "(e.g. 'claude-*=NAME' for the names Claude Code sends); repeat",
+        repeat=True,
+    )
     p.set_defaults(func=serve)
     return p
 
@@ -421,6 +440,19 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
+def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
+    """The prompt cache directory as the workers will see it: absolute, and
+    made here when the workers run on this machine."""
+    if not value:
+        return None
+    path = os.path.expanduser(value)
+    if remote:
+        return path  # a path on the worker hosts; each worker makes it there
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # it will hold what prompts said
+    return path
+
+
 def _placement(args: argparse.Namespace) -> dict:
     """Where workers run (the --worker-host and --shard flags), checked."""
     from .launcher import parse_host
@@ -492,6 +524,11 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mlx-gateway: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        cache_dir = _prompt_cache_dir(args.prompt_cache_dir, remote=bool(placement["worker_hosts"]))
+    except OSError as exc:
+        print(f"mlx-gateway: error: cannot use --prompt-cache-dir: {exc}", file=sys.stderr)
+        return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
@@ -524,6 +561,8 @@ def serve(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_dir=cache_dir,
+        prompt_cache_disk_bytes=args.prompt_cache_disk_bytes,
         stream_interval_ms=args.stream_interval_ms,
         max_queued_prompt_tokens=args.max_queued_prompt_tokens,
         max_concurrent_per_key=args.max_concurrent_per_key,

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import contextvars
 import enum
+import fnmatch
 import logging
 import math
 import time
@@ -249,7 +250,14 @@ class Registry:
             self._rescan = asyncio.create_task(self.refresh(), context=contextvars.Context())
 
     def lookup(self, name: str) -> Model | None:
-        return self.models.get(self.aliases.get(name, name))
+        """The model of a name: its own, an alias's, or the first glob
+        alias's that matches (`claude-*`: the names an agent CLI sends)."""
+        found = self.models.get(self.aliases.get(name, name))
+        if found is None:
+            for pattern, target in self.aliases.items():
+                if fnmatch.fnmatchcase(name, pattern):
+                    return self.models.get(target)
+        return found
 
     async def find(self, name: str) -> Model | None:
         """The model a request names (an alias resolves here), scanning the

@@ -253,6 +253,8 @@ class Supervisor:
             self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
+        # The last process's figures must not show under the new one's pid.
+        self.health = {}
         try:
             self.process = await self.launcher.spawn()
         except (OSError, ValueError) as exc:
@@ -314,6 +316,8 @@ class Supervisor:
             "prefill_step_size": self.settings.prefill_step_size,
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
+            "prompt_cache_dir": self.settings.prompt_cache_dir,
+            "prompt_cache_disk_bytes": self.settings.prompt_cache_disk_bytes,
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
         }

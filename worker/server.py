@@ -31,6 +31,9 @@ log = logging.getLogger("worker")
 
 # After stdin closes, give the engine this long to finish its step and exit.
 EOF_EXIT_GRACE_S = 2.0
+# On a clean exit, how long queued prompt caches may take to reach the disk
+# (less than the grace above, which ends the process regardless).
+DISK_FLUSH_S = 1.0
 
 
 def claim_stdout() -> int:
@@ -350,5 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         log.exception("the engine failed")
         logging.shutdown()
         os._exit(1)
+    # Prompt caches still queued for the disk get a moment, not a promise.
+    engine.close(DISK_FLUSH_S)
     logging.shutdown()
     os._exit(0)

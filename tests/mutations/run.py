@@ -144,8 +144,8 @@ MUTANTS = [
     Mutant(
         "restart back-off not capped",
         "gateway/supervisor.py",
-        "            backoff = min(backoff * 2, self.settings.restart_backoff_max)",
-        "            backoff = backoff * 2",
+        "2**counted, self.settings.restart_backoff_max)",
+        "2**counted, 10**9)",
         ("tests/test_supervisor.py",),
     ),
     Mutant(
