@@ -90,7 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     generating = {
         route.path
-        for route in app.routes
+        for router in ROUTERS
+        for route in router.routes
         if "POST" in getattr(route, "methods", ()) and route.path.startswith("/v1/")
     }
     # The last added runs first: CORS answers preflights before auth looks,

@@ -322,7 +322,13 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         float,
     )
     add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
-    add(p, "--alias", "ALIAS=MODEL: another id clients may send for a model; repeat", repeat=True)
+    add(
+        p,
+        "--alias",
+        "ALIAS=MODEL: another id clients may send for a model, or a glob of ids "
+        "(e.g. 'claude-*=NAME' for the names Claude Code sends); repeat",
+        repeat=True,
+    )
     p.set_defaults(func=serve)
     return p
 

@@ -2,6 +2,7 @@
 
 Models loaded on demand are listed whether loaded or not; extension fields
 say which (`status`), their size on disk and whether they load on demand.
+Aliases (--alias, globs included) are listed too, each with `alias_of`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ async def list_models(request: Request) -> Response:
     registry: Registry = request.app.state.registry
     await registry.refresh()
     cards = [_card(registry, m, ctx.created) for m in list(registry.models.values())]
+    for alias, target in registry.aliases.items():
+        if (model := registry.models.get(target)) is not None:
+            cards.append({**_card(registry, model, ctx.created), "id": alias, "alias_of": target})
     return _json({"object": "list", "data": cards})
 
 
@@ -55,4 +59,7 @@ async def get_model(model_id: str, request: Request) -> Response:
     model = await registry.find(model_id)
     if model is None:
         raise errors.model_not_found(model_id)
-    return _json(_card(registry, model, Context.of(request).created))
+    card = _card(registry, model, Context.of(request).created)
+    if model.name != model_id:
+        card.update(id=model_id, alias_of=model.name)
+    return _json(card)

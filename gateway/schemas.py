@@ -47,11 +47,13 @@ class ToolCall(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": the deprecated functions API's result turn.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # deprecated: an assistant's one call
 
 
 class FunctionDefinition(_Body):
@@ -157,6 +159,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Deprecated by OpenAI in favour of tools; mapped onto them.
+    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -226,9 +231,10 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
+    function_call: ResponseFunctionCall | None = None  # for requests with `functions`
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatChoice(BaseModel):
@@ -279,6 +285,7 @@ class Model(BaseModel):
     status: Literal["loaded", "loading", "unloading", "unloaded", "failed"] | None = None
     size_bytes: int | None = None
     on_demand: bool | None = None
+    alias_of: str | None = None  # an alias (or glob of names): the model it stands for
 
 
 class ModelList(BaseModel):
@@ -336,7 +343,7 @@ class StatusData(BaseModel):
     version: str
     host: str
     uptime_s: float
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "idle", "unavailable"]
     models: dict[str, ModelHealth]
     sample_s: float = Field(description="Seconds between history points")
     history: list[StatusPoint] = Field(description="Oldest first, the last ten minutes")

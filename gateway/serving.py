@@ -252,6 +252,8 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     """Admit, start and serve the choices of one request; errors in its shape."""
     ctx = Context.of(request)
     settings = ctx.settings
+    # A request's keep_alive (seconds) may lengthen how long an on-demand
+    # model stays loaded; the registry answers resolve() when there is one.
     target = ctx.pool.resolve(exchange.model, getattr(exchange, "keep_alive", None))
     # Unknown names are labelled "" so bad requests cannot grow the label set.
     tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)

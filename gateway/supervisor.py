@@ -253,6 +253,8 @@ class Supervisor:
             self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
+        # The last process's figures must not show under the new one's pid.
+        self.health = {}
         try:
             self.process = await self.launcher.spawn()
         except (OSError, ValueError) as exc:

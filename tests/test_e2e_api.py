@@ -644,3 +644,117 @@ def test_usage_chunk_shape_on_the_wire(api):
     assert list(details) == ["cached_tokens"]
     assert 0 <= details["cached_tokens"] < last["usage"]["prompt_tokens"]
     assert all(e["usage"] is None for e in events[:-1])
+
+
+# --- exactness of the existing routes ------------------------------------------------
+
+
+def requests_counted(gw, endpoint: str, status: str) -> float:
+    prefix = "mlx_gateway_requests_total{"
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in gw.metrics().splitlines()
+        if line.startswith(prefix)
+        and f'endpoint="{endpoint}"' in line
+        and f'status="{status}"' in line
+    )
+
+
+def test_requests_refused_at_validation_are_counted(api):
+    before = requests_counted(api, "/v1/chat/completions", "400")
+    for body in ({"model": MODEL_NAME}, {"model": MODEL_NAME, "messages": [], "n": 99}):
+        assert api.client.post("/v1/chat/completions", json=body).status_code == 400
+    r = api.client.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert requests_counted(api, "/v1/chat/completions", "400") == before + 3
+
+
+def test_a_json_body_is_read_whatever_its_content_type(api):
+    """curl -d sends application/x-www-form-urlencoded unless told otherwise."""
+    body = json.dumps({"model": MODEL_NAME, "prompt": "the river", "max_tokens": 2}).encode()
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {"content-type": ""}):
+        r = api.client.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["object"] == "text_completion"
+
+
+def test_stream_frames_escape_unicode_line_separators(api):
+    """U+2028, U+2029 and U+0085 are legal raw in JSON strings but end a line
+    for clients that split SSE with str.splitlines()."""
+    odd = "a\u2028b\u2029c\u0085d"
+    body = {"model": MODEL_NAME, "prompt": odd, "echo": True, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", api.url + "/v1/completions", json=body, timeout=30) as r:
+        raw = r.read()
+    for char in (b"\xe2\x80\xa8", b"\xe2\x80\xa9", b"\xc2\x85"):
+        assert char not in raw
+    lines = raw.decode().splitlines()
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"].startswith(odd)
+
+
+def test_deprecated_functions_map_onto_tools(client):
+    functions = [t["function"] for t in TOOLS]
+    resp = chat(
+        client,
+        functions=functions,
+        function_call={"name": "get_weather"},
+        max_tokens=300,
+        seed=1,
+    )
+    choice = resp.choices[0]
+    assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+    assert choice.message.function_call.name == "get_weather"
+    jsonschema.validate(json.loads(choice.message.function_call.arguments), SCHEMAS["get_weather"])
+    chunks = chat_stream(
+        client, functions=functions, function_call={"name": "add"}, max_tokens=300, seed=1
+    )
+    parts = [c.choices[0].delta.function_call for c in chunks if c.choices]
+    parts = [p for p in parts if p is not None]
+    assert parts[0].name == "add" and all(p.name is None for p in parts[1:])
+    jsonschema.validate(json.loads("".join(p.arguments for p in parts)), SCHEMAS["add"])
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+    # A function's answer in the history, as that API sent it.
+    resp = chat(
+        client,
+        messages=[
+            *MESSAGES,
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "add", "arguments": "{}"},
+            },
+            {"role": "function", "name": "add", "content": "3"},
+        ],
+        functions=functions,
+        max_tokens=5,
+    )
+    assert resp.choices[0].finish_reason in ("stop", "length", "function_call")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"functions": [{"name": "f"}], "tools": TOOLS}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ],
+)
+def test_param_paths_are_exact(api, body, param):
+    r = api.client.post(
+        "/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, **body}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_a_prompt_too_long_names_the_endpoints_own_param(api):
+    r = api.client.post(
+        "/v1/completions", json={"model": MODEL_NAME, "prompt": "x " * 5000, "max_tokens": 2}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.json()["error"]["param"] == "prompt"
