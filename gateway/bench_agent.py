@@ -10,8 +10,9 @@ prompt cache and how many it computed, the time to first token and the
 decode rate. The recording's assistant turns are used, not the model's
 replies, so every server and model sees the same prompts.
 
-`--agent-kill-at N` SIGKILLs this gateway's local workers before turn N and
-waits for their replacements: the turn after a crash, next to warm ones.
+`--agent-kill-at N` SIGKILLs this gateway's local workers before turn N, once
+the tool's time (`--agent-tool-seconds`) has passed, and waits for their
+replacements: the turn after a crash, next to warm ones.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ async def replay(args: argparse.Namespace, base: str, model: str) -> list[Turn]:
     timeout = httpx.Timeout(600, connect=30)
     async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         for index in range(args.agent_turns):
+            if index:
+                # The tool runs between two turns of an agent; meanwhile the
+                # server may finish its own work (saving the turn's cache).
+                await asyncio.sleep(args.agent_tool_seconds)
             killed = index == args.agent_kill_at
             if killed:
                 await kill_workers(client, base)
@@ -252,6 +257,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=250,
         help="for --agent: words in each tool result (the conversation's growth per turn)",
+    )
+    p.add_argument(
+        "--agent-tool-seconds",
+        type=float,
+        default=0.5,
+        help="for --agent: pause between turns, as the tool runs (before a kill too)",
     )
     p.add_argument(
         "--agent-kill-at",
