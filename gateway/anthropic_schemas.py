@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from .schemas import KeepAlive
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -152,6 +154,7 @@ class MessagesRequest(PromptFields):
     top_k: int | None = Field(default=None, ge=0)
     metadata: dict[str, Any] | None = None  # accepted, ignored
     service_tier: str | None = None  # accepted, ignored
+    keep_alive: KeepAlive | None = None  # extension: how long the model stays loaded after
 
 
 class CountTokensRequest(PromptFields):

@@ -19,12 +19,6 @@ from .config import Settings, parse_duration
 ENV_PREFIX = "MLX_GATEWAY_"
 
 
-def _log_format(value: str) -> str:
-    if value not in FORMATS:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(FORMATS)}")
-    return value
-
-
 def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")
 
@@ -41,6 +35,7 @@ def add(
     default: Any = None,
     repeat: bool = False,
     switch: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> None:
     """Add a flag whose default comes from its environment variable."""
     var = env_name(flag)
@@ -63,7 +58,9 @@ def add(
         parser.add_argument(flag, action="append", default=None, help=help)
         parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
     else:
-        parser.add_argument(flag, type=type, default=default, help=help)
+        # argparse checks `choices` on the command line only; a value from the
+        # environment is checked where the command starts.
+        parser.add_argument(flag, type=type, default=default, choices=choices, help=help)
 
 
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -91,8 +88,9 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         p,
         "--log-format",
         "text, or json for one JSON object per line (workers' lines too)",
-        _log_format,
+        str,
         d.log_format,
+        choices=FORMATS,
     )
     add(
         p,
@@ -215,6 +213,19 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "per worker: most prompts kept in the prompt cache",
         int,
         d.prompt_cache_size,
+    )
+    add(
+        p,
+        "--prompt-cache-dir",
+        "keep the prompt cache on disk here too (written in the background, read back by "
+        "restarted and new workers of the same model; per model and API key)",
+    )
+    add(
+        p,
+        "--prompt-cache-disk-bytes",
+        "most bytes the --prompt-cache-dir holds, all models together (oldest go first)",
+        int,
+        d.prompt_cache_disk_bytes,
     )
     add(
         p,
@@ -429,6 +440,19 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
+def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
+    """The prompt cache directory as the workers will see it: absolute, and
+    made here when the workers run on this machine."""
+    if not value:
+        return None
+    path = os.path.expanduser(value)
+    if remote:
+        return path  # a path on the worker hosts; each worker makes it there
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # it will hold what prompts said
+    return path
+
+
 def _placement(args: argparse.Namespace) -> dict:
     """Where workers run (the --worker-host and --shard flags), checked."""
     from .launcher import parse_host
@@ -468,6 +492,13 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
+    if args.log_format not in FORMATS:
+        print(
+            f"mlx-gateway: error: --log-format must be one of {', '.join(FORMATS)}, "
+            f"not {args.log_format!r}",
+            file=sys.stderr,
+        )
+        return 2
     logs.setup(args.log_level, args.log_format)
     models_dirs = list(args.models_dir or args.models_dir_env or [])
     on_demand = bool(models_dirs or args.models_hf_cache)
@@ -492,6 +523,11 @@ def serve(args: argparse.Namespace) -> int:
         placement = _placement(args)
     except ValueError as exc:
         print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cache_dir = _prompt_cache_dir(args.prompt_cache_dir, remote=bool(placement["worker_hosts"]))
+    except OSError as exc:
+        print(f"mlx-gateway: error: cannot use --prompt-cache-dir: {exc}", file=sys.stderr)
         return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -525,6 +561,8 @@ def serve(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_dir=cache_dir,
+        prompt_cache_disk_bytes=args.prompt_cache_disk_bytes,
         stream_interval_ms=args.stream_interval_ms,
         max_queued_prompt_tokens=args.max_queued_prompt_tokens,
         max_concurrent_per_key=args.max_concurrent_per_key,

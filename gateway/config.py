@@ -74,6 +74,10 @@ class Settings:
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
     prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
     prompt_cache_size: int = 64  # per worker: most prompts kept
+    # A directory the prompt cache also lives in, so it outlives its worker
+    # (None: memory only), and the most bytes it may hold.
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 4 << 30
     # Least time between streamed updates of one request; faster tokens share
     # an update. 10 ms (100 updates/s) reads as smooth as one per token.
     stream_interval_ms: float = 10.0

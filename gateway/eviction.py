@@ -51,6 +51,12 @@ def _mb(n: int) -> str:
     return text.removesuffix(".0").removesuffix(".00") + " MB"
 
 
+def _why_kept(r: Resident) -> str:
+    if r.pinned:
+        return "pinned"
+    return "busy" if r.busy else "loading or unloading"
+
+
 def plan(
     name: str,
     need: int,
@@ -101,7 +107,7 @@ def plan(
     over_count = max_models is not None and count + 1 > max_models
     if over_budget or over_count:
         busy = [r for r in residents if r.busy or r.pinned or not r.evictable]
-        held = ", ".join(f"{r.name} ({_mb(r.bytes)})" for r in busy) or "none"
+        held = ", ".join(f"{r.name} ({_mb(r.bytes)}, {_why_kept(r)})" for r in busy) or "none"
         if over_budget:
             why = (
                 f"model {name} needs about {_mb(need)}; the memory budget is {_mb(budget)} "

@@ -233,24 +233,28 @@ class GroupLauncher:
         self.backend = backend
         self.port = port
 
-    def _ring(self) -> list[list[str]]:
-        """MLX's ring hostfile: each rank's listening address."""
+    def _ring(self) -> tuple[list[list[str]], str]:
+        """MLX's ring hostfile (each rank's listening address), and rank 0's
+        address for the schedule it sends the others: N + 1 ports."""
         if self.port:
-            ports = [self.port + i for i in range(self.ranks)]
+            ports = [self.port + i for i in range(self.ranks + 1)]
         elif all(h.local for h in self.hosts):
-            ports = free_ports(self.ranks)
+            ports = free_ports(self.ranks + 1)
         else:
             raise ValueError("a ring with remote ranks needs a port (--shard-port)")
-        return [[f"{h.ring_address()}:{p}"] for h, p in zip(self.hosts, ports, strict=True)]
+        addresses = [h.ring_address() for h in self.hosts]
+        ring = [[f"{a}:{p}"] for a, p in zip(addresses, ports, strict=False)]
+        return ring, f"{addresses[0]}:{ports[-1]}"
 
     async def spawn(self) -> GroupProcess:
-        ring = json.dumps(self._ring(), separators=(",", ":"))
+        hostfile, schedule = self._ring()
+        ring = json.dumps(hostfile, separators=(",", ":"))
         ranks: list[WorkerProcess] = []
         try:
             for rank, host in enumerate(self.hosts):
                 extra = [
                     "--rank", str(rank), "--ranks", str(self.ranks),
-                    "--ring", ring, "--backend", self.backend,
+                    "--ring", ring, "--backend", self.backend, "--schedule", schedule,
                 ]  # fmt: skip
                 ranks.append(await spawn_on(host, self.options, extra))
         except BaseException:
@@ -372,10 +376,10 @@ def make_launchers(
         ranks = list(shard_hosts) or [Host(LOCAL)] * shard
         if len(ranks) != shard:
             raise ValueError(f"--shard {shard} needs {shard} --shard-hosts, got {len(ranks)}")
-        # Each group gets its own run of ports (chosen fresh when all local).
+        # Each group gets its own run of N + 1 ports (chosen fresh when all local).
         base = ring_port or (0 if all(h.local for h in ranks) else DEFAULT_RING_PORT)
         return [
-            GroupLauncher(options, ranks, backend=backend, port=base and base + i * shard)
+            GroupLauncher(options, ranks, backend=backend, port=base and base + i * (shard + 1))
             for i in range(workers)
         ]
     launchers: list[LocalLauncher | GroupLauncher] = []

@@ -358,6 +358,7 @@ class Messages:
     def __init__(self, body: MessagesRequest):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         thinking = body.thinking
         self._thinking = thinking is None or thinking.display != "omitted"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import fnmatch
 import logging
@@ -48,6 +49,10 @@ MB = 1024 * 1024
 # before a model added to them is found without anyone listing /v1/models.
 RESCAN_INTERVAL = 2.0
 RESCAN_EVERY = 10.0
+# After a failed load, requests get its error at once for LOAD_RETRY_BASE
+# seconds, doubling with each failure in a row up to LOAD_RETRY_MAX.
+LOAD_RETRY_BASE = 1.0
+LOAD_RETRY_MAX = 60.0
 # How long a load may take beyond --load-timeout (spawning, resolving) before
 # the registry gives up on it.
 LOAD_SLACK = 30.0
@@ -116,6 +121,8 @@ class Model:
     last_error: str | None = None
     error: Exception | None = None  # why the last load failed
     weights_bytes: int | None = None  # as its workers measured once loaded
+    failures: int = 0  # failed loads in a row
+    retry_at: float = 0.0  # monotonic: before this, requests get the last failure at once
     loads: int = 0
     unloads: dict[str, int] = field(default_factory=dict)  # by reason
     changed: Signal = field(default_factory=Signal)
@@ -133,6 +140,7 @@ class Registry:
         self._scanned = -math.inf
         self._scan_lock: asyncio.Lock | None = None
         self._reaper: asyncio.Task | None = None
+        self._rescan: asyncio.Task | None = None
         self._closing = False
         pins = set(settings.pins)
         for spec in settings.models:
@@ -162,7 +170,15 @@ class Registry:
     # --- life ----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._reaper = asyncio.create_task(self._reap(), name="model-reaper")
+        self._reaper = asyncio.create_task(
+            self._reap(), name="model-reaper", context=contextvars.Context()
+        )
+        for name in self.settings.pins:
+            if name not in self.models:
+                log.warning("--pin %s: no such model (yet); it is pinned if it appears", name)
+        for alias, target in self.aliases.items():
+            if target not in self.models:
+                log.warning("--alias %s=%s: no such model (yet)", alias, target)
         if self.budget is not None:
             used = sum(self.usage(m) for m in self.models.values() if m.startup)
             if used > self.budget:
@@ -176,7 +192,9 @@ class Registry:
     async def stop(self) -> None:
         """Stop loading and unloading; the pool stops the workers."""
         self._closing = True
-        tasks = [t for t in (self._reaper, *(m.task for m in self.models.values())) if t]
+        tasks = [
+            t for t in (self._reaper, self._rescan, *(m.task for m in self.models.values())) if t
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,6 +242,13 @@ class Registry:
             self._add(entries)
             self.update_gauges()
 
+    def _rescan_soon(self) -> None:
+        """An unknown name may be a model just added: look again, in the
+        background (the request itself gets its 404 now)."""
+        catalogued = self.settings.models_dirs or self.settings.models_hf_cache
+        if catalogued and not self._closing and (self._rescan is None or self._rescan.done()):
+            self._rescan = asyncio.create_task(self.refresh(), context=contextvars.Context())
+
     def lookup(self, name: str) -> Model | None:
         """The model of a name: its own, an alias's, or the first glob
         alias's that matches (`claude-*`: the names an agent CLI sends)."""
@@ -249,6 +274,7 @@ class Registry:
         A request's `keep_alive` may lengthen the model's stay."""
         model = self.lookup(name)
         if model is None:
+            self._rescan_soon()
             return None
         if keep_alive is not None:
             model.keep_alive_asked = (
@@ -277,8 +303,17 @@ class Registry:
         """A request waits for `model`: load it unless it is loaded or loading.
 
         An unloading model is loaded again once its unload ends (see _unload)."""
-        if model.status is Status.UNLOADED and not self._closing:
-            self._begin_load(model)
+        if model.status is not Status.UNLOADED or self._closing:
+            return
+        wait = model.retry_at - time.monotonic()
+        if wait > 0 and model.error is not None:
+            # Its last load failed moments ago: answer with that failure
+            # rather than start (and crash) another worker per request.
+            model.pool.fail_waiters(
+                ModelLoadFailed(f"{model.error} (the next load is tried in {wait:.0f}s)")
+            )
+            return
+        self._begin_load(model)
 
     def _begin_load(self, model: Model) -> None:
         model.status = Status.LOADING
@@ -327,6 +362,13 @@ class Registry:
             model.last_error = str(error)
             self.metrics.model_loads.labels(model.name, _load_result(error)).inc()
             log.error("%s: %s", model.name, error)
+            if spawned:
+                # Requests after a failed load get its error at once for a
+                # while (1 s, doubling up to a minute), then a new load is tried.
+                model.failures += 1
+                model.retry_at = time.monotonic() + min(
+                    LOAD_RETRY_MAX, LOAD_RETRY_BASE * 2 ** (model.failures - 1)
+                )
             pool.fail_waiters(error)
             await self._stop(model, "load_failed" if spawned else None)
             return
@@ -334,6 +376,7 @@ class Registry:
             pool.blocked = None
         model.status = Status.LOADED
         model.loads += 1
+        model.failures = 0
         model.loaded_at = time.time()
         model.load_seconds = time.perf_counter() - started
         model.weights_bytes = self._measured_weights(model)
@@ -413,7 +456,11 @@ class Registry:
         """Start unloading (synchronously stop taking requests)."""
         model.status = Status.UNLOADING
         model.pool.drain()
-        model.task = asyncio.create_task(self._unload(model, reason), name=f"unload-{model.name}")
+        # A fresh context: an unload belongs to no request (a load keeps the
+        # context of the request that started it, so its log lines carry its id).
+        model.task = asyncio.create_task(
+            self._unload(model, reason), name=f"unload-{model.name}", context=contextvars.Context()
+        )
 
     async def _unload(self, model: Model, reason: str) -> None:
         rss = _rss(model.pool)
@@ -580,6 +627,11 @@ class Registry:
             info["pids"] = [w.pid for w in model.pool.workers if w.pid]
         if model.load_seconds is not None:
             info["load_seconds"] = round(model.load_seconds, 3)
+            # Of which the worker spent loading the weights (the rest is the
+            # process starting and importing MLX).
+            inner = [w.loaded.get("load_s") for w in model.pool.workers if w.loaded]
+            if any(inner):
+                info["worker_load_seconds"] = max(x for x in inner if x)
         if model.loaded_at is not None:
             info["loaded_at"] = int(model.loaded_at)
         due = self.idle_deadline(model)

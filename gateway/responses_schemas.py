@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from .schemas import KeepAlive
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -195,6 +197,7 @@ class ResponsesRequest(_Body):
     user: str | None = None
     include: list[str] | None = None
     service_tier: str | None = None
+    keep_alive: KeepAlive | None = None  # extension: see ChatCompletionRequest
 
 
 # --- responses ----------------------------------------------------------------------

@@ -343,7 +343,7 @@ class StatusData(BaseModel):
     version: str
     host: str
     uptime_s: float
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "idle", "unavailable"]
     models: dict[str, ModelHealth]
     sample_s: float = Field(description="Seconds between history points")
     history: list[StatusPoint] = Field(description="Oldest first, the last ten minutes")

@@ -13,6 +13,7 @@ calls `serve(request, exchange)`; see chat.py for the smallest complete one.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -251,6 +252,8 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     """Admit, start and serve the choices of one request; errors in its shape."""
     ctx = Context.of(request)
     settings = ctx.settings
+    # A request's keep_alive (seconds) may lengthen how long an on-demand
+    # model stays loaded; the registry answers resolve() when there is one.
     target = ctx.pool.resolve(exchange.model, getattr(exchange, "keep_alive", None))
     # Unknown names are labelled "" so bad requests cannot grow the label set.
     tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)
@@ -274,6 +277,10 @@ async def serve(request: Request, exchange: Exchange) -> Response:
         if target is None:
             raise errors.model_not_found(exchange.model)
         params = exchange.params(settings)
+        if key:
+            partition = cache_partition(key)
+            for choice in params:
+                choice["cache_key"] = partition
         if settings.log_prompts:
             tracker.log_prompts = params
         generations = await start(target, params, exchange.stream, deadline, tracker)
@@ -299,6 +306,13 @@ async def serve(request: Request, exchange: Exchange) -> Response:
         tracker.close()
     tracker.finished(generations, results)
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+def cache_partition(key: str) -> str:
+    """The prompt-cache partition of an API key: requests under different
+    keys never share (or learn of) each other's cached prompts. A digest, not
+    the key, because workers keep it, on disk too with --prompt-cache-dir."""
+    return hashlib.sha256(b"mlx-gateway prompt cache\0" + key.encode()).hexdigest()[:32]
 
 
 def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:

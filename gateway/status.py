@@ -26,6 +26,7 @@ from fastapi.responses import RedirectResponse
 from starlette.responses import Response
 
 from . import __version__, schemas
+from .launcher import LOCAL
 from .metrics import Metrics
 
 SAMPLE_S = 2.0
@@ -173,7 +174,8 @@ async def data(request: Request) -> Response:
     health = state.pool.health()
     for model in health["models"].values():
         for worker in model["workers"]:
-            worker["host"] = HOST  # workers are this host's processes
+            if worker.get("host") in (None, LOCAL):
+                worker["host"] = HOST  # the gateway's own machine, by name
     history = getattr(state, "history", None)
     body = {
         "version": __version__,

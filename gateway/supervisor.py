@@ -63,6 +63,8 @@ class Supervisor:
         launcher=None,
     ):
         self.id = worker_id
+        # Every line about this worker carries its id as the `worker` field.
+        self.log = logging.LoggerAdapter(log, {"worker": worker_id})
         self.spec = spec
         self.settings = settings
         self.metrics = metrics
@@ -123,7 +125,7 @@ class Supervisor:
                 async with asyncio.timeout(limit):
                     await asyncio.shield(self._task)
             except TimeoutError:
-                log.error("%s: did not stop within %.0fs; killing", self.id, limit)
+                self.log.error("did not stop within %.0fs; killing", limit)
                 self._kill()
                 self._task.cancel()
         self._set_state(State.STOPPED)
@@ -169,7 +171,7 @@ class Supervisor:
                 # back-off, and leave the circuit to the workers that run.
                 self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
                 if not self._host_down:
-                    log.error("%s: %s; retrying with back-off", self.id, self.failure)
+                    self.log.error("%s; retrying with back-off", self.failure)
                 self._host_down = True
                 self._set_state(State.UNREACHABLE)
                 delay, self._host_backoff = (
@@ -204,7 +206,7 @@ class Supervisor:
                     if not self.probing
                     else f"probe start failed: {self.last_exit}"
                 )
-                log.error("%s: %s; next try in %.0fs", self.id, self.failure, probe_delay)
+                self.log.error("%s; next try in %.0fs", self.failure, probe_delay)
                 self.probing = False
                 self._set_state(State.FAILED)
                 if probe_delay <= 0 or await self._sleep(probe_delay):
@@ -214,9 +216,8 @@ class Supervisor:
                 self.probing = True
                 continue
             backoff = self._backoff()
-            log.warning(
-                "%s: worker lost after %.1fs (%s); restarting in %.0fs",
-                self.id,
+            self.log.warning(
+                "worker lost after %.1fs (%s); restarting in %.0fs",
                 now - started,
                 self.last_exit,
                 backoff,
@@ -252,6 +253,8 @@ class Supervisor:
             self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
+        # The last process's figures must not show under the new one's pid.
+        self.health = {}
         try:
             self.process = await self.launcher.spawn()
         except (OSError, ValueError) as exc:
@@ -275,10 +278,10 @@ class Supervisor:
                 if self._host_down:
                     self._host_down = False
                     self._host_backoff = self.settings.restart_backoff
-                    log.info("%s: host %s reachable again", self.id, self.launcher.host.label)
+                    self.log.info("host %s reachable again", self.launcher.host.label)
                     self.failure = None
                 if self.probing:
-                    log.info("%s: probe start succeeded; serving again", self.id)
+                    self.log.info("probe start succeeded; serving again")
                     self.probing = False
                     self.failure = None
                 self._set_state(State.READY)
@@ -313,6 +316,8 @@ class Supervisor:
             "prefill_step_size": self.settings.prefill_step_size,
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
+            "prompt_cache_dir": self.settings.prompt_cache_dir,
+            "prompt_cache_disk_bytes": self.settings.prompt_cache_disk_bytes,
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
         }
@@ -338,13 +343,12 @@ class Supervisor:
             return "crash"
         if error is not None:
             self.last_exit = f"load failed: {error}"
-            log.error("%s: %s", self.id, self.last_exit)
+            self.log.error("%s", self.last_exit)
             return "load_failed"
         info = load.result()
         self.loaded = info
-        log.info(
-            "%s: pid %s loaded %s in %.2fs",
-            self.id,
+        self.log.info(
+            "pid %s loaded %s in %.2fs",
             self.pid,
             self.spec.name,
             info.get("load_s", 0),
@@ -372,14 +376,14 @@ class Supervisor:
                         f"no heartbeat answer within {self.settings.heartbeat_timeout:.1f}s "
                         "(twice); killed"
                     )
-                    log.error("%s: %s", self.id, self.last_exit)
+                    self.log.error("%s", self.last_exit)
                     return "heartbeat"
                 except WorkerGone:
                     return "protocol" if client.protocol_failed else "crash"
                 self._observe(health)
                 progress, stalled = self._stalled(health, progress)
                 if stalled:
-                    log.error("%s: %s", self.id, self.last_exit)
+                    self.log.error("%s", self.last_exit)
                     return "stall"
         finally:
             stop.cancel()
@@ -442,18 +446,16 @@ class Supervisor:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
-            log.warning(
-                "%s: still running %.0fs after stdin closed; SIGTERM",
-                self.id,
+            self.log.warning(
+                "still running %.0fs after stdin closed; SIGTERM",
                 self.settings.worker_stop_timeout,
             )
             _signal(proc, signal.SIGTERM)
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
-            log.warning(
-                "%s: still running %.0fs after SIGTERM; SIGKILL",
-                self.id,
+            self.log.warning(
+                "still running %.0fs after SIGTERM; SIGKILL",
                 self.settings.worker_stop_timeout,
             )
         # A crashed or wedged worker gets no courtesy. Fail what it held

@@ -102,15 +102,16 @@ class SshServer:
         except psutil.NoSuchProcess:
             return []
 
-    def workers(self) -> list[psutil.Process]:
-        """The `python -m worker` processes its sessions run."""
+    def workers(self, *, ranks: bool | None = None) -> list[psutil.Process]:
+        """The `python -m worker` processes its sessions run (only the ranks of
+        sharded workers with ranks=True, only the others with ranks=False)."""
         found = []
         for p in self.sessions():
             try:
                 cmd = p.cmdline()
             except psutil.NoSuchProcess:
                 continue
-            if "worker" in cmd and "-m" in cmd:
+            if "worker" in cmd and "-m" in cmd and ranks in (None, "--rank" in cmd):
                 found.append(p)
         return found
 

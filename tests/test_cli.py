@@ -30,6 +30,10 @@ def serve_actions():
     return [a for a in serve._actions if a.option_strings and a.dest != "help"]
 
 
+# Flags whose values are checked by a type of their own: a valid sample each.
+TYPED_SAMPLES = {"--log-format": ("json", "json"), "--keep-alive": ("90s", 90.0)}
+
+
 def test_every_serve_flag_has_an_environment_variable():
     """Each flag, set through its documented variable (named here by the
     README's rule, not by the code under test), takes the variable's value."""
@@ -44,6 +48,9 @@ def test_every_serve_flag_has_an_environment_variable():
             raw, attr, expected = "7", action.dest, 7
         elif action.type is float:
             raw, attr, expected = "7.5", action.dest, 7.5
+        elif flag in TYPED_SAMPLES:
+            raw, expected = TYPED_SAMPLES[flag]
+            attr = action.dest
         else:
             raw, attr, expected = "some-value", action.dest, "some-value"
         args = parse(env={var: raw})

@@ -306,6 +306,13 @@ def test_a_request_can_extend_keep_alive(gw_idle):
     assert chat(gw, "a", keep_alive="10m").status_code == 200
     info = plain_admin(gw)["a"]
     assert info["status"] == "loaded" and info["unloads_in_seconds"] > 60
+    # Every API surface takes it: Anthropic's Messages too.
+    r = gw.client.post(
+        "/v1/messages",
+        json={"model": "a", "max_tokens": 2, "messages": MESSAGES, "keep_alive": "1h"},
+    )
+    assert r.status_code == 200, r.text
+    assert plain_admin(gw)["a"]["unloads_in_seconds"] > 1800
     r = chat(gw, "a", keep_alive="soon")
     assert r.status_code == 400 and r.json()["error"]["param"] == "keep_alive"
     assert gw.client.post("/admin/models/unload", json={"model": "a"}).status_code == 200

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -212,6 +213,9 @@ def test_every_dashboard_query_returns_data(gw, prometheus):
             lambda: gw.health()["workers"][0]["restarts"] == 1, 60, "the killed worker's restart"
         )
         missing = dict(queries(dashboard()))
+        if not sys.platform.startswith("linux"):
+            # prometheus_client's process_* figures come from /proc.
+            missing = {k: v for k, v in missing.items() if "process_" not in v}
         deadline = time.monotonic() + 90
         while missing and time.monotonic() < deadline:
             for name, expr in list(missing.items()):

@@ -176,6 +176,39 @@ def test_an_unreachable_host_is_a_clear_state_not_a_crash_loop(start_gateway, ss
     assert r.status_code == 200
 
 
+def ranks(sshd: SshServer) -> list[psutil.Process]:
+    """Ranks of a sharded worker under sshd (not the module gateway's worker)."""
+    return sshd.workers(ranks=True)
+
+
+def test_a_sharded_worker_with_a_rank_over_ssh(start_gateway, sshd):
+    gw = start_gateway(
+        "--shard", "2",
+        "--shard-hosts", f"local,{sshd.dest}=127.0.0.1",
+        "--shard-port", str(free_port()),
+        "--ssh-command", sshd.command,
+    )  # fmt: skip
+    (worker,) = gw.health()["workers"]
+    assert [r["host"] for r in worker["ranks"]] == ["local", sshd.dest]
+    (remote_rank,) = ranks(sshd)
+    r = gw.client.post("/v1/completions", json={**LONG, "max_tokens": 8}, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    local_rank = psutil.Process(worker["pids"][0])
+    remote_rank.send_signal(signal.SIGKILL)
+    # The whole group goes (rank 0 here too) and comes back.
+    _, alive = psutil.wait_procs([local_rank], timeout=30)
+    assert not alive, "rank 0 outlived its group"
+    wait_until(
+        lambda: (w := gw.health()["workers"][0])["state"] == "ready" and w["restarts"] == 1,
+        90,
+        "the group to restart",
+    )
+    assert len(ranks(sshd)) == 1
+    gw.stop()
+    _, alive = psutil.wait_procs(ranks(sshd), timeout=30)
+    assert not alive, f"a remote rank outlived the gateway: {alive}"
+
+
 def test_a_sigkilled_gateway_leaves_no_worker_on_either_side(mixed, sshd):
     # Last in this module: it ends the shared gateway.
     both_ready(mixed)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import openai
@@ -145,6 +148,11 @@ def test_every_line_is_json_and_no_prompt_is_logged(gw):
         assert {"time", "level", "logger", "message"} <= record.keys(), record
         assert record["level"] in {"debug", "info", "warning", "error", "critical"}
     assert any(r["logger"] == "worker.engine" for r in records)  # relayed worker lines
+    # The supervisor's lines about a worker name it in the field too.
+    loaded = [
+        r for r in records if r["logger"] == "gateway.supervisor" and "loaded" in r["message"]
+    ]
+    assert loaded and loaded[0]["worker"] == f"{MODEL_NAME}/0"
     assert SECRET not in gw.log()
 
 
@@ -212,3 +220,16 @@ def test_a_bug_past_every_handler_still_gets_an_id_and_an_openai_error(caplog):
     assert r.json()["error"]["request_id"] == "bug-1"
     (logged,) = [rec for rec in caplog.records if rec.name == "gateway.http"]
     assert logged.exc_info is not None
+
+
+def test_a_bad_log_format_from_the_environment_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--model", "demo:tiny"],
+        env={**os.environ, "MLX_GATEWAY_LOG_FORMAT": "xml"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "--log-format must be one of text, json" in out.stderr
+    assert "Traceback" not in out.stderr

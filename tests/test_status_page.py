@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def test_loads_without_console_errors_and_shows_every_worker(page, gw):
         shown = rows[worker["id"]]
         assert shown["state"] == "ready"
         assert shown["pid"] == str(worker["pid"])
+        assert socket.gethostname() in shown["text"]  # a local worker's host, by name
     assert page.page.inner_text("#overall") == "ready"
     assert page.errors == []
 

@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import protocol
 from .constraints import Grammars
+from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
 from .job import Job, merge_delta
 from .mlxlm import (
     BatchGenerator,
@@ -96,6 +97,7 @@ class Engine:
         self.memory_limit_mb: float | None = None
         self.memory: dict[str, float] = {}
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
+        self.disk_cache: DiskPromptCache | None = None  # with a prompt_cache_dir
         self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
         # A sharded worker's ranks (group.py): rank 0 shares each turn's
@@ -137,6 +139,7 @@ class Engine:
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
                 "bytes": self.prompt_cache.nbytes if self.prompt_cache is not None else 0,
+                **({"disk": self.disk_cache.snapshot()} if self.disk_cache is not None else {}),
             },
         }
 
@@ -157,7 +160,8 @@ class Engine:
         if self.group is not None:
             # Every turn, even an empty one: the other ranks step with us.
             if self.group.leader:
-                self.group.share([_wire(c) for c in commands])
+                idle = not commands and not self._jobs
+                self.group.share([_wire(c) for c in commands], idle=idle)
             else:
                 commands = [self._unwire(c) for c in self.group.share()]
         return self._apply(commands) if commands else True
@@ -258,6 +262,7 @@ class Engine:
         self.loaded.max_token_bytes = max_token_bytes(tokenizer, self.loaded.token_bytes())
         self._generator = self._new_generator()
         self._warm_up()
+        self._open_disk_cache(params)
         self.state = "ready"
         self._update_memory()
         load_s = time.perf_counter() - started
@@ -280,6 +285,47 @@ class Engine:
                 },
             )
         )
+
+    def _open_disk_cache(self, params: dict) -> None:
+        """Read back the prompt cache a previous worker of this model left on
+        disk, and start writing this one's there."""
+        root = params.get("prompt_cache_dir")
+        if not root or self.prompt_cache is None:
+            return
+        if self.group is not None:
+            # Every rank would need the same entries at the same moment.
+            log.warning("prompt_cache_dir is not supported for sharded workers; ignored")
+            return
+        fingerprint = model_fingerprint(self.loaded.path)
+        if fingerprint is None:
+            log.warning("prompt_cache_dir ignored: %s is no local checkpoint", self.loaded.path)
+            return
+        store = DiskPromptCache(
+            root,
+            fingerprint,
+            max_bytes=int(params.get("prompt_cache_disk_bytes") or DEFAULT_DISK_BYTES),
+        )
+        started = time.perf_counter()
+        entries = store.load(
+            max_bytes=self.prompt_cache.max_bytes, max_entries=self.prompt_cache.max_size
+        )
+        for entry in entries:
+            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, entry.cache)
+        if entries or store.stats.skipped:
+            log.info(
+                "read %d prompt cache entries (%.1f MB) from disk in %.2fs, skipped %d",
+                len(entries),
+                sum(e.nbytes for e in entries) / MB,
+                time.perf_counter() - started,
+                store.stats.skipped,
+            )
+        store.start()
+        self.disk_cache = store
+
+    def close(self, timeout: float) -> None:
+        """On the way out: give the disk writer `timeout` seconds to finish."""
+        if self.disk_cache is not None:
+            self.disk_cache.close(timeout)
 
     def _new_generator(self):
         self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
@@ -429,6 +475,8 @@ class Engine:
                     # Kept for later requests that share a prefix (a system
                     # prompt, the turns of a conversation).
                     self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+                    if self.disk_cache is not None:
+                        self.disk_cache.offer(job.cache_key, tokens, cache)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""

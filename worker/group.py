@@ -12,8 +12,12 @@ ends the same requests at the same step.
 
 The ranks find each other through MLX's own conventions: a ring hostfile
 (the rank addresses, given on the command line and written to a temporary
-file) and MLX_RANK. Losing a rank makes the group useless: any failed
-collective ends the process at once, without answering for its requests,
+file) and MLX_RANK. The schedule travels one way, from rank 0 to each other
+rank, over a TCP connection of its own (no delay): as a collective it would
+cost every decode step one more round trip through the ring. Idle turns add
+one small collective, so a rank that stops answering blocks rank 0's loop,
+which the gateway's heartbeat sees. Losing a rank makes the group useless:
+any failure ends the process at once, without answering for its requests,
 so the gateway sees the worker die and sends unseen requests elsewhere.
 """
 
@@ -22,26 +26,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+import struct
 import tempfile
+import time
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 import orjson
 
 log = logging.getLogger("worker.group")
 
 # The exit status of a rank whose group broke (a peer died or diverged).
 GROUP_LOST = 3
+# How long the ranks wait for each other's schedule connection at start-up.
+CONNECT_TIMEOUT_S = 60.0
+# A schedule frame: payload length, then whether this is an idle turn.
+HEADER = struct.Struct("<IB")
 
 
 class Group:
-    def __init__(self, rank: int, size: int, ring: str, backend: str = "ring"):
+    def __init__(self, rank: int, size: int, ring: str, backend: str = "ring", schedule: str = ""):
         self.rank = rank
         self.size = size
         self._ring = ring
         self._backend = backend
+        self._schedule = schedule  # rank 0's host:port for the schedule connections
         self.group: Any = None
+        self._peers: list[socket.socket] = []  # rank 0: one per other rank
+        self._leader: socket.socket | None = None  # the others: to rank 0
 
     @property
     def leader(self) -> bool:
@@ -58,10 +71,16 @@ class Group:
             json.dump(hosts, f)
         os.environ["MLX_HOSTFILE"] = path
         os.environ["MLX_RANK"] = str(self.rank)
+        host, _, port = self._schedule.rpartition(":")
+        listener = _listen(host, int(port)) if self.leader else None
         try:
             self.group = mx.distributed.init(strict=True, backend=self._backend)
         finally:
             os.unlink(path)
+        if listener is not None:
+            self._peers = _accept(listener, self.size - 1)
+        else:
+            self._leader = _dial(host, int(port), self.rank)
         if self.group.size() != self.size or self.group.rank() != self.rank:
             raise SystemExit(
                 f"joined a group of {self.group.size()} as rank {self.group.rank()}, "
@@ -73,21 +92,22 @@ class Group:
 
     # --- the schedule ------------------------------------------------------------
 
-    def share(self, commands: list | None = None) -> list:
-        """Rank 0: send this turn's commands (wire form); others: receive them."""
+    def share(self, commands: list | None = None, idle: bool = False) -> list:
+        """Rank 0: send this turn's commands (wire form); others: receive them.
+        An idle turn (nothing running) also meets every rank in a collective."""
         try:
-            # Most turns share nothing: then one small collective is all.
             if self.leader:
                 data = orjson.dumps(commands) if commands else b""
-                self._sum(mx.array([len(data)], dtype=mx.int32))
-                if data:
-                    self._sum(mx.array(np.frombuffer(data, dtype=np.uint8)))
-                return commands
-            size = int(self._sum(mx.array([0], dtype=mx.int32)).item())
-            if not size:
-                return []
-            data = self._sum(mx.zeros(size, dtype=mx.uint8))
-            return orjson.loads(bytes(np.array(data)))
+                frame = HEADER.pack(len(data), idle) + data
+                for peer in self._peers:
+                    peer.sendall(frame)
+            else:
+                size, idle = HEADER.unpack(_read(self._leader, HEADER.size))
+                data = _read(self._leader, size)
+                commands = orjson.loads(data) if data else []
+            if idle:
+                self._sum(mx.array([0], dtype=mx.int32))
+            return commands
         except Exception as exc:  # a peer gone, or the ranks out of step
             lost(f"the group broke: {exc}")
             raise  # not reached
@@ -107,6 +127,55 @@ class Group:
         from .mlxlm import sharded_load
 
         return sharded_load(path, return_config=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen()
+    return listener
+
+
+def _accept(listener: socket.socket, n: int) -> list[socket.socket]:
+    """The other ranks' schedule connections, in rank order."""
+    listener.settimeout(CONNECT_TIMEOUT_S)
+    peers: dict[int, socket.socket] = {}
+    with listener:
+        while len(peers) < n:
+            conn, _ = listener.accept()
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            (rank,) = struct.unpack("<I", _read(conn, 4))
+            peers[rank] = conn
+    return [peers[r] for r in sorted(peers)]
+
+
+def _dial(host: str, port: int, rank: int) -> socket.socket:
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            conn = socket.create_connection((host, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    conn.settimeout(None)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.sendall(struct.pack("<I", rank))
+    return conn
+
+
+def _read(conn: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = conn.recv(left)
+        if not chunk:
+            raise ConnectionError("rank 0 closed the schedule connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def lost(why: str) -> None:

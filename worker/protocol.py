@@ -8,7 +8,15 @@ A trailing b"\\r" is tolerated (CRLF pipes).
 
 Methods (gateway -> worker):
 
-    load_model  {"path": str, "max_batch_size"?: int, "prefill_step_size"?: int}
+    load_model  {"path": str, "name"?: str, "max_batch_size"?: int,
+                 "prefill_step_size"?: int, "prompt_cache_bytes"?: int,
+                 "prompt_cache_size"?: int, "stream_interval_ms"?: float,
+                 "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
+                 "prompt_cache_disk_bytes"?: int}
+                prompt_cache_dir: a directory the prompt cache is also kept in
+                (worker/diskcache.py): written in the background, read back
+                at load by any worker of the same checkpoint; entries are
+                partitioned by cache_key, which is stored in them.
                 -> {"model": str, "context_length": int | None, "load_s": float,
                     "memory": {"active_memory_mb", "peak_memory_mb", "cache_memory_mb"}}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
@@ -23,7 +31,8 @@ Methods (gateway -> worker):
                 parallel_tool_calls, response_format ({"type": "json_object"} or
                 {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
                 (the prompt-cache partition: requests with different keys
-                never share cached prompts; absent, a shared default),
+                never share cached prompts; absent, a shared default; the
+                gateway sends a digest of the API key, never the key),
                 http_request_id (the HTTP request's X-Request-Id: the worker
                 puts it on its log lines about the request, nothing more)
                 -> {"text", "finish_reason", "usage", "timings", "memory",

@@ -31,6 +31,9 @@ log = logging.getLogger("worker")
 
 # After stdin closes, give the engine this long to finish its step and exit.
 EOF_EXIT_GRACE_S = 2.0
+# On a clean exit, how long queued prompt caches may take to reach the disk
+# (less than the grace above, which ends the process regardless).
+DISK_FLUSH_S = 1.0
 
 
 def claim_stdout() -> int:
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ranks", type=int, default=1)
     parser.add_argument("--ring", default=None)
     parser.add_argument("--backend", default="ring")
+    parser.add_argument("--schedule", default="", help="rank 0's host:port for the schedule")
     args = parser.parse_args(argv)
 
     proto_fd = claim_stdout()
@@ -340,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ranks > 1:
         from .group import Group
 
-        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend)
+        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend, args.schedule)
         engine.group.connect()
     log.info("worker %d ready for load_model", os.getpid())
     try:
@@ -349,5 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         log.exception("the engine failed")
         logging.shutdown()
         os._exit(1)
+    # Prompt caches still queued for the disk get a moment, not a promise.
+    engine.close(DISK_FLUSH_S)
     logging.shutdown()
     os._exit(0)

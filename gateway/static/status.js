@@ -133,8 +133,10 @@ function modelSection(name, model) {
 
 function render(data) {
   const overall = $("overall");
-  overall.textContent = data.status === "ok" ? "ready" : "unavailable";
-  overall.className = `badge state-${data.status === "ok" ? "ready" : "failed"}`;
+  // "idle": healthy, but no model is loaded yet (they load on demand).
+  const labels = { ok: "ready", idle: "idle: no model loaded" };
+  overall.textContent = labels[data.status] || "unavailable";
+  overall.className = `badge state-${data.status === "unavailable" ? "failed" : "ready"}`;
   $("meta").textContent =
     `v${data.version} on ${data.host}, up ${duration(data.uptime_s)}`;
   const now = Date.now() / 1000;

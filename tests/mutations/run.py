@@ -47,6 +47,7 @@ class Mutant:
 SLOW = "tests/test_e2e_slow.py"
 ROBUST = "tests/test_robustness.py"
 RECOVERY = "tests/test_e2e_recovery.py"
+REGISTRY = "tests/test_registry.py"
 
 MUTANTS = [
     # --- cancellation ---------------------------------------------------------
@@ -143,8 +144,8 @@ MUTANTS = [
     Mutant(
         "restart back-off not capped",
         "gateway/supervisor.py",
-        "            backoff = min(backoff * 2, self.settings.restart_backoff_max)",
-        "            backoff = backoff * 2",
+        "2**counted, self.settings.restart_backoff_max)",
+        "2**counted, 10**9)",
         ("tests/test_supervisor.py",),
     ),
     Mutant(
@@ -357,6 +358,51 @@ MUTANTS = [
         '    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")',
         '    return ENV_PREFIX + flag.lstrip("-").upper()',
         ("tests/test_cli.py",),
+    ),
+    # --- many models ------------------------------------------------------------
+    Mutant(
+        "a busy model evicted",
+        "gateway/eviction.py",
+        "if r.evictable and not r.busy and not r.pinned",
+        "if r.evictable and not r.pinned",
+        (f"{REGISTRY}::test_busy_model_is_not_evicted_and_the_new_one_waits_for_it",),
+    ),
+    Mutant(
+        "the most recently used model evicted",
+        "gateway/eviction.py",
+        "        key=lambda r: r.last_used,\n",
+        "        key=lambda r: -r.last_used,\n",
+        (f"{REGISTRY}::test_lru_idle_model_is_evicted_under_the_count_limit",),
+    ),
+    Mutant(
+        "a load per waiting request",
+        "gateway/registry.py",
+        "        if model.status is Status.UNLOADED and not self._closing:",
+        "        if model.status in (Status.UNLOADED, Status.LOADING) and not self._closing:",
+        (f"{REGISTRY}::test_twenty_concurrent_first_requests_make_one_load",),
+    ),
+    Mutant(
+        "a failed load leaves its waiters waiting",
+        "gateway/registry.py",
+        "            pool.fail_waiters(error)\n",
+        "",
+        (
+            f"{REGISTRY}::test_a_crash_during_load_reaches_every_waiter_and_the_model_stays_unloaded",
+        ),
+    ),
+    Mutant(
+        "idle models never unloaded",
+        "gateway/registry.py",
+        "                if due <= now:",
+        "                if False:",
+        (f"{REGISTRY}::test_keep_alive_unloads_an_idle_model_and_a_request_can_extend_it",),
+    ),
+    Mutant(
+        "a model larger than the budget loaded anyway",
+        "gateway/eviction.py",
+        "    if budget is not None and need > budget:\n        return Plan(",
+        "    if False:\n        return Plan(",
+        (f"{REGISTRY}::test_too_large_model_is_refused_at_once",),
     ),
 ]
 
