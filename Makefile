@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint bench clean mutate
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "mlx-gateway needs Python 3.11 or newer on PATH (or PYTHON=...)"; exit 1; }
@@ -38,3 +38,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Not part of `make test`: breaks each promised behaviour in a copy of the
+# tree and runs the tests meant to notice (tests/mutations/run.py).
+mutate: $(STAMP)
+	$(BIN)/python tests/mutations/run.py $(MUTATE_ARGS)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from .schemas import MAX_COUNT
+from .schemas import MAX_COUNT, KeepAlive
 
 
 class _Body(BaseModel):
@@ -154,6 +154,7 @@ class MessagesRequest(PromptFields):
     top_k: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     metadata: dict[str, Any] | None = None  # accepted, ignored
     service_tier: str | None = None  # accepted, ignored
+    keep_alive: KeepAlive | None = None  # extension: how long the model stays loaded after
 
 
 class CountTokensRequest(PromptFields):
@@ -171,6 +172,9 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     type: Literal["error"]
     error: ErrorDetail
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in its X-Request-Id response header"
+    )
 
 
 class Usage(BaseModel):

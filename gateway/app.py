@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from . import (
     __version__,
+    admin,
     chat,
     completions,
     errors,
@@ -27,25 +28,31 @@ from . import (
     ops,
     responses,
     serving,
+    status,
 )
 from .config import Settings
 from .metrics import Metrics
 from .middleware import ApiKeyAuth, BodySizeLimit, JsonBody, RequestCounter
 from .pool import Pool
+from .registry import Registry
+from .request_id import RequestId
 
 ROUTERS = [
     ops.router,
     models.router,
+    admin.router,
     chat.router,
     completions.router,
     responses.router,
     messages.router,
+    status.router,
 ]
 
 
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
     pool = Pool(settings, metrics)
+    registry = Registry(settings, metrics, pool)
     # In-flight streams must run to their end during the shutdown grace
     # period instead of being cut when the server starts to stop.
     AppStatus.disable_automatic_graceful_drain()
@@ -53,9 +60,11 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         pool.start()
+        registry.start()
         try:
             yield
         finally:
+            await registry.stop()
             await pool.stop()
             AppStatus.should_exit = True
 
@@ -68,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.openapi = lambda: _openapi(app)
     app.state.settings = settings
     app.state.pool = pool
+    app.state.registry = registry
     app.state.metrics = metrics
     app.state.context = serving.Context(
         settings=settings,
@@ -80,7 +90,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     generating = {
         route.path
-        for route in app.routes
+        for router in ROUTERS
+        for route in router.routes
         if "POST" in getattr(route, "methods", ()) and route.path.startswith("/v1/")
     }
     # The last added runs first: CORS answers preflights before auth looks,
@@ -98,7 +109,10 @@ def create_app(settings: Settings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
+            expose_headers=["X-Request-Id"],
         )
+    # Outermost: every response, even a refused one, carries the request id.
+    app.add_middleware(RequestId, log_access=settings.access_log)
     app.add_exception_handler(RequestValidationError, errors.validation_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_handler)
     app.add_exception_handler(errors.APIError, errors.api_error_handler)

@@ -36,7 +36,8 @@ import orjson
 # --- load generation -----------------------------------------------------------------
 
 # Byte patterns instead of JSON parsing, for any server's spacing style.
-CONTENT = re.compile(rb'"content":\s*"[^"]')
+# The first token may be text, reasoning or a tool call's arguments.
+CONTENT = re.compile(rb'"(?:content|reasoning_content|arguments)":\s*"[^"]')
 USAGE = re.compile(rb'"usage":\s*\{')
 
 
@@ -748,6 +749,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=3, help="for --compare: rounds to take medians of")
     p.add_argument("--gateway-args", default="", help="for --compare: extra `serve` flags")
     p.add_argument("--ipc", action="store_true", help="measure the JSON-RPC pipe alone")
+    from . import bench_agent
+
+    bench_agent.add_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -771,7 +775,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
     model = args.model
     if model is None:
-        model = httpx.get(args.url.rstrip("/") + "/v1/models", timeout=10).json()["data"][0]["id"]
+        headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        models = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        model = models.json()["data"][0]["id"]
+    if args.agent:
+        from . import bench_agent
+
+        return bench_agent.run(args, model)
     extra = {"ignore_eos": True} if args.ignore_eos else {}
     reports = sweep(args, args.url, model, extra)
     if args.json:

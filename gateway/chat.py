@@ -64,11 +64,10 @@ def _content(message: ChatMessage, index: int) -> str:
 
 
 def _message(message: ChatMessage, index: int) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        # Few chat templates know "developer"; it means "system" to them.
-        "role": "system" if message.role == "developer" else message.role,
-        "content": _content(message, index),
-    }
+    # Few chat templates know "developer" (it means "system" to them) or the
+    # deprecated "function" (a tool's result).
+    role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+    out: dict[str, Any] = {"role": role, "content": _content(message, index)}
     if message.name is not None:
         out["name"] = message.name
     if message.tool_calls:
@@ -83,9 +82,33 @@ def _message(message: ChatMessage, index: int) -> dict[str, Any]:
             }
             for call in message.tool_calls
         ]
+    if message.function_call is not None:
+        call = message.function_call
+        out["tool_calls"] = [shared.tool_call(None, call.name, call.arguments)]
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def legacy_functions(req: ChatCompletionRequest) -> ChatCompletionRequest:
+    """A request with the deprecated `functions`/`function_call`, as tools
+    (one call at a time, as that API made them)."""
+    if req.functions is None:
+        if req.function_call is not None:
+            raise errors.invalid("function_call needs functions.", "function_call")
+        return req
+    if req.tools is not None or req.tool_choice is not None:
+        raise errors.invalid(
+            "functions and function_call cannot be combined with tools or tool_choice.",
+            "functions",
+        )
+    choice = req.function_call
+    if isinstance(choice, schemas.NamedFunction):
+        choice = NamedToolChoice(type="function", function=choice)
+    tools = [schemas.Tool(type="function", function=f) for f in req.functions]
+    return req.model_copy(
+        update={"tools": tools, "tool_choice": choice, "parallel_tool_calls": False}
+    )
 
 
 def _tool_params(req: ChatCompletionRequest, params: dict) -> None:
@@ -156,13 +179,20 @@ def _tool_calls(calls: list[dict]) -> list[dict]:
     ]
 
 
-def completion(model: str, results: list[dict], logprobs: bool) -> dict:
+def completion(model: str, results: list[dict], logprobs: bool, legacy: bool = False) -> dict:
+    """The chat.completion object; `legacy`: in the deprecated functions API's shape."""
     choices = []
     for index, result in enumerate(results):
         message: dict[str, Any] = {"role": "assistant", "content": result["text"], "refusal": None}
+        finish = result["finish_reason"]
         if result.get("reasoning"):
             message["reasoning_content"] = result["reasoning"]
-        if result.get("tool_calls"):
+        if result.get("tool_calls") and legacy:
+            call = result["tool_calls"][0]
+            message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
+            message["content"] = result["text"] or None
+            finish = "function_call" if finish == "tool_calls" else finish
+        elif result.get("tool_calls"):
             message["tool_calls"] = _tool_calls(result["tool_calls"])
             message["content"] = result["text"] or None
         choices.append(
@@ -172,7 +202,7 @@ def completion(model: str, results: list[dict], logprobs: bool) -> dict:
                 "logprobs": {"content": result.get("logprobs", []), "refusal": None}
                 if logprobs
                 else None,
-                "finish_reason": result["finish_reason"],
+                "finish_reason": finish,
             }
         )
     return {
@@ -188,8 +218,9 @@ def completion(model: str, results: list[dict], logprobs: bool) -> dict:
 class ChunkEncoder(shared.ChunkStream):
     """Builds the SSE lines of one streamed chat completion."""
 
-    def __init__(self, model: str, include_usage: bool, logprobs: bool):
+    def __init__(self, model: str, include_usage: bool, logprobs: bool, legacy: bool = False):
         super().__init__("chat.completion.chunk", "chatcmpl-", model, include_usage)
+        self._legacy = legacy  # tool calls as the deprecated function_call
         self._head, self._tail = self.envelope.head, self.envelope.tail
         self._logprobs = logprobs
         self._call_ids: dict[tuple[int, int], str] = {}
@@ -221,7 +252,10 @@ class ChunkEncoder(shared.ChunkStream):
         if delta.reasoning:
             body["reasoning_content"] = delta.reasoning
         if delta.tool_calls:
-            body["tool_calls"] = [self._call(index, c) for c in delta.tool_calls]
+            if self._legacy:
+                body["function_call"] = self._function_call(index, delta.tool_calls)
+            else:
+                body["tool_calls"] = [self._call(index, c) for c in delta.tool_calls]
         logprobs = b"null"
         if self._logprobs and delta.logprobs:
             logprobs = orjson.dumps({"content": delta.logprobs, "refusal": None})
@@ -245,8 +279,19 @@ class ChunkEncoder(shared.ChunkStream):
             out["function"] = {"arguments": call.get("arguments", "")}
         return out
 
+    def _function_call(self, choice: int, calls: list[dict]) -> dict:
+        """The deprecated API's one call: its name first, then its arguments."""
+        arguments = "".join(c.get("arguments", "") for c in calls if c["index"] == 0)
+        if (choice, 0) in self._call_ids or not calls[0].get("name"):
+            return {"arguments": arguments}
+        self._call_ids[(choice, 0)] = ""
+        return {"name": calls[0]["name"], "arguments": arguments}
+
     def finish(self, index: int, result: dict) -> bytes:
-        return self._chunk(index, b"{}", b"null", orjson.dumps(result["finish_reason"]))
+        finish = result["finish_reason"]
+        if self._legacy and finish == "tool_calls":
+            finish = "function_call"
+        return self._chunk(index, b"{}", b"null", orjson.dumps(finish))
 
     def error(self, error: errors.APIError, started: bool) -> bytes:
         # A client reading only deltas still learns the role first.
@@ -264,18 +309,21 @@ class Chat:
     def __init__(self, body: ChatCompletionRequest):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         self._logprobs = bool(body.logprobs)
+        self._legacy = body.functions is not None
 
     def params(self, settings: Settings) -> list[dict]:
-        params = worker_params(self.body, settings.max_tokens_cap)
+        params = worker_params(legacy_functions(self.body), settings.max_tokens_cap)
         return shared.choice_params(params, self.body.n)
 
     def encoder(self) -> ChunkEncoder:
-        return ChunkEncoder(self.model, shared.include_usage(self.body), self._logprobs)
+        include_usage = shared.include_usage(self.body)
+        return ChunkEncoder(self.model, include_usage, self._logprobs, self._legacy)
 
     def render(self, results: list[dict]) -> dict:
-        return completion(self.model, results, self._logprobs)
+        return completion(self.model, results, self._logprobs, self._legacy)
 
 
 router = APIRouter(route_class=BodyRoute)

@@ -31,8 +31,8 @@ FORMS = "\n".join(
         f"  -> {builtin.NAME}",
         f"  demo[:PRESET]          a random demo model -> {demo.DEMO_MODEL_NAME}",
         f"                         presets: {', '.join(sorted(demo.PRESETS))}",
-        "  PATH.gguf              a GGUF file (llama architecture; F32, F16, BF16, Q4_0,",
-        "                         Q4_1, Q8_0), converted once and cached -> the file's stem",
+        "  PATH.gguf              a GGUF file (llama architecture), converted once and",
+        "                         cached; K-quants are re-quantized -> the file's stem",
         "  ollama:NAME[:TAG]      a model in Ollama's store ($OLLAMA_MODELS or ~/.ollama/models)",
         "                         -> NAME[:TAG] as written",
         "  DIR                    a local mlx-lm model directory -> the directory's name",
@@ -52,6 +52,11 @@ HF_PATTERNS = [
     "*.jsonl",
     "*.jinja",
 ]
+
+
+# Suffixes of single-file checkpoints that resolve() accepts (and converts);
+# the catalogue offers such files from --models-dir.
+FILE_SUFFIXES: frozenset[str] = frozenset({".gguf"})
 
 
 class ModelSourceError(Exception):

@@ -12,11 +12,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
-from .config import Settings
+from worker.logs import FORMATS
+
+from . import __version__, logs
+from .config import Settings, parse_duration
 
 ENV_PREFIX = "MLX_GATEWAY_"
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def env_name(flag: str) -> str:
@@ -35,6 +36,7 @@ def add(
     default: Any = None,
     repeat: bool = False,
     switch: bool = False,
+    choices: tuple[str, ...] | None = None,
 ) -> None:
     """Add a flag whose default comes from its environment variable."""
     var = env_name(flag)
@@ -57,7 +59,9 @@ def add(
         parser.add_argument(flag, action="append", default=None, help=help)
         parser.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
     else:
-        parser.add_argument(flag, type=type, default=default, help=help)
+        # argparse checks `choices` on the command line only; a value from the
+        # environment is checked where the command starts.
+        parser.add_argument(flag, type=type, default=default, choices=choices, help=help)
 
 
 def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -81,8 +85,51 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add(p, "--host", "address to listen on", str, d.host)
     add(p, "--port", "port to listen on", int, d.port)
     add(p, "--log-level", "debug, info, warning or error", str, d.log_level)
-    add(p, "--access-log", "log every HTTP request", switch=True, default=d.access_log)
+    add(
+        p,
+        "--log-format",
+        "text, or json for one JSON object per line (workers' lines too)",
+        str,
+        d.log_format,
+        choices=FORMATS,
+    )
+    add(
+        p,
+        "--access-log",
+        "log every HTTP request (with its id, status, model, tokens and duration) "
+        "and, in each worker, every generation that ends",
+        switch=True,
+        default=d.access_log,
+    )
     add(p, "--worker-python", "Python interpreter that runs the workers", str, d.worker_python)
+    add(
+        p,
+        "--worker-host",
+        "where workers run: `local` or an ssh destination (user@host); --workers "
+        "workers on each; repeat for several hosts",
+        repeat=True,
+    )
+    add(
+        p,
+        "--remote-python",
+        "the Python that runs the workers on ssh hosts (default: --worker-python)",
+    )
+    add(p, "--ssh-command", "the ssh client and its options", str, d.ssh_command)
+    add(p, "--shard", "ranks per worker: split each model over an MLX ring of N", int, d.shard)
+    add(
+        p,
+        "--shard-hosts",
+        "one host per rank, rank 0 first: `local` or user@host[=IP]; comma-separate or repeat",
+        repeat=True,
+    )
+    add(p, "--shard-backend", "MLX distributed backend of the ranks", str, d.shard_backend)
+    add(
+        p,
+        "--shard-port",
+        "first TCP port of the ring (one per rank); 0 picks free ports when all ranks are local",
+        int,
+        d.shard_port,
+    )
     add(p, "--max-batch-size", "requests decoded together by one worker", int, d.max_batch_size)
     add(
         p,
@@ -170,6 +217,19 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add(
         p,
+        "--prompt-cache-dir",
+        "keep the prompt cache on disk here too (written in the background, read back by "
+        "restarted and new workers of the same model; per model and API key)",
+    )
+    add(
+        p,
+        "--prompt-cache-disk-bytes",
+        "most bytes the --prompt-cache-dir holds, all models together (oldest go first)",
+        int,
+        d.prompt_cache_disk_bytes,
+    )
+    add(
+        p,
         "--stream-interval-ms",
         "least time between streamed updates of a request: tokens that come faster share "
         "an update (first and last tokens always go at once; 0 sends every token)",
@@ -235,8 +295,69 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         d.response_store_bytes,
     )
     add(p, "--log-prompts", "log prompts and completions (debugging only)", switch=True)
+    add(
+        p,
+        "--models-dir",
+        "serve every model under this directory, loaded on its first request; repeat",
+        repeat=True,
+    )
+    add(
+        p,
+        "--models-hf-cache",
+        "also serve, on demand, the models in the Hugging Face hub cache",
+        switch=True,
+    )
+    add(
+        p,
+        "--keep-alive",
+        "seconds (or 90s, 5m, 1h) an on-demand model stays loaded while idle; "
+        "0 unloads it as soon as it is idle, -1 never",
+        parse_duration,
+        d.keep_alive,
+    )
+    add(p, "--max-loaded-models", "most models loaded at once (idle ones are evicted, LRU)", int)
+    add(
+        p,
+        "--memory-budget",
+        "MB that loaded models may hold together (idle ones are evicted, LRU)",
+        float,
+    )
+    add(p, "--pin", "never unload or evict this on-demand model once loaded; repeat", repeat=True)
+    add(
+        p,
+        "--alias",
+        "ALIAS=MODEL: another id clients may send for a model, or a glob of ids "
+        "(e.g. 'claude-*=NAME' for the names Claude Code sends); repeat",
+        repeat=True,
+    )
     p.set_defaults(func=serve)
     return p
+
+
+def many_models(args: argparse.Namespace, models_dirs: list[str]) -> dict[str, Any]:
+    """The settings of models loaded on demand, checked."""
+    for path in models_dirs:
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"--models-dir {path!r} is not a directory")
+    if args.max_loaded_models is not None and args.max_loaded_models < 1:
+        raise ValueError("--max-loaded-models must be at least 1")
+    if args.memory_budget is not None and args.memory_budget <= 0:
+        raise ValueError("--memory-budget must be more than 0 MB")
+    aliases = {}
+    for item in args.alias or args.alias_env or []:
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError(f"--alias {item!r} is not ALIAS=MODEL")
+        aliases[alias.strip()] = target.strip()
+    return {
+        "models_dirs": models_dirs,
+        "models_hf_cache": args.models_hf_cache,
+        "keep_alive": args.keep_alive,
+        "max_loaded_models": args.max_loaded_models,
+        "memory_budget_mb": args.memory_budget,
+        "pins": list(args.pin or args.pin_env or []),
+        "aliases": aliases,
+    }
 
 
 def api_keys(args: argparse.Namespace) -> list[str]:
@@ -316,6 +437,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
+    """The prompt cache directory as the workers will see it: absolute, and
+    made here when the workers run on this machine."""
+    if not value:
+        return None
+    path = os.path.expanduser(value)
+    if remote:
+        return path  # a path on the worker hosts; each worker makes it there
+    path = os.path.abspath(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)  # it will hold what prompts said
+    return path
+
+
+def _placement(args: argparse.Namespace) -> dict:
+    """Where workers run (the --worker-host and --shard flags), checked."""
+    from .launcher import parse_host
+
+    hosts = _split(args.worker_host or args.worker_host_env)
+    shard_hosts = _split(args.shard_hosts or args.shard_hosts_env)
+    for h in [*hosts, *shard_hosts]:
+        parse_host(h)
+    if args.shard < 1:
+        raise ValueError("--shard must be 1 or more")
+    if args.shard > 1 and hosts:
+        raise ValueError("use --shard-hosts, not --worker-host, to place the ranks of --shard")
+    if shard_hosts and len(shard_hosts) != args.shard:
+        raise ValueError(
+            f"--shard {args.shard} needs {args.shard} --shard-hosts (rank 0 first), "
+            f"got {len(shard_hosts)}"
+        )
+    if args.shard_backend != "ring":
+        # JACCL needs its RDMA device map and coordinator passed to each
+        # rank, which the launcher does not do yet.
+        raise ValueError("--shard-backend supports only ring so far")
+    return {
+        "worker_hosts": hosts,
+        "remote_python": args.remote_python,
+        "ssh_command": args.ssh_command,
+        "shard": args.shard,
+        "shard_hosts": shard_hosts,
+        "shard_backend": args.shard_backend,
+        "shard_port": args.shard_port,
+    }
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -323,8 +493,23 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-    models = args.model or args.model_env or [None]
+    if args.log_format not in FORMATS:
+        print(
+            f"mlx-gateway: error: --log-format must be one of {', '.join(FORMATS)}, "
+            f"not {args.log_format!r}",
+            file=sys.stderr,
+        )
+        return 2
+    logs.setup(args.log_level, args.log_format)
+    models_dirs = list(args.models_dir or args.models_dir_env or [])
+    on_demand = bool(models_dirs or args.models_hf_cache)
+    # With a catalogue, nothing is loaded at start unless named.
+    models = args.model or args.model_env or ([] if on_demand else [None])
+    try:
+        many = many_models(args, models_dirs)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     try:
         specs = [resolve(m, args.worker_python) for m in models]
     except ModelSourceError as exc:
@@ -334,6 +519,16 @@ def serve(args: argparse.Namespace) -> int:
         keys = api_keys(args)
     except OSError as exc:
         print(f"mlx-gateway: error: cannot read the API key file: {exc}", file=sys.stderr)
+        return 2
+    try:
+        placement = _placement(args)
+    except ValueError as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cache_dir = _prompt_cache_dir(args.prompt_cache_dir, remote=bool(placement["worker_hosts"]))
+    except OSError as exc:
+        print(f"mlx-gateway: error: cannot use --prompt-cache-dir: {exc}", file=sys.stderr)
         return 2
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -345,8 +540,10 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
+        log_format=args.log_format,
         access_log=args.access_log,
         worker_python=args.worker_python,
+        **placement,
         max_batch_size=args.max_batch_size,
         prefill_step_size=args.prefill_step_size,
         max_queue=args.max_queue,
@@ -365,6 +562,8 @@ def serve(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap,
         prompt_cache_bytes=args.prompt_cache_bytes,
         prompt_cache_size=args.prompt_cache_size,
+        prompt_cache_dir=cache_dir,
+        prompt_cache_disk_bytes=args.prompt_cache_disk_bytes,
         stream_interval_ms=args.stream_interval_ms,
         max_queued_prompt_tokens=args.max_queued_prompt_tokens,
         max_concurrent_per_key=args.max_concurrent_per_key,
@@ -377,6 +576,7 @@ def serve(args: argparse.Namespace) -> int:
         response_store_size=args.response_store_size,
         response_store_bytes=args.response_store_bytes,
         log_prompts=args.log_prompts,
+        **many,
     )
     logger = logging.getLogger("gateway")
     for spec in specs:
@@ -394,9 +594,10 @@ def serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         log_level=settings.log_level,
-        access_log=settings.access_log,
+        # The app writes its own access log, with request ids (request_id.py).
+        access_log=False,
         # uvicorn cancels what is still running after its own timeout; ours
-        # (Server below) fails it cleanly a little earlier.
+        # (GatewayServer) fails it cleanly a little earlier.
         timeout_graceful_shutdown=int(settings.shutdown_grace) + SHUTDOWN_MARGIN_S,
         http=connections.http_protocol(
             header_timeout=settings.header_timeout,

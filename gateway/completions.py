@@ -149,6 +149,7 @@ class TextCompletion:
     def __init__(self, body: CompletionRequest):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         self._logprobs = body.logprobs is not None
         self._echoes: list[str] = []  # per choice, the prompt it echoes first

@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from dataclasses import dataclass, field
+
+DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from 300, "300", "90s", "5m", "1h" (or a negative number: forever)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = DURATION.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (e.g. 300, 90s, 5m, 1h, -1)")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a duration")
+    return -1.0 if seconds < 0 else seconds
 
 
 @dataclass(frozen=True)
@@ -19,10 +38,20 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    log_format: str = "text"  # or json: one object per line
     access_log: bool = False
     # The interpreter that runs `-m worker`: point it at a separate, pinned
     # environment to upgrade mlx without touching the gateway's.
     worker_python: str = sys.executable
+    # Where each model's workers run: `local` or ssh destinations, each
+    # getting `workers` workers; empty means local only.
+    worker_hosts: list[str] = field(default_factory=list)
+    remote_python: str | None = None  # the interpreter on ssh hosts (default: worker_python)
+    ssh_command: str = "ssh"  # the ssh client, with any options of the user's
+    shard: int = 1  # ranks per worker: >1 splits each model over an MLX ring
+    shard_hosts: list[str] = field(default_factory=list)  # one per rank, rank 0 first
+    shard_backend: str = "ring"
+    shard_port: int = 0  # first ring port; 0 picks free ports when every rank is local
     max_batch_size: int = 32  # sequences decoded together in one worker
     prefill_step_size: int = 512  # prompt tokens per step, interleaved with decoding
     max_queue: int = 256  # requests waiting per model before 503
@@ -45,6 +74,10 @@ class Settings:
     max_tokens_cap: int | None = None  # most tokens one reply may ask for
     prompt_cache_bytes: int = 1 << 30  # per worker: KV of recent prompts, 0 turns it off
     prompt_cache_size: int = 64  # per worker: most prompts kept
+    # A directory the prompt cache also lives in, so it outlives its worker
+    # (None: memory only), and the most bytes it may hold.
+    prompt_cache_dir: str | None = None
+    prompt_cache_disk_bytes: int = 4 << 30
     # Least time between streamed updates of one request; faster tokens share
     # an update. 10 ms (100 updates/s) reads as smooth as one per token.
     stream_interval_ms: float = 10.0
@@ -59,6 +92,14 @@ class Settings:
     response_store_bytes: int = 64 * 1024 * 1024  # most bytes kept
     log_prompts: bool = False  # log prompts and completions (debugging only)
     worker_stop_timeout: float = 5.0  # after stdin closes, before SIGTERM
+    # Models loaded on demand (see registry.py).
+    models_dirs: list[str] = field(default_factory=list)  # the catalogue's directories
+    models_hf_cache: bool = False  # also offer models in the Hugging Face hub cache
+    keep_alive: float = 300.0  # idle seconds before an on-demand model unloads; -1 never
+    max_loaded_models: int | None = None
+    memory_budget_mb: float | None = None
+    pins: list[str] = field(default_factory=list)  # never unloaded when idle nor evicted
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> model name
 
     def model(self, name: str) -> ModelSpec | None:
         return next((m for m in self.models if m.name == name), None)

@@ -19,7 +19,9 @@ from starlette.responses import Response
 
 from worker import protocol
 
+from . import request_id
 from .pool import ModelUnavailable, Overloaded
+from .registry import ModelBusy, ModelLoadFailed, ModelTooLarge, NoRoom
 from .rpc import WorkerGone
 
 
@@ -42,14 +44,12 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        found = request_id.current.get()
+        if found is not None:
+            # So a user who pastes the error into a report pastes its id too.
+            error["request_id"] = found
+        return {"error": error}
 
     def response(self, shape: ErrorShape | None = None) -> Response:
         shape = shape or OPENAI
@@ -112,6 +112,21 @@ def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIErr
     is what the endpoint calls its prompt (for a prompt that does not fit)."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ModelTooLarge):
+        return APIError(400, str(exc), "invalid_request_error", "model", "model_too_large")
+    if isinstance(exc, NoRoom):
+        return APIError(
+            503,
+            str(exc),
+            "server_error",
+            "model",
+            "model_capacity_exceeded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, ModelLoadFailed):
+        return APIError(503, str(exc), "server_error", "model", "model_load_failed")
+    if isinstance(exc, ModelBusy):
+        return APIError(409, str(exc), "invalid_request_error", "model", "model_busy")
     if isinstance(exc, Overloaded):
         return APIError(
             503,

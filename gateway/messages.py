@@ -21,7 +21,7 @@ from starlette.responses import Response
 from worker.protocol import COUNT_TOKENS
 
 from . import anthropic_schemas as schemas
-from . import errors, shared
+from . import errors, request_id, shared
 from .anthropic_schemas import CountTokensRequest, MessagesRequest, PromptFields
 from .body import BodyRoute
 from .config import Settings
@@ -53,7 +53,11 @@ class AnthropicShape:
     def body(self, error: APIError) -> dict[str, Any]:
         status = self.status(error)
         kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": error.message}}
+        body = {"type": "error", "error": {"type": kind, "message": error.message}}
+        found = request_id.current.get()
+        if found is not None:
+            body["request_id"] = found  # where Anthropic's API puts it
+        return body
 
 
 ANTHROPIC = AnthropicShape()
@@ -355,6 +359,7 @@ class Messages:
     def __init__(self, body: MessagesRequest):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         thinking = body.thinking
         self._thinking = thinking is None or thinking.display != "omitted"

@@ -10,9 +10,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError, shape_for
 from .metrics import Metrics
+from .status import OPEN_PATHS as STATUS_SHELL
 
-# Paths any caller may read: load balancers and orchestrators probe /health.
-OPEN_PATHS = {"/health"}
+# Paths any caller may read: load balancers and orchestrators probe /health;
+# the status page's shell holds no data (what it shows needs the key).
+OPEN_PATHS = {"/health"} | STATUS_SHELL
 # Set in the ASGI scope when the request carried one of the configured keys.
 AUTHENTICATED = "mlx_gateway.authenticated"
 

@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -23,9 +24,10 @@ import orjson
 from worker.protocol import GENERATE, OUT_OF_MEMORY, OVERLOADED, RPCError
 
 from .config import ModelSpec, Settings
+from .launcher import make_launchers, parse_host
 from .metrics import Metrics
 from .rpc import Generation, WorkerClient, WorkerGone
-from .supervisor import State, Supervisor
+from .supervisor import State, Supervisor, spawn_options
 
 log = logging.getLogger("gateway.pool")
 
@@ -179,18 +181,80 @@ class ModelPool:
         self.settings = settings
         self.metrics = metrics
         self.capacity = settings.max_batch_size  # concurrent requests per worker
-        self.workers = [
-            Supervisor(f"{spec.name}/{i}", spec, settings, metrics, on_change=self._dispatch)
-            for i in range(settings.workers)
-        ]
+        self.workers = self._new_workers()
+        # Hooks for the model registry (models loaded on demand): `on_queue`
+        # runs when a request starts waiting, `on_change` after every
+        # release and worker state change.
+        self.on_queue: Callable[[], None] = lambda: None
+        self.on_change: Callable[[], None] = lambda: None
+        self.accepting = True  # False while the model unloads: requests wait
+        self.required = True  # counts toward /health readiness
+        self.blocked: str | None = None  # why a queued request waits, when not for a slot
+        self.last_used = time.monotonic()
         self._waiters: deque[asyncio.Future] = deque()
         self._queued_cost = 0  # estimated prompt tokens of the waiters
         # Which worker last served each prefix: its prompt cache likely has it.
         self._affinity: OrderedDict[str, Supervisor] = OrderedDict()
         self.affinity_slack = max(2, self.capacity // 4)
         self._completions: deque[float] = deque(maxlen=256)
+        metrics.add_model(spec.name)
         self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
         self._circuit_gauge = metrics.circuit_state.labels(spec.name)
+
+    def _new_workers(self) -> list[Supervisor]:
+        settings = self.settings
+        launchers = make_launchers(
+            spawn_options(settings),
+            hosts=[parse_host(h) for h in settings.worker_hosts],
+            workers=settings.workers,
+            shard=settings.shard,
+            shard_hosts=[parse_host(h) for h in settings.shard_hosts],
+            backend=settings.shard_backend,
+            ring_port=settings.shard_port,
+        )
+        return [
+            Supervisor(
+                f"{self.spec.name}/{i}",
+                self.spec,
+                settings,
+                self.metrics,
+                on_change=self._dispatch,
+                launcher=how,
+            )
+            for i, how in enumerate(launchers)
+        ]
+
+    # --- loading and unloading (driven by the model registry) ---------------------
+
+    def start_workers(self, spec: ModelSpec | None = None) -> None:
+        """Start fresh workers (after stop_workers, or for the first time)."""
+        if spec is not None:
+            self.spec = spec
+        self.workers = self._new_workers()
+        self.accepting = True
+        self.blocked = None
+        for worker in self.workers:
+            worker.start()
+
+    def drain(self) -> None:
+        """Take no more requests: new ones wait in the queue (for a reload)."""
+        self.accepting = False
+
+    async def stop_workers(self) -> None:
+        self.drain()
+        await asyncio.gather(*(w.stop() for w in self.workers), return_exceptions=True)
+
+    @property
+    def busy(self) -> bool:
+        """Requests in flight or waiting: such a model is never unloaded."""
+        return bool(self._waiters) or any(w.in_flight for w in self.workers)
+
+    def fail_waiters(self, error: Exception) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(error)
+        self._waiting_gauge.set(0)
 
     # --- state -----------------------------------------------------------------
 
@@ -200,8 +264,12 @@ class ModelPool:
 
     @property
     def failed(self) -> bool:
-        """The circuit is open: every worker failed, or is only probing again."""
-        return all(w.state is State.FAILED or (w.probing and not w.ready) for w in self.workers)
+        """The circuit is open: every worker failed, is only probing again, or
+        sits on a host ssh cannot reach."""
+        return all(
+            w.state in (State.FAILED, State.UNREACHABLE) or (w.probing and not w.ready)
+            for w in self.workers
+        )
 
     @property
     def circuit(self) -> str:
@@ -218,7 +286,15 @@ class ModelPool:
         return len(self._waiters)
 
     def describe(self) -> dict:
-        state = "ready" if self.ready else "failed" if self.failed else "loading"
+        state = (
+            "ready"
+            if self.ready
+            else "failed"
+            if self.failed
+            else "unloaded"
+            if all(w.state is State.STOPPED for w in self.workers)
+            else "loading"
+        )
         info = {
             "state": state,
             "waiting": self.waiting,
@@ -233,6 +309,8 @@ class ModelPool:
     def _pick(self, keys: list[str]) -> Supervisor | None:
         """The worker most likely to hold the request's prefix in its prompt
         cache, unless it is much busier than the least loaded one."""
+        if not self.accepting:
+            return None
         free = [w for w in self.workers if w.ready and w.in_flight < self.capacity]
         if not free:
             return None
@@ -247,6 +325,7 @@ class ModelPool:
 
     def _take(self, worker: Supervisor, keys: list[str]) -> Supervisor:
         worker.in_flight += 1
+        self.last_used = time.monotonic()
         for key in keys:
             self._affinity[key] = worker
             self._affinity.move_to_end(key)
@@ -288,6 +367,7 @@ class ModelPool:
         future.add_done_callback(self._dequeued)
         self._waiters.append(future)
         self._waiting_gauge.set(len(self._waiters))
+        self.on_queue()
         started = time.perf_counter()
         try:
             done, _ = await asyncio.wait({future}, timeout=self.settings.queue_timeout)
@@ -303,7 +383,8 @@ class ModelPool:
             self.metrics.rejected_requests.labels(self.spec.name, "queue_timeout").inc()
             raise Overloaded(
                 f"no worker for model {self.spec.name} became free within "
-                f"{self.settings.queue_timeout:.0f}s",
+                f"{self.settings.queue_timeout:.0f}s"
+                + (f": {self.blocked}" if self.blocked else ""),
                 self.retry_after(),
             )
         return future.result()  # raises ModelUnavailable if the model failed meanwhile
@@ -324,6 +405,7 @@ class ModelPool:
 
     def release(self, worker: Supervisor, completed: bool = True) -> None:
         worker.in_flight -= 1
+        self.last_used = time.monotonic()
         if completed:
             self._completions.append(time.monotonic())
         self._dispatch()
@@ -343,12 +425,11 @@ class ModelPool:
             future = self._waiters.popleft()
             future.set_result(self._take(worker, future.keys))
         if self.failed:
-            error = ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
-            while self._waiters:
-                future = self._waiters.popleft()
-                if not future.done():
-                    future.set_exception(error)
+            self.fail_waiters(
+                ModelUnavailable(f"model {self.spec.name} is unavailable: {self.failure}")
+            )
         self._waiting_gauge.set(len(self._waiters))
+        self.on_change()
 
     def retry_after(self) -> int:
         """Seconds until the queue would likely drain, from recent completions."""
@@ -469,14 +550,29 @@ class Pool:
 
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings = settings
+        self.metrics = metrics
         self.models = {spec.name: ModelPool(spec, settings, metrics) for spec in settings.models}
+        self.resolver: Callable[[str, float | None], ModelPool | None] | None = None
+
+    def add(self, spec: ModelSpec, required: bool = False) -> ModelPool:
+        """A pool for a model loaded on demand; its workers start when it loads."""
+        pool = ModelPool(spec, self.settings, self.metrics)
+        pool.required = required
+        self.models[spec.name] = pool
+        return pool
 
     @property
     def workers(self) -> list[Supervisor]:
         return [w for pool in self.models.values() for w in pool.workers]
 
-    def resolve(self, name: str) -> ModelPool | None:
-        """The pool serving the model a client named; None if none does."""
+    def resolve(self, name: str, keep_alive: float | None = None) -> ModelPool | None:
+        """The pool serving the model a client named; None if none does.
+
+        With a model registry (models loaded on demand) the registry answers:
+        it knows aliases and catalogued models, and `keep_alive` (a request's
+        wish, in seconds) may extend how long the model stays loaded."""
+        if self.resolver is not None:
+            return self.resolver(name, keep_alive)
         return self.models.get(name)
 
     def start(self) -> None:
@@ -488,11 +584,20 @@ class Pool:
 
     @property
     def ready(self) -> bool:
-        return bool(self.models) and all(pool.ready for pool in self.models.values())
+        """Every model named at start has a ready worker; models loaded on
+        demand do not count, so an unloaded one never makes the gateway unready."""
+        return all(pool.ready for pool in self.models.values() if pool.required)
+
+    @property
+    def status(self) -> str:
+        """ok; idle (nothing loaded, nothing required: models load on demand); or unavailable."""
+        if not self.ready:
+            return "unavailable"
+        return "ok" if any(pool.ready for pool in self.models.values()) else "idle"
 
     def health(self) -> dict:
         return {
-            "status": "ok" if self.ready else "unavailable",
+            "status": self.status,
             "models": {name: pool.describe() for name, pool in self.models.items()},
             "workers": [w.describe() for w in self.workers],
             # Tasks on the gateway's event loop: a leak shows here first.

@@ -230,6 +230,7 @@ class Responses:
     def __init__(self, body: ResponsesRequest, store: ResponseStore):
         self.body = body
         self.model = body.model
+        self.keep_alive = body.keep_alive
         self.stream = body.stream
         self.store = store
         self.id = shared.new_id("resp_")

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from .schemas import MAX_COUNT
+from .schemas import MAX_COUNT, KeepAlive
 
 
 class _Body(BaseModel):
@@ -197,6 +197,7 @@ class ResponsesRequest(_Body):
     user: str | None = None
     include: list[str] | None = None
     service_tier: str | None = None
+    keep_alive: KeepAlive | None = None  # extension: see ChatCompletionRequest
 
 
 # --- responses ----------------------------------------------------------------------

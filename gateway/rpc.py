@@ -12,10 +12,13 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from worker import protocol
 from worker.protocol import RPCError
+
+from .request_id import current as current_request_id
 
 log = logging.getLogger("gateway.rpc")
 
@@ -182,8 +185,17 @@ class Generation:
 
 
 class WorkerClient:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        on_protocol_error: Callable[[], None] = lambda: None,
+    ):
         self.name = name
+        # Called at each unreadable frame, so a live worker's stray output is
+        # counted as it happens, not when the worker ends.
+        self._on_protocol_error = on_protocol_error
         self._reader = reader
         self._writer = writer
         self._ids = itertools.count(1)
@@ -242,6 +254,10 @@ class WorkerClient:
         self._generations[request_id] = generation
         if method == protocol.GENERATE:
             params = {**params, "stream": stream}
+            http_id = current_request_id.get()
+            if http_id is not None:
+                # So the worker's log lines about it carry the same id.
+                params[protocol.HTTP_REQUEST_ID] = http_id
         frame = protocol.encode(protocol.Request(method, params, request_id))
         try:
             await self._send(frame)
@@ -294,7 +310,7 @@ class WorkerClient:
                     if line.strip():
                         self._handle(line)
         except protocol.FrameError as exc:
-            self.protocol_errors += 1
+            self._protocol_error()
             self.protocol_failed = True
             reason = f"corrupt protocol stream: {exc}"
         except asyncio.CancelledError:
@@ -311,11 +327,15 @@ class WorkerClient:
             msg = protocol.decode(line)
         except RPCError as exc:
             # Garbage on the pipe (a stray print): count it, keep going.
-            self.protocol_errors += 1
+            self._protocol_error()
             # The frame itself may hold a prompt: only its size is logged.
             log.warning("%s: unreadable frame of %d bytes (%s)", self.name, len(line), exc.message)
             return
         self._dispatch(msg)
+
+    def _protocol_error(self) -> None:
+        self.protocol_errors += 1
+        self._on_protocol_error()
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Request):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from .config import parse_duration
 
 
 class _Body(BaseModel):
@@ -45,11 +47,13 @@ class ToolCall(_Body):
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": the deprecated functions API's result turn.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None  # deprecated: an assistant's one call
 
 
 class FunctionDefinition(_Body):
@@ -110,6 +114,19 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 MAX_COUNT = 2**31 - 1
 
 
+def _keep_alive(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("keep_alive is seconds (a number) or a duration such as '5m'")
+    return parse_duration(value)
+
+
+KeepAlive = Annotated[
+    float | str,
+    BeforeValidator(_keep_alive),
+    Field(description="seconds, or a duration such as '90s', '5m', '1h'; negative: forever"),
+]
+
+
 class SamplingFields(_Body):
     model: str
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_COUNT)
@@ -129,6 +146,9 @@ class SamplingFields(_Body):
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     ignore_eos: bool = False  # vLLM's: generate exactly max_tokens
+    # Ollama's: keep the model loaded at least this long after the request
+    # (seconds, or "90s", "5m", "1h"; negative: until evicted or unloaded).
+    keep_alive: KeepAlive | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -142,6 +162,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # Deprecated by OpenAI in favour of tools; mapped onto them.
+    functions: list[FunctionDefinition] | None = Field(default=None, min_length=1, max_length=128)
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -159,6 +182,9 @@ class Error(BaseModel):
     type: str
     param: str | None
     code: str | None
+    request_id: str | None = Field(
+        default=None, description="The request's id, as in its X-Request-Id response header"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -208,9 +234,10 @@ class AssistantMessage(BaseModel):
     refusal: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
+    function_call: ResponseFunctionCall | None = None  # for requests with `functions`
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatChoice(BaseModel):
@@ -257,6 +284,11 @@ class Model(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    # Extensions: whether the model is in memory, and its size.
+    status: Literal["loaded", "loading", "unloading", "unloaded", "failed"] | None = None
+    size_bytes: int | None = None
+    on_demand: bool | None = None
+    alias_of: str | None = None  # an alias (or glob of names): the model it stands for
 
 
 class ModelList(BaseModel):
@@ -264,27 +296,57 @@ class ModelList(BaseModel):
     data: list[Model]
 
 
+class RankHealth(BaseModel):
+    rank: int
+    host: str
+
+
 class WorkerHealth(BaseModel):
     model_config = ConfigDict(extra="allow")
     id: str
     pid: int | None
+    host: str = Field("local", description="where it runs: `local` or the ssh destination")
     state: str
     model: str
     in_flight: int
     restarts: int
     last_exit: str | None
     failure: str | None
+    ranks: list[RankHealth] | None = Field(
+        None, description="a sharded worker's ranks (rank 0 speaks for the group)"
+    )
+    pids: list[int] | None = Field(None, description="a sharded worker's processes, by rank")
 
 
 class ModelHealth(BaseModel):
     model_config = ConfigDict(extra="allow")
-    state: Literal["ready", "loading", "failed"]
+    state: Literal["ready", "loading", "failed", "unloaded"]
     waiting: int
     workers: list[WorkerHealth]
 
 
 class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "idle", "unavailable"]
     models: dict[str, ModelHealth]
     workers: list[WorkerHealth]
+
+
+class StatusPoint(BaseModel):
+    t: float = Field(description="Unix time of the sample")
+    tokens_per_s: float
+    requests_per_s: float
+    errors_per_s: float = Field(description="Responses with a 5xx status, per second")
+    ttft_ms: float | None = Field(description="Mean time to first token over the interval")
+    running: float
+    waiting: float
+
+
+class StatusData(BaseModel):
+    version: str
+    host: str
+    uptime_s: float
+    status: Literal["ok", "idle", "unavailable"]
+    models: dict[str, ModelHealth]
+    sample_s: float = Field(description="Seconds between history points")
+    history: list[StatusPoint] = Field(description="Oldest first, the last ten minutes")

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from worker.protocol import GENERATE, SHUTTING_DOWN, RPCError
 
-from . import errors
+from . import errors, request_id
 from .body import is_large
 from .config import Settings
 from .errors import APIError, ErrorShape
@@ -201,7 +200,12 @@ class Tracker:
                     for _ in range(n - 1):
                         itl.observe(gap)
             first_token = first if first_token is None else min(first_token, first)
-        m.time_to_first_token.labels(model).observe(first_token - self.started)
+        m.observe_ttft(model, first_token - self.started)
+        request_id.annotate(
+            prompt_tokens=results[0]["usage"]["prompt_tokens"],
+            completion_tokens=sum(r["usage"]["completion_tokens"] for r in results),
+            ttft_ms=round((first_token - self.started) * 1000, 1),
+        )
         if self.log_prompts is not None:
             log.info(
                 "%s %s: %s -> %s",
@@ -223,6 +227,7 @@ class Tracker:
             self.metrics.num_requests_running.labels(self.model).dec()
             self._running = False
         self.metrics.requests.labels(self.model, self.endpoint, str(self.status)).inc()
+        request_id.annotate(model=self.model or None)
 
 
 def cancel_all(generations: list[Generation]) -> None:
@@ -250,7 +255,9 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     """Admit, start and serve the choices of one request; errors in its shape."""
     ctx = Context.of(request)
     settings = ctx.settings
-    target = ctx.pool.resolve(exchange.model)
+    # A request's keep_alive (seconds) may lengthen how long an on-demand
+    # model stays loaded; the registry answers resolve() when there is one.
+    target = ctx.pool.resolve(exchange.model, getattr(exchange, "keep_alive", None))
     # Unknown names are labelled "" so bad requests cannot grow the label set.
     tracker = Tracker(ctx.metrics, target.spec.name if target else "", exchange.route)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout
@@ -280,10 +287,10 @@ async def serve(request: Request, exchange: Exchange) -> Response:
             params = await watch.run(asyncio.to_thread(exchange.params, settings))
         else:
             params = exchange.params(settings)
-        partition = cache_partition(key)
-        if partition is not None:
-            for p in params:
-                p["cache_key"] = partition
+        if key:
+            partition = cache_partition(key)
+            for choice in params:
+                choice["cache_key"] = partition
         if settings.log_prompts:
             tracker.log_prompts = params
         generations = await watch.run(start(target, params, exchange.stream, deadline, tracker))
@@ -405,45 +412,34 @@ class Watch:
         self.drain.discard(self)
 
 
-def cache_partition(key: str) -> str | None:
-    """The worker prompt-cache partition of an API key (a digest: the key
-    itself never leaves the gateway). Requests of different keys never share
-    cached prompts, so `cached_tokens` tells no key about another's prompts."""
-    if not key:
-        return None
-    return hashlib.blake2b(key.encode(errors="replace"), digest_size=12).hexdigest()
+def cache_partition(key: str) -> str:
+    """The prompt-cache partition of an API key: requests under different
+    keys never share (or learn of) each other's cached prompts. A digest, not
+    the key, because workers keep it, on disk too with --prompt-cache-dir."""
+    return hashlib.sha256(b"mlx-gateway prompt cache\0" + key.encode()).hexdigest()[:32]
 
 
 def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:
     error = errors.from_exception(exc, exchange.prompt_param)
     tracker.status = exchange.shape.status(error)
     tracker.close()
-    response = error.response(exchange.shape)
     if tracker.status >= 500:
-        server_error(tracker, error, response)
-    return response
+        server_error(tracker, error)
+    return error.response(exchange.shape)
 
 
-def server_error(tracker: Tracker, error: APIError, response: Response | None = None) -> str:
-    """Log a 5xx once, under an id the client also gets (x-request-id); the
-    message names the cause, never the request's content."""
-    request_id = new_request_id()
-    if response is not None:
-        response.headers["x-request-id"] = request_id
+def server_error(tracker: Tracker, error: APIError) -> None:
+    """Log a 5xx once, under the request's id (the client has it in
+    x-request-id); the message names the cause, never the request's content."""
     log.error(
         "%s %s: %d %s (request %s): %s",
         tracker.endpoint,
         tracker.model or "-",
         tracker.status,
         error.code,
-        request_id,
+        request_id.current.get() or "-",
         error.message,
     )
-    return request_id
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(8)
 
 
 async def start(

@@ -5,6 +5,7 @@ The life of a worker:
     starting -> loading -> ready --(exit, EOF, missed heartbeat)--> backoff -> starting ...
                                  \\--(stop)--> stopping -> stopped
     too many crashes within the restart window -> failed
+    ssh cannot reach the worker's host -> unreachable -> starting ... (not a crash)
 
 Every wait is bounded and nothing here blocks the event loop: the process is
 an asyncio subprocess, and stopping it escalates shutdown RPC -> close stdin
@@ -18,7 +19,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import random
 import re
 import signal
@@ -27,9 +27,10 @@ from collections import deque
 from collections.abc import Callable
 
 from worker import protocol
-from worker.lifeline import PARENT_ENV
 
+from . import logs
 from .config import ModelSpec, Settings
+from .launcher import LocalLauncher, SpawnOptions
 from .metrics import Metrics
 from .rpc import WorkerClient, WorkerGone
 
@@ -37,7 +38,6 @@ log = logging.getLogger("gateway.supervisor")
 
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
-worker_log = logging.getLogger("gateway.worker")
 OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
@@ -49,6 +49,7 @@ class State(enum.StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
+    UNREACHABLE = "unreachable"  # a remote host ssh cannot reach; retried with back-off
 
 
 class Supervisor:
@@ -59,15 +60,21 @@ class Supervisor:
         settings: Settings,
         metrics: Metrics,
         on_change: Callable[[], None] = lambda: None,
+        launcher=None,
     ):
         self.id = worker_id
+        # Every line about this worker carries its id as the `worker` field.
+        self.log = logging.LoggerAdapter(log, {"worker": worker_id})
         self.spec = spec
         self.settings = settings
         self.metrics = metrics
         self._on_change = on_change
         self.state = State.STOPPED
         self.client: WorkerClient | None = None
-        self.process: asyncio.subprocess.Process | None = None
+        # Builds and starts the worker's process(es): here, over ssh, or a
+        # sharded group (launcher.py); the rest of this file is the same.
+        self.launcher = launcher or LocalLauncher(spawn_options(settings))
+        self.process = None  # the launcher's process handle
         self.in_flight = 0
         self.restarts = 0
         # The worker's last stderr lines, to tell an out-of-memory abort
@@ -77,11 +84,17 @@ class Supervisor:
         self.failure: str | None = None
         self.ready_since: float | None = None
         self.health: dict = {}  # the worker's last heartbeat answer
+        self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
+        self._host_down = False  # ssh could not reach the host on the last try
+        self._host_backoff = settings.restart_backoff  # next wait before trying it again
         self._crashes: deque[float] = deque()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._up = metrics.worker_up.labels(spec.name, worker_id)
+        metrics.worker_info.labels(
+            spec.name, worker_id, self.launcher.host.label, str(self.launcher.ranks)
+        ).set(1)
 
     # --- public ----------------------------------------------------------------
 
@@ -92,6 +105,11 @@ class Supervisor:
     @property
     def ready(self) -> bool:
         return self.state is State.READY and self.client is not None and not self.client.is_closed
+
+    @property
+    def last_words(self) -> str | None:
+        """The worker's last line on stderr: often why it died."""
+        return self._stderr_tail[-1] if self._stderr_tail else None
 
     def start(self) -> None:
         self._stopping.clear()
@@ -107,7 +125,7 @@ class Supervisor:
                 async with asyncio.timeout(limit):
                     await asyncio.shield(self._task)
             except TimeoutError:
-                log.error("%s: did not stop within %.0fs; killing", self.id, limit)
+                self.log.error("did not stop within %.0fs; killing", limit)
                 self._kill()
                 self._task.cancel()
         self._set_state(State.STOPPED)
@@ -116,16 +134,27 @@ class Supervisor:
         return {
             "id": self.id,
             "pid": self.pid,
+            "host": self.launcher.host.label,
             "state": self.state.value,
             "model": self.spec.name,
             "in_flight": self.in_flight,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
             "failure": self.failure,
+            **self._group_info(),
             # As of the last heartbeat: requests the worker itself holds.
             "active": self.health.get("active", 0) if self.ready else 0,
+            "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
+        }
+
+    def _group_info(self) -> dict:
+        if self.launcher.ranks == 1:
+            return {}
+        return {
+            "ranks": [{"rank": i, "host": h.label} for i, h in enumerate(self.launcher.hosts)],
+            "pids": self.process.pids if self.pid is not None else [],
         }
 
     # --- the loop ----------------------------------------------------------------
@@ -137,6 +166,21 @@ class Supervisor:
             reason = await self._serve_once()
             if self._stopping.is_set():
                 break
+            if reason == "unreachable":
+                # Not a crash: nothing ran. Say so once, keep trying with
+                # back-off, and leave the circuit to the workers that run.
+                self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
+                if not self._host_down:
+                    self.log.error("%s; retrying with back-off", self.failure)
+                self._host_down = True
+                self._set_state(State.UNREACHABLE)
+                delay, self._host_backoff = (
+                    self._host_backoff,
+                    min(self._host_backoff * 2, self.settings.restart_backoff_max),
+                )
+                if await self._sleep(delay):
+                    return
+                continue
             self.restarts += 1
             self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()
             now = time.monotonic()
@@ -162,7 +206,7 @@ class Supervisor:
                     if not self.probing
                     else f"probe start failed: {self.last_exit}"
                 )
-                log.error("%s: %s; next try in %.0fs", self.id, self.failure, probe_delay)
+                self.log.error("%s; next try in %.0fs", self.failure, probe_delay)
                 self.probing = False
                 self._set_state(State.FAILED)
                 if probe_delay <= 0 or await self._sleep(probe_delay):
@@ -172,9 +216,8 @@ class Supervisor:
                 self.probing = True
                 continue
             backoff = self._backoff()
-            log.warning(
-                "%s: worker lost after %.1fs (%s); restarting in %.0fs",
-                self.id,
+            self.log.warning(
+                "worker lost after %.1fs (%s); restarting in %.0fs",
                 now - started,
                 self.last_exit,
                 backoff,
@@ -206,33 +249,25 @@ class Supervisor:
 
     async def _serve_once(self) -> str:
         """Run one worker process to its end; return why it ended."""
-        self._set_state(State.STARTING)
+        if not self._host_down:
+            self._set_state(State.STARTING)
         self.ready_since = None
         self._stderr_tail.clear()
+        # The last process's figures must not show under the new one's pid.
+        self.health = {}
         try:
-            self.process = await asyncio.create_subprocess_exec(
-                self.settings.worker_python,
-                "-m",
-                "worker",
-                "--log-level",
-                self.settings.log_level,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=protocol.MAX_FRAME_BYTES + 1,
-                # Its own session: a Ctrl-C meant for the gateway must not
-                # reach the worker before the gateway has drained it.
-                start_new_session=True,
-                # The worker arms a parent-death signal (Linux) and checks it
-                # is still ours.
-                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
-            )
-        except OSError as exc:
+            self.process = await self.launcher.spawn()
+        except (OSError, ValueError) as exc:
             self.last_exit = f"spawn failed: {exc}"
             return "spawn_failed"
         proc = self.process
         relay = asyncio.create_task(self._relay_stderr(proc), name=f"stderr-{self.id}")
-        client = WorkerClient(proc.stdout, proc.stdin, self.id)
+        client = WorkerClient(
+            proc.stdout,
+            proc.stdin,
+            self.id,
+            on_protocol_error=self.metrics.protocol_errors.labels(self.spec.name, self.id).inc,
+        )
         self.client = client
         reason = "crash"
         why = "the worker was lost"
@@ -240,8 +275,13 @@ class Supervisor:
             reason = await self._load(client)
             if reason == "ready":
                 self.ready_since = time.monotonic()
+                if self._host_down:
+                    self._host_down = False
+                    self._host_backoff = self.settings.restart_backoff
+                    self.log.info("host %s reachable again", self.launcher.host.label)
+                    self.failure = None
                 if self.probing:
-                    log.info("%s: probe start succeeded; serving again", self.id)
+                    self.log.info("probe start succeeded; serving again")
                     self.probing = False
                     self.failure = None
                 self._set_state(State.READY)
@@ -255,10 +295,12 @@ class Supervisor:
             # Its last words (an abort message) arrive just before EOF.
             await asyncio.wait({relay}, timeout=1.0)
             relay.cancel()
-            if client.protocol_errors:
-                self.metrics.protocol_errors.labels(self.spec.name, self.id).inc(
-                    client.protocol_errors
-                )
+        if reason == "crash" and self.ready_since is None and proc.unreachable():
+            self.last_exit = f"ssh exited with code {proc.returncode}"
+            self.failure = f"host {self.launcher.host.label} unreachable: " + (
+                self._stderr_tail[-1] if self._stderr_tail else self.last_exit
+            )
+            return "unreachable"
         if reason == "crash":
             self.last_exit = _describe_exit(proc.returncode, client.closed)
             reason = _crash_reason(proc.returncode, self._stderr_tail)
@@ -267,7 +309,8 @@ class Supervisor:
         return reason
 
     async def _load(self, client: WorkerClient) -> str:
-        self._set_state(State.LOADING)
+        if not self._host_down:  # an unreachable host stays so until it answers
+            self._set_state(State.LOADING)
         params = {
             "path": self.spec.path,
             "name": self.spec.name,
@@ -275,6 +318,8 @@ class Supervisor:
             "prefill_step_size": self.settings.prefill_step_size,
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
+            "prompt_cache_dir": self.settings.prompt_cache_dir,
+            "prompt_cache_disk_bytes": self.settings.prompt_cache_disk_bytes,
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
         }
@@ -300,12 +345,12 @@ class Supervisor:
             return "crash"
         if error is not None:
             self.last_exit = f"load failed: {error}"
-            log.error("%s: %s", self.id, self.last_exit)
+            self.log.error("%s", self.last_exit)
             return "load_failed"
         info = load.result()
-        log.info(
-            "%s: pid %s loaded %s in %.2fs",
-            self.id,
+        self.loaded = info
+        self.log.info(
+            "pid %s loaded %s in %.2fs",
             self.pid,
             self.spec.name,
             info.get("load_s", 0),
@@ -333,14 +378,14 @@ class Supervisor:
                         f"no heartbeat answer within {self.settings.heartbeat_timeout:.1f}s "
                         "(twice); killed"
                     )
-                    log.error("%s: %s", self.id, self.last_exit)
+                    self.log.error("%s", self.last_exit)
                     return "heartbeat"
                 except WorkerGone:
                     return "protocol" if client.protocol_failed else "crash"
                 self._observe(health)
                 progress, stalled = self._stalled(health, progress)
                 if stalled:
-                    log.error("%s: %s", self.id, self.last_exit)
+                    self.log.error("%s", self.last_exit)
                     return "stall"
         finally:
             stop.cancel()
@@ -387,7 +432,7 @@ class Supervisor:
 
     async def _end(
         self,
-        proc: asyncio.subprocess.Process,
+        proc,
         client: WorkerClient,
         graceful: bool,
         why: str = "the worker is stopping",
@@ -398,21 +443,23 @@ class Supervisor:
             self._set_state(State.STOPPING)
             with contextlib.suppress(WorkerGone, TimeoutError, protocol.RPCError):
                 await client.call(protocol.SHUTDOWN, timeout=2.0)
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()
+        proc.close_stdin()
         if graceful:
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
-            log.warning(
-                "%s: still running %.0fs after stdin closed; SIGTERM",
-                self.id,
+            self.log.warning(
+                "still running %.0fs after stdin closed; SIGTERM",
                 self.settings.worker_stop_timeout,
             )
             _signal(proc, signal.SIGTERM)
             if await _wait_exit(proc, self.settings.worker_stop_timeout):
                 await client.close(why)
                 return
+            self.log.warning(
+                "still running %.0fs after SIGTERM; SIGKILL",
+                self.settings.worker_stop_timeout,
+            )
         # A crashed or wedged worker gets no courtesy. Fail what it held
         # first: the kill and the wait for its exit take a moment.
         client.abandon(why)
@@ -424,8 +471,7 @@ class Supervisor:
         if self.process is not None:
             _signal(self.process, signal.SIGKILL)
 
-    async def _relay_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        prefix = f"[{self.id} pid {proc.pid}]"
+    async def _relay_stderr(self, proc) -> None:
         try:
             while True:
                 try:
@@ -434,9 +480,8 @@ class Supervisor:
                     continue
                 if not line:
                     return
-                text = line.decode("utf-8", "replace").rstrip()[:4000]
-                self._stderr_tail.append(text)
-                worker_log.info("%s %s", prefix, text)
+                text = line.decode("utf-8", "replace").rstrip()[:16000]
+                self._stderr_tail.append(logs.relay(self.id, proc.pid, text))
         except asyncio.CancelledError:
             pass
 
@@ -448,7 +493,7 @@ class Supervisor:
         self._on_change()
 
 
-async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+async def _wait_exit(proc, timeout: float) -> bool:
     try:
         async with asyncio.timeout(timeout):
             await proc.wait()
@@ -457,12 +502,18 @@ async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
         return False
 
 
-def _signal(proc: asyncio.subprocess.Process, sig: int) -> None:
-    # os.kill, not proc.send_signal: the latter polls, which can reap the
-    # child behind asyncio's back and lose its exit status.
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
+def _signal(proc, sig: int) -> None:
+    proc.signal(sig)
+
+
+def spawn_options(settings: Settings) -> SpawnOptions:
+    return SpawnOptions(
+        python=settings.worker_python,
+        remote_python=settings.remote_python or settings.worker_python,
+        ssh_command=settings.ssh_command,
+        log_level=settings.log_level,
+        log_requests=settings.access_log,
+    )
 
 
 def _crash_reason(returncode: int | None, stderr_tail: deque[str]) -> str:

@@ -55,7 +55,7 @@ class Gateway:
 
     def __init__(
         self,
-        model: Path,
+        model: Path | None,
         *args: str,
         env: dict | None = None,
         log: Path,
@@ -73,8 +73,7 @@ class Gateway:
             "-m",
             "gateway",
             "serve",
-            "--model",
-            f"{name}={model}",
+            *(["--model", f"{name}={model}"] if model is not None else []),
             "--port",
             str(self.port),
             "--log-level",

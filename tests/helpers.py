@@ -117,3 +117,72 @@ class WorkerPipe:
 
 def deltas_for(notes: list[dict], request_id: Any) -> list[dict]:
     return [d for n in notes for d in n["params"]["deltas"] if d["request_id"] == request_id]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0 when absent.
+
+    Absent is 0 because that is what a counter that never moved means; a test
+    asserts values, never that a family is listed (every registered family is).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+class Load:
+    """Background clients sending chat requests back to back, until stopped
+    or `seconds` have passed (every loop here is bounded)."""
+
+    def __init__(
+        self, url: str, model: str, *, clients: int = 2, seconds: float = 60, headers=None
+    ):
+        import httpx
+
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + seconds
+        self._http = httpx.Client(base_url=url, timeout=30, headers=headers or {})
+        self._model = model
+        self.sent = 0
+        self.failed = 0
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self) -> None:
+        body = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": "tell me a long story"}],
+            "max_tokens": 64,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            try:
+                with self._http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    for _ in r.iter_lines():
+                        pass
+                    self.sent += 1
+                    if r.status_code != 200:
+                        self.failed += 1
+                        time.sleep(0.05)  # a refusal comes back at once: no busy loop
+            except Exception:
+                self.failed += 1
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._http.close()
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -98,3 +99,28 @@ def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
     assert engine["output_tokens_per_s"] > 0
     assert ours["completed"] == 4 and ours["output_tokens"] == 32
     assert theirs["completed"] == 4 and theirs["output_tokens"] == 32
+
+
+def test_agent_replay_reports_each_turn_computed_and_cached(gateway):
+    result = bench(
+        "--url",
+        gateway.url,
+        "--agent",
+        "--agent-turns",
+        "4",
+        "--agent-tool-words",
+        "40",
+        "--max-tokens",
+        "4",
+    )
+    turns = result["turns"]
+    assert [t["turn"] for t in turns] == [0, 1, 2, 3] and all(t["ok"] for t in turns)
+    assert turns[0]["cached_tokens"] == 0 and turns[0]["ttft_s"] > 0
+    for before, now in itertools.pairwise(turns):
+        assert now["added_tokens"] == now["prompt_tokens"] - before["prompt_tokens"] > 40
+        assert now["computed_tokens"] == now["prompt_tokens"] - now["cached_tokens"]
+        # each turn is served the conversation so far from the prompt cache
+        assert now["cached_tokens"] >= before["prompt_tokens"] - 1
+    summary = result["summary"]
+    assert summary["turns"] == 4 and summary["failed"] == 0
+    assert summary["warm_computed_over_added_max"] <= 1.1

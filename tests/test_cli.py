@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -23,13 +24,44 @@ def parse(*argv: str, env: dict | None = None):
         os.environ.update(old)
 
 
-def test_every_serve_flag_has_an_environment_variable():
+def serve_actions():
     parser = cli.build_parser()
     serve = parser._subparsers._group_actions[0].choices["serve"]
-    for action in serve._actions:
-        if action.option_strings and action.dest != "help":
-            flag = action.option_strings[0]
-            assert cli.env_name(flag) in action.help, flag
+    return [a for a in serve._actions if a.option_strings and a.dest != "help"]
+
+
+# Flags whose values are checked by a type of their own: a valid sample each.
+TYPED_SAMPLES = {"--log-format": ("json", "json"), "--keep-alive": ("90s", 90.0)}
+
+
+def test_every_serve_flag_has_an_environment_variable():
+    """Each flag, set through its documented variable (named here by the
+    README's rule, not by the code under test), takes the variable's value."""
+    for action in serve_actions():
+        flag = action.option_strings[0]
+        var = "MLX_GATEWAY_" + flag.removeprefix("--").upper().replace("-", "_")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            raw, attr, expected = "true", action.dest, True
+        elif action.nargs is None and isinstance(action, argparse._AppendAction):
+            raw, attr, expected = "a,b", action.dest + "_env", ["a", "b"]
+        elif action.type is int:
+            raw, attr, expected = "7", action.dest, 7
+        elif action.type is float:
+            raw, attr, expected = "7.5", action.dest, 7.5
+        elif flag in TYPED_SAMPLES:
+            raw, expected = TYPED_SAMPLES[flag]
+            attr = action.dest
+        else:
+            raw, attr, expected = "some-value", action.dest, "some-value"
+        args = parse(env={var: raw})
+        assert getattr(args, attr) == expected, (flag, var)
+
+
+def test_every_serve_flag_is_in_the_readme_configuration_table():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## How it works")]
+    for action in serve_actions():
+        assert f"`{action.option_strings[0]}`" in table, action.option_strings[0]
 
 
 def test_environment_sets_defaults_and_flags_win():
@@ -105,3 +137,26 @@ def test_console_script_and_module_share_the_cli():
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0
         assert "serve" in out.stdout
+
+
+def test_serve_help_lists_every_model_form_and_its_served_id():
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0
+    forms = out.stdout.partition("model forms")[2]
+    for form, served in [
+        ("smollm2", "-> smollm2"),
+        ("demo[:PRESET]", "-> mlx-gateway-demo"),
+        ("PATH.gguf", "-> the file's stem"),
+        ("ollama:NAME[:TAG]", "-> NAME[:TAG]"),
+        ("DIR", "-> the directory's name"),
+        ("OWNER/NAME", "-> OWNER/NAME"),
+        ("NAME=", "choose another"),
+    ]:
+        assert form in forms and served in forms, form
+    assert "tiny-endless" in forms  # the demo presets are named

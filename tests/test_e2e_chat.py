@@ -14,7 +14,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import MODEL_NAME
-from .helpers import wait_until
+from .helpers import metric, wait_until
 
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
@@ -298,45 +298,49 @@ def test_health_lists_workers(gateway):
 
 
 def test_metrics_exposition(client, gateway):
-    client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=5)
-    list(
+    """Values, not names: every registered family is listed even when empty."""
+    before = gateway.metrics()
+    usage = []
+    resp = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    usage.append(resp.usage)
+    chunks = list(
         client.chat.completions.create(
-            model=MODEL_NAME, messages=MESSAGES, max_tokens=5, stream=True
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
         )
     )
-    text = gateway.metrics()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in (
-        "mlx_gateway_requests",
-        "mlx_gateway_time_to_first_token_seconds",
-        "mlx_gateway_inter_token_latency_seconds",
-        "mlx_gateway_e2e_request_latency_seconds",
-        "mlx_gateway_prompt_tokens",
-        "mlx_gateway_generation_tokens",
-        "mlx_gateway_num_requests_running",
-        "mlx_gateway_num_requests_waiting",
-        "mlx_gateway_worker_restarts",
-        "mlx_gateway_worker_up",
-    ):
-        assert name in families, name
+    usage.append(chunks[-1].usage)
+    after = gateway.metrics()
+
+    def grew(name: str, **labels) -> float:
+        return metric(after, name, model=MODEL_NAME, **labels) - metric(
+            before, name, model=MODEL_NAME, **labels
+        )
+
+    ok = {"endpoint": "/v1/chat/completions", "status": "200"}
+    assert grew("mlx_gateway_requests_total", **ok) == 2
+    assert grew("mlx_gateway_request_success_total", finished_reason="length") == 2
+    assert grew("mlx_gateway_generation_tokens_total") == 10
+    assert grew("mlx_gateway_prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
+    assert grew("mlx_gateway_time_to_first_token_seconds_count") == 2
+    assert grew("mlx_gateway_e2e_request_latency_seconds_count") == 2
+    assert grew("mlx_gateway_inter_token_latency_seconds_count") >= 1
+    assert metric(after, "mlx_gateway_num_requests_running", model=MODEL_NAME) == 0
+    assert metric(after, "mlx_gateway_num_requests_waiting", model=MODEL_NAME) == 0
+    for worker in (f"{MODEL_NAME}/0", f"{MODEL_NAME}/1"):
+        assert metric(after, "mlx_gateway_worker_up", model=MODEL_NAME, worker=worker) == 1
+    families = {f.name: f for f in text_string_to_metric_families(after)}
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for f in families.values()
         for s in f.samples
     }
-    ok = samples[
-        (
-            "mlx_gateway_requests_total",
-            (("endpoint", "/v1/chat/completions"), ("model", MODEL_NAME), ("status", "200")),
-        )
-    ]
-    assert ok >= 2
-    assert (
-        samples[("mlx_gateway_worker_up", (("model", MODEL_NAME), ("worker", f"{MODEL_NAME}/0")))]
-        == 1
-    )
-    assert samples[("mlx_gateway_time_to_first_token_seconds_count", (("model", MODEL_NAME),))] >= 2
-    assert samples[("mlx_gateway_generation_tokens_total", (("model", MODEL_NAME),))] >= 10
     # vLLM's bucket boundaries
     assert (
         "mlx_gateway_time_to_first_token_seconds_bucket",

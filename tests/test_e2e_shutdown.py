@@ -12,6 +12,7 @@ import pytest
 
 from .conftest import MODEL_NAME
 from .helpers import wait_until
+from .test_robustness import faulty_python
 
 MESSAGES = [{"role": "user", "content": "tell me about the river and the mountain"}]
 
@@ -80,11 +81,13 @@ def _refused(url: str) -> bool:
     return False
 
 
-def test_grace_period_bounds_the_drain(start_gateway):
-    gw = start_gateway("--shutdown-grace", "2")
+def test_grace_period_bounds_the_drain(start_gateway, tmp_path):
+    # The slow worker makes the 2,000-token reply last 40 s: it cannot
+    # finish within the 2 s grace, however fast the machine.
+    gw = start_gateway("--shutdown-grace", "2", "--worker-python", faulty_python(tmp_path, "slow"))
     results: list = []
     first = threading.Event()
-    t = threading.Thread(target=stream_all, args=(gw.url, 4000, results, first))
+    t = threading.Thread(target=stream_all, args=(gw.url, 2000, results, first))
     t.start()
     assert first.wait(30)
     (pid,) = gw.worker_pids()
@@ -106,3 +109,27 @@ def test_sigkilled_gateway_leaves_no_worker_alive(start_gateway):
     # workers notice their stdin closing and exit by themselves
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"orphaned workers: {alive}"
+
+
+def test_a_worker_deaf_to_every_request_to_stop_is_sigkilled(start_gateway, tmp_path):
+    """shutdown RPC, then stdin closed, then SIGTERM after 5 s, then SIGKILL
+    after 5 s more: the worker ignores all but the last."""
+    gw = start_gateway("--worker-python", faulty_python(tmp_path, "deaf"))
+    (pid,) = gw.worker_pids()
+    worker = psutil.Process(pid)
+    gw.proc.send_signal(signal.SIGTERM)
+    assert gw.proc.wait(60) in (0, -signal.SIGTERM)
+    # Only SIGKILL can have ended it: it ignores SIGTERM and its stdin closing.
+    _, alive = psutil.wait_procs([worker], timeout=10)
+    assert not alive
+    log = gw.log()
+    steps = [
+        "fault: ignoring shutdown",
+        "fault: ignoring the end of stdin",
+        "still running 5s after stdin closed; SIGTERM",
+        "fault: ignoring SIGTERM",
+        "still running 5s after SIGTERM; SIGKILL",
+    ]
+    at = [log.find(step) for step in steps]
+    assert all(i >= 0 for i in at), dict(zip(steps, at, strict=True))
+    assert at == sorted(at), dict(zip(steps, at, strict=True))

@@ -4,6 +4,7 @@ arbitrary frames, without ever failing in an unplanned way."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 
 import pytest
@@ -18,37 +19,70 @@ from .helpers import WorkerPipe
 EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 
 
+# Frame contents without a newline: lines of any bytes, mostly shorter than
+# the cap, so most examples reach the comparison rather than a refusal.
+no_newline = st.binary(max_size=60).map(lambda b: b.replace(b"\n", b""))
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
 @EXAMPLES
-@given(st.lists(st.binary(max_size=300), max_size=20), st.integers(8, 400))
-def test_frame_buffer_on_arbitrary_chunks(chunks, cap):
+@given(
+    st.lists(no_newline, max_size=12),
+    no_newline,
+    st.lists(st.integers(0, 10**4), max_size=10),
+    st.integers(8, 400),
+)
+def test_frame_buffer_on_arbitrary_chunks(lines, tail, cuts, cap):
+    """Frames come out whole and in order however the stream is cut; a
+    refusal happens exactly when a frame is over the cap or cut off."""
+    data = b"".join(line + b"\n" for line in lines) + tail
     buffer = protocol.FrameBuffer(max_bytes=cap)
-    data = b"".join(chunks)
     frames = []
+    too_long = any(len(line) > cap for line in [*lines, tail])
     try:
-        for chunk in chunks:
+        for chunk in split_at(data, cuts):
             frames += buffer.feed(chunk)
         buffer.close()
-    except protocol.FrameError:
-        return  # refusing is fine; anything else is not
-    complete = data.split(b"\n")
-    assert frames == [protocol.strip_line(f + b"\n") for f in complete[:-1]]
-    assert complete[-1] == b""
+    except protocol.FrameTooLarge:
+        assert too_long
+        return
+    except protocol.TruncatedFrame:
+        assert tail and not too_long
+        assert frames == [protocol.strip_line(line + b"\n") for line in lines]
+        return
+    assert not too_long and not tail
+    assert frames == [protocol.strip_line(line + b"\n") for line in lines]
 
 
 @EXAMPLES
-@given(st.binary(max_size=2000), st.integers(8, 600))
-def test_frame_reader_on_arbitrary_bytes(data, cap):
+@given(st.lists(no_newline, max_size=12), no_newline, st.integers(8, 600))
+def test_frame_reader_on_arbitrary_bytes(lines, tail, cap):
+    """Each frame is read whole; an oversized one is skipped and reading
+    goes on; a cut-off last frame is reported as such."""
+    data = b"".join(line + b"\n" for line in lines) + tail
     reader = protocol.FrameReader(io.BytesIO(data), max_bytes=cap)
-    for _ in range(len(data) + 1):
+    expected = [protocol.strip_line(line + b"\n") for line in lines if len(line) <= cap]
+    frames = []
+    for _ in range(len(lines) + 2):
         try:
             frame = reader.read()
         except protocol.TruncatedFrame:
-            return
+            assert tail
+            break
         except protocol.FrameTooLarge:
             continue
         if frame is None:
-            return
-        assert b"\n" not in frame
+            assert not tail or len(tail) > cap  # an oversized tail was skipped
+            break
+        frames.append(frame)
+    else:
+        raise AssertionError("the reader never reached the end")
+    if len(tail) <= cap:
+        assert frames == expected
 
 
 json_values = st.recursive(

@@ -61,6 +61,14 @@ CHECKS = [
 def test_api_honours_its_spec(live_schema):
     operations = [result.ok() for result in live_schema.get_all_operations()]
     assert len(operations) >= 6
+    paths = {operation.path for operation in operations}
+    # The agent-facing surfaces are fuzzed like the rest.
+    assert {
+        "/v1/responses",
+        "/v1/responses/{response_id}",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    } <= paths, paths
     for operation in operations:
 
         @given(case=operation.as_strategy())

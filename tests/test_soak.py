@@ -15,7 +15,7 @@ import httpx
 import psutil
 
 from .conftest import MODEL_NAME
-from .helpers import wait_until
+from .helpers import metric, wait_until
 
 RSS_GROWTH_LIMIT_MB = 40
 
@@ -99,4 +99,7 @@ def test_soak(start_gateway, request):
     assert fds_after <= fds_before + 2, report
     assert tasks_after <= tasks_before + 2, report
     assert children_after == children_before  # no worker leaked, none restarted
-    assert 'mlx_gateway_client_disconnects_total{model="tiny"}' in gw.metrics()
+    disconnects = metric(gw.metrics(), "mlx_gateway_client_disconnects_total", model=MODEL_NAME)
+    # Not every abandoned stream counts: a short reply may be sent in full
+    # before its client leaves.
+    assert disconnects >= 1, report

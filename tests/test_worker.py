@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -232,3 +233,100 @@ def test_stray_prints_never_reach_the_protocol_stream():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=30)
     assert out.stdout == b'{"jsonrpc":"2.0","id":1,"result":true}\n'
     assert b"library noise" in out.stderr and b"more noise" in out.stderr
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def test_required_tool_calls_stream_their_arguments_as_generated(worker):
+    rid = worker.send(
+        "generate",
+        {
+            "messages": MESSAGES,
+            "tools": TOOLS,
+            "tool_choice": "required",
+            "max_tokens": 400,
+            "stream": True,
+            "seed": 1,
+        },
+    )
+    frame, notes = worker.wait_response(rid)
+    result = frame["result"]
+    fragments = [c for d in deltas_for(notes, rid) for c in d.get("tool_calls", ())]
+    assert result["finish_reason"] == "tool_calls" and result["text"] == ""
+    assert fragments[0]["name"] == "get_weather"
+    # One fragment per token of the arguments, not the whole call at the end.
+    assert len(fragments) > 5
+    streamed = "".join(f["arguments"] for f in fragments if f["index"] == 0)
+    assert streamed == result["tool_calls"][0]["arguments"]
+    assert "city" in json.loads(streamed)
+
+
+def test_a_forced_call_cut_by_max_tokens_is_still_a_call(worker):
+    frame, _ = worker.wait_response(
+        worker.send(
+            "generate",
+            # Enough tokens to name the function (the tiny model spells JSON
+            # out a character at a time), too few to finish its arguments.
+            {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "max_tokens": 60},
+        )
+    )
+    result = frame["result"]
+    assert result["finish_reason"] == "length"
+    assert result["text"] == ""  # not the raw JSON fragment
+    assert result["tool_calls"][0]["name"] == "get_weather"
+
+
+def test_first_delta_carries_the_prompt_size(worker):
+    rid = worker.send("generate", {"messages": MESSAGES, "max_tokens": 3, "stream": True})
+    frame, notes = worker.wait_response(rid)
+    first = deltas_for(notes, rid)[0]
+    assert first["prompt_tokens"] == frame["result"]["usage"]["prompt_tokens"]
+    assert first["cached_tokens"] == frame["result"]["usage"]["cached_tokens"]
+
+
+def test_count_tokens_matches_the_prompt_generate_runs(worker):
+    counted = worker.call("count_tokens", {"messages": MESSAGES, "tools": TOOLS})
+    frame, _ = worker.wait_response(
+        worker.send("generate", {"messages": MESSAGES, "tools": TOOLS, "max_tokens": 1})
+    )
+    assert counted["prompt_tokens"] == frame["result"]["usage"]["prompt_tokens"]
+
+
+def test_clamp_max_tokens_fits_the_context_instead_of_refusing(worker):
+    params = {"messages": MESSAGES, "max_tokens": 10**6}
+    refused, _ = worker.wait_response(worker.send("generate", params))
+    assert refused["error"]["code"] == -32003  # context length exceeded
+    clamped, _ = worker.wait_response(
+        worker.send("generate", {**params, "clamp_max_tokens": True}), timeout=300
+    )
+    usage = clamped["result"]["usage"]
+    assert clamped["result"]["finish_reason"] in ("stop", "length")
+    assert usage["prompt_tokens"] + usage["completion_tokens"] <= 4096  # the tiny model's context
+
+
+def test_a_stop_string_is_named_in_the_result(worker):
+    free, _ = worker.wait_response(
+        worker.send("generate", {"messages": MESSAGES, "max_tokens": 30, "seed": 5})
+    )
+    word = free["result"]["text"].split()[3]
+    frame, _ = worker.wait_response(
+        worker.send(
+            "generate",
+            {"messages": MESSAGES, "max_tokens": 30, "seed": 5, "stop": ["zzz", word]},
+        )
+    )
+    assert frame["result"]["finish_reason"] == "stop"
+    assert frame["result"]["stop_sequence"] == word

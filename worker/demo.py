@@ -97,6 +97,9 @@ PRESETS = {
     # Benchmarks: "small" and "tiny" that never end a reply by themselves.
     "small-endless": Preset(256, 4, 768, 4, 2, layer_scale=0.5, endless=True),
     "tiny-endless": Preset(64, 2, 128, 4, 2, layer_scale=0.5, endless=True),
+    # Agent clients (Claude Code, Codex): prompts of tens of thousands of
+    # tokens. One thin layer, so a long prefill stays bearable on a CPU.
+    "tiny-long": Preset(32, 1, 64, 2, 1, max_position_embeddings=131072, layer_scale=0.5),
 }
 
 

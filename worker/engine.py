@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import protocol
 from .constraints import Grammars
+from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
 from .job import Job, merge_delta
 from .mlxlm import (
     BatchGenerator,
@@ -96,10 +97,15 @@ class Engine:
         self.memory_limit_mb: float | None = None
         self.memory: dict[str, float] = {}
         self.prompt_cache = None  # mlx-lm's LRUPromptCache, made at load
+        self.disk_cache: DiskPromptCache | None = None  # with a prompt_cache_dir
         self.stream_interval = 0.0  # seconds between a request's token notifications
         self.cache_stats = {"hits": 0, "misses": 0, "cached_tokens": 0}
+        # A sharded worker's ranks (group.py): rank 0 shares each turn's
+        # commands, the others follow them; None for a worker on its own.
+        self.group = None
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
+        self.log_requests = False  # one info line per request that ends
 
     # --- called from the reader thread -----------------------------------------
 
@@ -128,10 +134,12 @@ class Engine:
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
+            **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
                 "bytes": self.prompt_cache.nbytes if self.prompt_cache is not None else 0,
+                **({"disk": self.disk_cache.snapshot()} if self.disk_cache is not None else {}),
             },
         }
 
@@ -148,13 +156,47 @@ class Engine:
 
     def _drain(self, block: bool) -> bool:
         """Apply queued commands; False once the engine must stop."""
-        new_jobs: list[Job] = []
+        commands = self._take(block)
+        if self.group is not None:
+            # Every turn, even an empty one: the other ranks step with us.
+            if self.group.leader:
+                idle = not commands and not self._jobs
+                self.group.share([_wire(c) for c in commands], idle=idle)
+            else:
+                commands = [self._unwire(c) for c in self.group.share()]
+        return self._apply(commands) if commands else True
+
+    def _take(self, block: bool) -> list[tuple]:
+        """The commands queued now, waiting up to half a second for one if asked."""
+        if self.group is not None and not self.group.leader:
+            return []  # a follower's commands come from rank 0
+        commands = []
         try:
-            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            commands.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
+            while True:
+                commands.append(self._inbox.get_nowait())
         except queue.Empty:
-            return True
+            pass
+        return commands
+
+    def _unwire(self, command: list) -> tuple:
+        """A follower's copy of one of rank 0's commands."""
+        if command[0] != "generate":
+            return tuple(command)
+        from .requests import prepare
+
+        try:
+            return ("generate", prepare(self.loaded, command[1], command[2]))
+        except Exception as exc:  # rank 0 accepted it: the ranks disagree
+            from .group import lost
+
+            lost(f"cannot follow request {command[1]!r}: {exc}")
+            raise
+
+    def _apply(self, commands: list[tuple]) -> bool:
+        new_jobs: list[Job] = []
         keep_going = True
-        while True:
+        for command in commands:
             kind = command[0]
             if kind == "generate":
                 new_jobs.append(command[1])
@@ -167,10 +209,6 @@ class Engine:
                 keep_going = False
             elif kind == "stop":
                 keep_going = False
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
         if keep_going and new_jobs:
             self._insert(new_jobs)
         return keep_going
@@ -180,9 +218,16 @@ class Engine:
         self.state = "loading"
         started = time.perf_counter()
         try:
-            model, tokenizer, config = load(path, return_config=True)
+            if self.group is not None:
+                model, tokenizer, config = self.group.load(path)
+            else:
+                model, tokenizer, config = load(path, return_config=True)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
+            if self.group is not None and not self.group.leader:
+                from .group import lost
+
+                lost(f"rank {self.group.rank} cannot load {path}")
             self.state = "empty"
             self._send(
                 protocol.error_response(
@@ -217,6 +262,7 @@ class Engine:
         self.loaded.max_token_bytes = max_token_bytes(tokenizer, self.loaded.token_bytes())
         self._generator = self._new_generator()
         self._warm_up()
+        self._open_disk_cache(params)
         self.state = "ready"
         self._update_memory()
         load_s = time.perf_counter() - started
@@ -235,9 +281,51 @@ class Engine:
                     "context_length": context,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
+                    "memory": dict(self.memory),
                 },
             )
         )
+
+    def _open_disk_cache(self, params: dict) -> None:
+        """Read back the prompt cache a previous worker of this model left on
+        disk, and start writing this one's there."""
+        root = params.get("prompt_cache_dir")
+        if not root or self.prompt_cache is None:
+            return
+        if self.group is not None:
+            # Every rank would need the same entries at the same moment.
+            log.warning("prompt_cache_dir is not supported for sharded workers; ignored")
+            return
+        fingerprint = model_fingerprint(self.loaded.path)
+        if fingerprint is None:
+            log.warning("prompt_cache_dir ignored: %s is no local checkpoint", self.loaded.path)
+            return
+        store = DiskPromptCache(
+            root,
+            fingerprint,
+            max_bytes=int(params.get("prompt_cache_disk_bytes") or DEFAULT_DISK_BYTES),
+        )
+        started = time.perf_counter()
+        entries = store.load(
+            max_bytes=self.prompt_cache.max_bytes, max_entries=self.prompt_cache.max_size
+        )
+        for entry in entries:
+            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, entry.cache)
+        if entries or store.stats.skipped:
+            log.info(
+                "read %d prompt cache entries (%.1f MB) from disk in %.2fs, skipped %d",
+                len(entries),
+                sum(e.nbytes for e in entries) / MB,
+                time.perf_counter() - started,
+                store.stats.skipped,
+            )
+        store.start()
+        self.disk_cache = store
+
+    def close(self, timeout: float) -> None:
+        """On the way out: give the disk writer `timeout` seconds to finish."""
+        if self.disk_cache is not None:
+            self.disk_cache.close(timeout)
 
     def _new_generator(self):
         self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
@@ -313,6 +401,11 @@ class Engine:
         try:
             _, responses = self._generator.next()
         except Exception as exc:
+            if self.group is not None:
+                from .group import lost
+
+                # A collective failed (a rank is gone) or the ranks diverged.
+                lost(f"a sharded step failed: {exc}")
             self._fail_all(exc)
             return
         self.steps += 1
@@ -382,6 +475,8 @@ class Engine:
                     # Kept for later requests that share a prefix (a system
                     # prompt, the turns of a conversation).
                     self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+                    if self.disk_cache is not None:
+                        self.disk_cache.offer(job.cache_key, tokens, cache)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""
@@ -440,6 +535,16 @@ class Engine:
         result["timings"] = job.timings(now)
         result["memory"] = dict(self.memory, kv_cache_mb=round(kv_bytes / MB, 3))
         self._send(protocol.result_response(job.request_id, result))
+        if self.log_requests:
+            timings = result["timings"]
+            _log_job(
+                job,
+                logging.INFO,
+                "finished",
+                finish_reason=job.finish_reason,
+                ttft_ms=round(timings["ttft_s"] * 1000, 1),
+                total_ms=round(timings["total_s"] * 1000, 1),
+            )
 
     def _forget(self, job: Job) -> None:
         self._jobs.pop(job.uid, None)
@@ -455,6 +560,8 @@ class Engine:
             self._generator.remove([job.uid])
         if job is not None:
             self._forget(job)
+            if self.log_requests:
+                _log_job(job, logging.INFO, "cancelled")
             self._send(
                 protocol.error_response(
                     job.request_id, protocol.CANCELLED, "request cancelled", {"usage": job.usage()}
@@ -480,6 +587,7 @@ class Engine:
         code = protocol.OUT_OF_MEMORY if _is_oom(exc) else protocol.INTERNAL_ERROR
         log.error("generation step failed (%s): %s", protocol.ERROR_NAMES[code], message)
         for job in list(self._jobs.values()):
+            _log_job(job, logging.ERROR, "failed", error=protocol.ERROR_NAMES[code])
             self._send(
                 protocol.error_response(job.request_id, code, f"generation failed: {message}")
             )
@@ -496,6 +604,31 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+
+
+def _log_job(job: Job, level: int, message: str, **fields: object) -> None:
+    """A log line about one request: its id and sizes, never its text."""
+    usage = job.usage()
+    log.log(
+        level,
+        message,
+        extra={
+            "request_id": job.http_request_id,
+            "rpc_id": job.request_id,
+            "prompt_tokens": usage["prompt_tokens"],
+            "cached_tokens": usage["cached_tokens"],
+            "completion_tokens": usage["completion_tokens"],
+            **fields,
+        },
+    )
+
+
+def _wire(command: tuple) -> list:
+    """A command as rank 0 shares it: a new request as its raw params."""
+    if command[0] == "generate":
+        job = command[1]
+        return ["generate", job.request_id, job.source]
+    return list(command)
 
 
 def _logprob_entry(piece: bytes, logprob: float) -> dict:

@@ -44,7 +44,9 @@ class Job:
     reasoning_tokens: int = 0  # generated tokens read inside the thinking markers
     unsent: dict | None = None  # a streamed delta held until the next notification
     sent_at: float = 0.0  # when the last notification for this job went out
+    source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
     shown: bool = False  # whether visible output (text, reasoning, a call) went out
+    http_request_id: str | None = None  # the HTTP request's id, for log lines
 
     def usage(self) -> dict:
         return {

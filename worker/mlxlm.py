@@ -14,8 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -23,6 +29,7 @@ from mlx_lm.sample_utils import (
     greedy_sampler,
     make_repetition_penalty,
 )
+from mlx_lm.utils import sharded_load
 
 __all__ = [
     "BatchGenerator",
@@ -34,10 +41,15 @@ __all__ = [
     "apply_top_p",
     "cached_prefix_length",
     "can_trim_prompt_cache",
+    "generation_stream",
     "greedy_sampler",
     "hf_tokenizer",
     "load",
+    "load_prompt_cache",
     "make_repetition_penalty",
+    "mlx_lm_version",
+    "save_prompt_cache",
+    "sharded_load",
     "token_bytes_table",
     "trim_prompt_cache",
 ]
@@ -55,6 +67,14 @@ def cached_prefix_length(cache: LRUPromptCache, key: Any, prompt: list[int]) -> 
         node = node.get(prompt[depth])
         depth += node is not None
     return depth
+
+
+def mlx_lm_version() -> str:
+    """The running mlx-lm release: its prompt-cache files are read back only
+    by the same one (the cache classes' state layout changes between them)."""
+    from mlx_lm import __version__
+
+    return __version__
 
 
 def hf_tokenizer(tokenizer) -> Any:

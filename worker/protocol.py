@@ -8,8 +8,17 @@ A trailing b"\\r" is tolerated (CRLF pipes).
 
 Methods (gateway -> worker):
 
-    load_model  {"path": str, "max_batch_size"?: int, "prefill_step_size"?: int}
-                -> {"model": str, "context_length": int | None, "load_s": float}
+    load_model  {"path": str, "name"?: str, "max_batch_size"?: int,
+                 "prefill_step_size"?: int, "prompt_cache_bytes"?: int,
+                 "prompt_cache_size"?: int, "stream_interval_ms"?: float,
+                 "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
+                 "prompt_cache_disk_bytes"?: int}
+                prompt_cache_dir: a directory the prompt cache is also kept in
+                (worker/diskcache.py): written in the background, read back
+                at load by any worker of the same checkpoint; entries are
+                partitioned by cache_key, which is stored in them.
+                -> {"model": str, "context_length": int | None, "load_s": float,
+                    "memory": {"active_memory_mb", "peak_memory_mb", "cache_memory_mb"}}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
                 seed, stop (list of strings), presence_penalty, frequency_penalty,
@@ -22,7 +31,10 @@ Methods (gateway -> worker):
                 parallel_tool_calls, response_format ({"type": "json_object"} or
                 {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
                 (the prompt-cache partition: requests with different keys
-                never share cached prompts; absent, a shared default)
+                never share cached prompts; absent, a shared default; the
+                gateway sends a digest of the API key, never the key),
+                http_request_id (the HTTP request's X-Request-Id: the worker
+                puts it on its log lines about the request, nothing more)
                 -> {"text", "finish_reason", "usage", "timings", "memory",
                     "reasoning"?, "tool_calls"? [{"name", "arguments"}], "logprobs"?,
                     "stop_sequence"? (the stop string that ended the text)}
@@ -100,6 +112,19 @@ SHUTDOWN = "shutdown"
 TOKENS = "tokens"
 
 RequestId = int | str
+
+# `generate`'s param naming the HTTP request it serves, for log lines only.
+# Not `request_id`: that names a JSON-RPC id (in `cancel` and `tokens`).
+HTTP_REQUEST_ID = "http_request_id"
+HTTP_REQUEST_ID_MAX = 128
+
+
+def http_request_id(params: dict) -> str | None:
+    """The request id a `generate` carries, or None when absent or malformed."""
+    value = params.get(HTTP_REQUEST_ID)
+    if isinstance(value, str) and 0 < len(value) <= HTTP_REQUEST_ID_MAX and value.isprintable():
+        return value
+    return None
 
 
 class FrameError(Exception):

@@ -201,14 +201,16 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     tokenizer = loaded.tokenizer
     sampling = parse_sampling(params, loaded.vocab_size)
     logprobs = _number(params, "logprobs", None, 0, 20, integer=True)
-    prompt = tokenize(loaded, params, sampling.max_tokens)
+    clamp = bool(params.get("clamp_max_tokens"))
+    # A clamped max_tokens is cut to what the prompt leaves, never refused.
+    prompt = tokenize(loaded, params, None if clamp else sampling.max_tokens)
     n = len(prompt)
     if n == 0:
         raise invalid("the prompt is empty")
     cap = _number(params, "max_tokens_cap", None, 1, None, integer=True)
     wanted = sampling.max_tokens
     context = loaded.context_length
-    if params.get("clamp_max_tokens") and wanted is not None and context and n < context:
+    if clamp and wanted is not None and context and n < context:
         wanted = min(wanted, context - n)  # what is left of the context, not a refusal
     max_tokens = _limit(context, n, wanted, cap)
 
@@ -249,6 +251,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         processors=processors,
         grammar=constraint,
         cache_key=_cache_key(params),
+        http_request_id=protocol.http_request_id(params),
     )
 
 

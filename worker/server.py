@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol, requests
+from . import logs, protocol, requests
 from .engine import Engine
 from .job import Job
 from .protocol import RequestId, RPCError
@@ -31,6 +31,9 @@ log = logging.getLogger("worker")
 
 # After stdin closes, give the engine this long to finish its step and exit.
 EOF_EXIT_GRACE_S = 2.0
+# On a clean exit, how long queued prompt caches may take to reach the disk
+# (less than the grace above, which ends the process regardless).
+DISK_FLUSH_S = 1.0
 
 
 def claim_stdout() -> int:
@@ -141,7 +144,10 @@ class Preparer:
         loaded = engine.loaded
         if loaded is None or engine.state != "ready":
             raise RPCError(protocol.SHUTTING_DOWN, "worker is shutting down")
-        return self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+        job = self._guarded(request_id, lambda: requests.prepare(loaded, request_id, params))
+        if engine.group is not None:
+            job.source = params  # shared with the other ranks as it came
+        return job
 
     def _guarded(self, request_id: RequestId, work: Callable[[], Any]) -> Any:
         """Run `work`; any failure becomes an RPCError that quotes nothing of
@@ -204,6 +210,15 @@ class Dispatcher:
         try:
             result = self.dispatch(msg)
         except RPCError as exc:
+            if msg.method == protocol.GENERATE and self.engine.log_requests:
+                log.info(
+                    "refused",
+                    extra={
+                        "request_id": protocol.http_request_id(msg.params),
+                        "rpc_id": msg.id,
+                        "error": exc.name,
+                    },
+                )
             if msg.id is not None:
                 self.writer.send(protocol.error_response(msg.id, exc.code, exc.message, exc.data))
             return
@@ -224,6 +239,11 @@ class Dispatcher:
             return self.engine.snapshot()
         if msg.id is None:
             return None  # the only notifications we honour need no answer
+        group = self.engine.group
+        if group is not None and not group.leader:
+            raise RPCError(
+                protocol.INVALID_REQUEST, f"rank {group.rank} follows rank 0; talk to rank 0"
+            )
         if method == protocol.GENERATE:
             self.admit()
             self.preparer.submit(msg.id, params)
@@ -274,25 +294,44 @@ class Dispatcher:
             )
 
 
+def _discard(data: bytes) -> None:
+    pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=os.environ.get("MLX_GATEWAY_LOG_LEVEL", "info"))
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--prefill-step-size", type=int, default=512)
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=os.environ.get("MLX_GATEWAY_LOG_FORMAT", "text"),
+        help="the gateway runs its workers with json and relays their lines",
+    )
+    parser.add_argument(
+        "--log-requests", action="store_true", help="log one line per request that ends"
+    )
+    # A rank of a sharded worker (group.py): its place, the group's size,
+    # the ring's addresses (MLX's hostfile, as JSON) and the backend.
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--ranks", type=int, default=1)
+    parser.add_argument("--ring", default=None)
+    parser.add_argument("--backend", default="ring")
+    parser.add_argument("--schedule", default="", help="rank 0's host:port for the schedule")
     args = parser.parse_args(argv)
 
     proto_fd = claim_stdout()
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.log_level, args.log_format)
     # The gateway decides when a worker stops; a Ctrl-C in its terminal
     # reaches it, not us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     writer = FrameWriter(proto_fd)
-    engine = Engine(writer.send, args.max_batch_size, args.prefill_step_size)
+    # Only rank 0 speaks for a sharded worker; the others compute silently.
+    send = writer.send if args.rank == 0 else _discard
+    engine = Engine(send, args.max_batch_size, args.prefill_step_size)
+    engine.log_requests = args.log_requests
     dispatcher = Dispatcher(engine, writer)
 
     def read() -> None:
@@ -302,7 +341,19 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(0)
 
     threading.Thread(target=read, name="stdin-reader", daemon=True).start()
+    if args.ranks > 1:
+        from .group import Group
+
+        engine.group = Group(args.rank, args.ranks, args.ring or "[]", args.backend, args.schedule)
+        engine.group.connect()
     log.info("worker %d ready for load_model", os.getpid())
-    engine.run()
+    try:
+        engine.run()
+    except Exception:  # a bug must end the worker, not leave it half alive
+        log.exception("the engine failed")
+        logging.shutdown()
+        os._exit(1)
+    # Prompt caches still queued for the disk get a moment, not a promise.
+    engine.close(DISK_FLUSH_S)
     logging.shutdown()
     os._exit(0)

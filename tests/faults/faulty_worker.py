@@ -14,11 +14,22 @@ gateway meets it exactly as it would meet a worker that went wrong:
              message, as a GPU out of memory does
   poison     a generate whose params mention POISON aborts the process (a
              request that crashes the engine, whichever worker gets it)
-  slow       every decode step takes 50 ms more (a large model on a small
-             machine): replies take seconds, and keep coming
+  slow       every decode step takes STEP_DELAY_S longer (0.02 s unless set),
+             so a reply of a few hundred tokens lasts seconds on any machine
+             and a test never races the model
+  step_oom   the 10th and the 60th decode steps raise MLX's out-of-memory
+             error (once each); the engine's own recovery handles it
+  slow_load  loading the model takes LOAD_DELAY_S (30 s unless set) longer
+  script     the model writes SCRIPT_TEXT, token by token, then its end token,
+             whatever it is asked (a model that calls tools, on demand)
+  deaf       ignores the shutdown RPC, its stdin closing and SIGTERM, so only
+             SIGKILL ends it (each refusal is written to stderr)
+  crash_load loading a checkpoint whose path contains "broken" kills the
+             process (a segfault in the loader); other models load as usual
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -26,6 +37,7 @@ from worker import lifeline
 
 lifeline.die_with_parent()
 lifeline.tolerate_fd_limit()
+
 
 from worker import engine, protocol, requests, server  # noqa: E402
 
@@ -74,15 +86,6 @@ elif FAULT == "abort":
 
     engine.Engine._step = aborting_step
 
-elif FAULT == "slow":
-    step = engine.Engine._step
-
-    def slow_step(self):
-        time.sleep(0.05)
-        step(self)
-
-    engine.Engine._step = slow_step
-
 elif FAULT == "poison":
     prepare = requests.prepare
 
@@ -92,6 +95,114 @@ elif FAULT == "poison":
         return prepare(loaded, request_id, params)
 
     requests.prepare = poisoned_prepare
+elif FAULT == "slow":
+    delay = float(os.environ.get("STEP_DELAY_S", "0.02"))
+    step = engine.Engine._step
+
+    def slow_step(self):
+        time.sleep(delay)
+        step(self)
+
+    engine.Engine._step = slow_step
+
+elif FAULT == "step_oom":
+    step = engine.Engine._step
+
+    fired: set[int] = set()
+
+    def oom_step(self):
+        if self.steps in (10, 60) and self.steps not in fired:
+            fired.add(self.steps)
+            real_next = self._generator.next
+
+            def failing_next():
+                self._generator.next = real_next
+                raise RuntimeError("[metal::malloc] Attempting to allocate 1 bytes: out of memory")
+
+            self._generator.next = failing_next
+        step(self)
+
+    engine.Engine._step = oom_step
+
+elif FAULT == "slow_load":
+    load = engine.Engine._load
+
+    def slow_load(self, rpc_id, params):
+        time.sleep(float(os.environ.get("LOAD_DELAY_S", "30")))
+        load(self, rpc_id, params)
+
+    engine.Engine._load = slow_load
+
+elif FAULT == "script":
+    import mlx.core as mx
+
+    load = engine.Engine._load
+
+    def scripted_load(self, rpc_id, params):
+        load(self, rpc_id, params)
+        if self.loaded is None:
+            return
+        tokenizer = self.loaded.tokenizer
+        ids = tokenizer.encode(os.environ["SCRIPT_TEXT"], add_special_tokens=False)
+        ids.append(next(iter(self.loaded.eos)))
+
+        def make_sampler(params):
+            script = iter(ids)
+
+            def sample(logprobs):
+                token = next(script, ids[-1])
+                return mx.array([token] * logprobs.shape[0], dtype=mx.uint32)
+
+            return sample
+
+        engine.make_sampler = make_sampler
+
+    engine.Engine._load = scripted_load
+
+elif FAULT == "deaf":
+
+    def ignore_term(signum, frame):
+        sys.stderr.write("fault: ignoring SIGTERM\n")
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGTERM, ignore_term)
+    run = server.Dispatcher.run
+
+    def deaf_run(self):
+        run(self)  # returns at EOF, having asked the engine to stop
+        sys.stderr.write("fault: ignoring the end of stdin\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(3600)
+
+    server.Dispatcher.run = deaf_run
+    drain = engine.Engine._drain
+
+    def deaf_drain(self, block):
+        command = None
+        try:
+            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except Exception:
+            return True
+        if command[0] in ("shutdown", "stop"):
+            sys.stderr.write(f"fault: ignoring {command[0]}\n")
+            sys.stderr.flush()
+            return True
+        self._inbox.put(command)
+        return drain(self, False)
+
+    engine.Engine._drain = deaf_drain
+elif FAULT == "crash_load":
+    load = engine.Engine._load
+
+    def crashing_load(self, rpc_id, params):
+        if "broken" in params.get("path", ""):
+            sys.stderr.write("Fatal Python error: Segmentation fault while loading weights\n")
+            sys.stderr.flush()
+            os._exit(139)
+        load(self, rpc_id, params)
+
+    engine.Engine._load = crashing_load
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True

@@ -1,0 +1,526 @@
+"""Mutation check: break each promised behaviour on purpose and see a test fail.
+
+Each mutant below is one deliberate breakage: an exact piece of source text
+replaced by a broken version. For every mutant in turn, this script copies
+the tree (the files git tracks or would track) to a temporary directory,
+applies the breakage there, runs the tests named for it, and records which
+test failed first. A mutant no test notices is reported as SURVIVED: either
+a test is missing or it cannot fail.
+
+    .venv/bin/python tests/mutations/run.py             # every mutant
+    .venv/bin/python tests/mutations/run.py -k cancel   # those whose name has "cancel"
+    .venv/bin/python tests/mutations/run.py --list      # names, files, tests
+
+It is not part of `make test` (it runs the chosen tests once per mutant:
+about half an hour on two cores); `make mutate` runs it. When the code
+moves, a mutant whose text is no longer found is reported as NOT APPLIED,
+so a stale mutant is seen, never silently skipped. It exits non-zero when
+any mutant survived or could not be applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    old: str  # exact text, found exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files: keep each selection narrow
+
+
+SLOW = "tests/test_e2e_slow.py"
+ROBUST = "tests/test_robustness.py"
+RECOVERY = "tests/test_e2e_recovery.py"
+REGISTRY = "tests/test_registry.py"
+
+MUTANTS = [
+    # --- cancellation ---------------------------------------------------------
+    Mutant(
+        "worker ignores cancel",
+        "worker/engine.py",
+        "        job = self._by_request.get(target)\n",
+        "        job = None\n",
+        (f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",),
+    ),
+    Mutant(
+        "gateway never sends cancel",
+        "gateway/rpc.py",
+        "        if self.client.is_pending(self.id):\n"
+        "            self.client.notify_cancel(self.id)",
+        "        pass",
+        (
+            f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",
+            f"{SLOW}::test_request_timeout_is_504_and_cancels_in_the_worker",
+        ),
+    ),
+    # --- memory ceiling -------------------------------------------------------
+    Mutant(
+        "memory limit never sent to the worker",
+        "gateway/supervisor.py",
+        '            "memory_limit_mb": self.settings.memory_limit_mb,\n',
+        "",
+        (f"{ROBUST}::test_workers_at_their_memory_ceiling_make_a_clean_503",),
+    ),
+    Mutant(
+        "worker never over its memory limit",
+        "worker/engine.py",
+        '        return limit is not None and self.memory.get("active_memory_mb", 0.0) > limit',
+        "        return False",
+        (f"{ROBUST}::test_workers_at_their_memory_ceiling_make_a_clean_503",),
+    ),
+    Mutant(
+        "out-of-memory step reported as an internal error",
+        "worker/engine.py",
+        "code = protocol.OUT_OF_MEMORY if _is_oom(exc) else protocol.INTERNAL_ERROR",
+        "code = protocol.INTERNAL_ERROR",
+        (f"{ROBUST}::test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on",),
+    ),
+    Mutant(
+        "a failed step ends the worker",
+        "worker/engine.py",
+        "        self._generator.close()\n        mx.clear_cache()\n",
+        "        os._exit(1)\n",
+        (f"{ROBUST}::test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on",),
+    ),
+    # --- retries of what the client has not seen ------------------------------
+    Mutant(
+        "no retry after a worker dies under a request",
+        "gateway/pool.py",
+        "                if attempt < RETRIES_MAX and not generation.started:",
+        "                if False:",
+        (
+            f"{SLOW}::test_requests_not_yet_seen_by_the_client_are_retried",
+            "tests/test_chaos.py::test_every_request_during_a_kill_has_an_answer",
+        ),
+    ),
+    Mutant(
+        "held-back tokens count as seen",
+        "gateway/rpc.py",
+        "        return self.visible\n",
+        "        return self.tokens_seen > 0\n",
+        (f"{SLOW}::test_requests_not_yet_seen_by_the_client_are_retried",),
+    ),
+    Mutant(
+        "a stream retried after it showed tokens",
+        "gateway/pool.py",
+        "                if attempt < RETRIES_MAX and not generation.started:",
+        "                if attempt < RETRIES_MAX:",
+        ("tests/test_chaos.py::test_every_request_during_a_kill_has_an_answer",),
+    ),
+    # --- circuit breaking, restarts, liveness ---------------------------------
+    Mutant(
+        "circuit never opens",
+        "gateway/supervisor.py",
+        "            if self.probing or len(self._crashes) > self.settings.max_restarts:",
+        "            if self.probing:",
+        (
+            f"{RECOVERY}::test_a_worker_that_keeps_dying_fails_its_model_instead_of_looping",
+            f"{ROBUST}::test_failed_model_fails_fast_then_a_probe_brings_it_back",
+        ),
+    ),
+    Mutant(
+        "half-open state reported as open",
+        "gateway/pool.py",
+        '        return "half_open" if any(w.probing for w in self.workers) else "open"',
+        '        return "open"',
+        (f"{ROBUST}::test_failed_model_fails_fast_then_a_probe_brings_it_back",),
+    ),
+    Mutant(
+        "restart back-off not capped",
+        "gateway/supervisor.py",
+        "2**counted, self.settings.restart_backoff_max)",
+        "2**counted, 10**9)",
+        ("tests/test_supervisor.py",),
+    ),
+    Mutant(
+        "stall detection off",
+        "gateway/supervisor.py",
+        '        if health.get("active") and now - progress[1] > limit:',
+        "        if False:",
+        (f"{ROBUST}::test_a_stalled_worker_is_killed_and_its_requests_get_a_clean_error",),
+    ),
+    Mutant(
+        "heartbeat without a timeout",
+        "gateway/supervisor.py",
+        "            return await client.call(protocol.HEALTH, timeout=timeout)\n        except",
+        "            return await client.call(protocol.HEALTH)\n        except",
+        (f"{RECOVERY}::test_sigstopped_worker_is_detected_by_heartbeat_and_replaced",),
+    ),
+    Mutant(
+        "no SIGTERM step when stopping a worker",
+        "gateway/supervisor.py",
+        "            _signal(proc, signal.SIGTERM)\n",
+        "",
+        ("tests/test_e2e_shutdown.py::test_a_worker_deaf_to_every_request_to_stop_is_sigkilled",),
+    ),
+    Mutant(
+        "restart reason of an out-of-memory abort lost",
+        "gateway/supervisor.py",
+        '        return "oom"\n',
+        '        return "crash"\n',
+        (f"{ROBUST}::test_an_out_of_memory_abort_is_a_clean_error_and_counted_as_oom",),
+    ),
+    # --- admission ------------------------------------------------------------
+    Mutant(
+        "queue timeout never fires",
+        "gateway/pool.py",
+        "            done, _ = await asyncio.wait({future}, timeout=self.settings.queue_timeout)",
+        "            done, _ = await asyncio.wait({future})",
+        (f"{SLOW}::test_queue_gauges_queue_full_and_queue_timeout",),
+    ),
+    Mutant(
+        "Retry-After always 1",
+        "gateway/pool.py",
+        "        if len(recent) < 2:\n            return 1",
+        "        if True:\n            return 1",
+        ("tests/test_supervisor.py",),
+    ),
+    Mutant(
+        "per-key limit not enforced",
+        "gateway/serving.py",
+        "        if count >= self.limit:\n            return False",
+        "        if False:\n            return False",
+        (f"{ROBUST}::test_per_key_concurrency_limit_is_429",),
+    ),
+    # --- chat mapping ---------------------------------------------------------
+    Mutant(
+        "system, developer and tool content blanked",
+        "gateway/chat.py",
+        '        "content": _content(message, index),',
+        '        "content": _content(message, index)'
+        ' if message.role in ("user", "assistant") else "",',
+        ("tests/test_e2e_api.py::test_every_role_and_tool_call_reaches_the_template",),
+    ),
+    Mutant(
+        "assistant tool_calls dropped",
+        "gateway/chat.py",
+        "    if message.tool_calls:\n",
+        "    if False:\n",
+        ("tests/test_e2e_api.py::test_every_role_and_tool_call_reaches_the_template",),
+    ),
+    Mutant(
+        "reasoning_effort not passed to the template",
+        "gateway/shared.py",
+        '    return {"reasoning_effort": effort, "enable_thinking": effort != "none"}',
+        '    return {"reasoning_effort": effort}',
+        (
+            "tests/test_e2e_claims.py::"
+            "test_reasoning_effort_and_chat_template_kwargs_reach_the_template",
+        ),
+    ),
+    Mutant(
+        "--max-tokens-cap ignored",
+        "gateway/shared.py",
+        "        if max_tokens is not None and max_tokens > cap:",
+        "        if False:",
+        ("tests/test_e2e_claims.py::test_max_tokens_cap_refuses_more_and_is_the_default",),
+    ),
+    Mutant(
+        "top_k not passed on",
+        "gateway/shared.py",
+        '    "top_k",\n',
+        "",
+        (
+            "tests/test_e2e_claims.py::test_samplers_that_leave_one_candidate_make_the_output_greedy",
+        ),
+    ),
+    Mutant(
+        "repetition_penalty not passed on",
+        "gateway/shared.py",
+        '    "repetition_penalty",\n',
+        "",
+        ("tests/test_e2e_claims.py::test_repetition_penalty_changes_a_greedy_reply",),
+    ),
+    Mutant(
+        "n up to 128",
+        "gateway/schemas.py",
+        "le=16",
+        "le=128",
+        ("tests/test_e2e_claims.py::test_unsupported_fields_are_refused_by_name",),
+    ),
+    Mutant(
+        "auto tool calls not parsed",
+        "worker/requests.py",
+        "    return ToolMode(tools, parser=tokenizer.tool_parser), None",
+        "    return None, None",
+        (
+            "tests/test_e2e_claims.py::"
+            "test_auto_tool_calls_in_the_models_own_format_come_back_as_tool_calls",
+        ),
+    ),
+    Mutant(
+        "/health says 200 when a model has failed",
+        "gateway/ops.py",
+        "200 if pool.ready else 503",
+        "200",
+        (f"{RECOVERY}::test_a_worker_that_keeps_dying_fails_its_model_instead_of_looping",),
+    ),
+    # --- stop strings and usage -----------------------------------------------
+    Mutant(
+        "stop strings not held back while forming",
+        "worker/job.py",
+        "        hold = 0 if finishing else _held_back(buf, self.stops)",
+        "        hold = 0",
+        ("tests/test_worker.py", "tests/test_job_output.py"),
+    ),
+    Mutant(
+        "completion tokens miscounted",
+        "worker/job.py",
+        '            "completion_tokens": self.n_tokens,',
+        '            "completion_tokens": max(0, self.n_tokens - 1),',
+        ("tests/test_worker.py",),
+    ),
+    # --- metrics --------------------------------------------------------------
+    Mutant(
+        "request_success_total never counted",
+        "gateway/serving.py",
+        '            m.request_success.labels(model, result["finish_reason"]).inc()\n',
+        "",
+        ("tests/test_e2e_chat.py::test_metrics_exposition",),
+    ),
+    Mutant(
+        "generation tokens never counted",
+        "gateway/serving.py",
+        "            m.generation_tokens.labels(model).inc(n)\n",
+        "",
+        ("tests/test_e2e_chat.py::test_metrics_exposition",),
+    ),
+    Mutant(
+        "running gauge never raised",
+        "gateway/serving.py",
+        "        self.metrics.num_requests_running.labels(self.model).inc()\n",
+        "",
+        (f"{SLOW}::test_queue_gauges_queue_full_and_queue_timeout",),
+    ),
+    Mutant(
+        "queue time never observed",
+        "gateway/pool.py",
+        "            self.metrics.request_queue_time.labels(self.spec.name).observe(",
+        "            (lambda _: None)(",
+        (f"{SLOW}::test_queue_gauges_queue_full_and_queue_timeout",),
+    ),
+    Mutant(
+        "protocol errors counted only when the worker ends",
+        "gateway/rpc.py",
+        "        self._on_protocol_error()\n",
+        "",
+        (f"{ROBUST}::test_stray_lines_on_the_pipe_are_counted_not_fatal",),
+    ),
+    Mutant(
+        "restart counter never moves",
+        "gateway/supervisor.py",
+        "            self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()\n",
+        "",
+        (f"{RECOVERY}::test_restart_reasons_of_workers_that_never_serve",),
+    ),
+    Mutant(
+        "client disconnects not counted",
+        "gateway/serving.py",
+        "        tracker.metrics.client_disconnects.labels(tracker.model).inc()\n",
+        "",
+        (f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",),
+    ),
+    # --- access ---------------------------------------------------------------
+    Mutant(
+        "any bearer token accepted",
+        "gateway/middleware.py",
+        "            found |= hmac.compare_digest(token, key)",
+        "            found = True",
+        (f"{ROBUST}::test_api_keys",),
+    ),
+    # --- framing and the CLI --------------------------------------------------
+    Mutant(
+        "a frame exactly one byte over the cap accepted",
+        "worker/protocol.py",
+        "            if end - start > self._max:",
+        "            if end - start > self._max + 1:",
+        ("tests/test_fuzz.py::test_frame_buffer_on_arbitrary_chunks",),
+    ),
+    Mutant(
+        "environment variables misnamed",
+        "gateway/cli.py",
+        '    return ENV_PREFIX + flag.lstrip("-").upper().replace("-", "_")',
+        '    return ENV_PREFIX + flag.lstrip("-").upper()',
+        ("tests/test_cli.py",),
+    ),
+    # --- many models ------------------------------------------------------------
+    Mutant(
+        "a busy model evicted",
+        "gateway/eviction.py",
+        "if r.evictable and not r.busy and not r.pinned",
+        "if r.evictable and not r.pinned",
+        (f"{REGISTRY}::test_busy_model_is_not_evicted_and_the_new_one_waits_for_it",),
+    ),
+    Mutant(
+        "the most recently used model evicted",
+        "gateway/eviction.py",
+        "        key=lambda r: r.last_used,\n",
+        "        key=lambda r: -r.last_used,\n",
+        (f"{REGISTRY}::test_lru_idle_model_is_evicted_under_the_count_limit",),
+    ),
+    Mutant(
+        "a load per waiting request",
+        "gateway/registry.py",
+        "        if model.status is Status.UNLOADED and not self._closing:",
+        "        if model.status in (Status.UNLOADED, Status.LOADING) and not self._closing:",
+        (f"{REGISTRY}::test_twenty_concurrent_first_requests_make_one_load",),
+    ),
+    Mutant(
+        "a failed load leaves its waiters waiting",
+        "gateway/registry.py",
+        "            pool.fail_waiters(error)\n",
+        "",
+        (
+            f"{REGISTRY}::test_a_crash_during_load_reaches_every_waiter_and_the_model_stays_unloaded",
+        ),
+    ),
+    Mutant(
+        "idle models never unloaded",
+        "gateway/registry.py",
+        "                if due <= now:",
+        "                if False:",
+        (f"{REGISTRY}::test_keep_alive_unloads_an_idle_model_and_a_request_can_extend_it",),
+    ),
+    Mutant(
+        "a model larger than the budget loaded anyway",
+        "gateway/eviction.py",
+        "    if budget is not None and need > budget:\n        return Plan(",
+        "    if False:\n        return Plan(",
+        (f"{REGISTRY}::test_too_large_model_is_refused_at_once",),
+    ),
+]
+
+
+def tree_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    return [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+
+
+def copy_tree(dest: Path) -> None:
+    for rel in tree_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+
+
+def apply(tree: Path, mutant: Mutant) -> str | None:
+    """Break the copy; None on success, else why it could not be applied."""
+    path = tree / mutant.file
+    if not path.exists():
+        return f"{mutant.file} does not exist"
+    text = path.read_text()
+    found = text.count(mutant.old)
+    if found != 1:
+        return f"text found {found} times in {mutant.file}"
+    path.write_text(text.replace(mutant.old, mutant.new))
+    return None
+
+
+FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_one(mutant: Mutant, python: str, timeout: float) -> tuple[str, float]:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        tree = Path(tmp)
+        copy_tree(tree)
+        problem = apply(tree, mutant)
+        if problem is not None:
+            return f"NOT APPLIED ({problem})", 0.0
+        cmd = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+        # Its own process group, so that a timeout or Ctrl-C ends the
+        # gateways and workers the tests started along with pytest.
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tree,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return f"TIMEOUT after {timeout:.0f}s (no test failed in time)", timeout
+        except BaseException:
+            _kill_group(proc)
+            raise
+        elapsed = time.monotonic() - started
+        if proc.returncode == 0:
+            return "SURVIVED", elapsed
+        if proc.returncode == 5:
+            return "NO TESTS COLLECTED", elapsed
+        failed = FAILED.findall(output)
+        if failed:
+            return failed[0], elapsed
+        return f"exit {proc.returncode}: {output.strip().splitlines()[-1:]}", elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="only mutants whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--check", action="store_true", help="only check that every mutant still applies"
+    )
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    parser.add_argument("--python", default=sys.executable, help="the Python that runs pytest")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.file}\n    " + "\n    ".join(m.tests))
+        return 0
+    if args.check:
+        stale = 0
+        for m in chosen:
+            found = (ROOT / m.file).read_text().count(m.old) if (ROOT / m.file).exists() else 0
+            if found != 1:
+                stale += 1
+                print(f"NOT APPLIED: {m.name} (text found {found} times in {m.file})")
+        print(f"{len(chosen) - stale} of {len(chosen)} mutants apply")
+        return 1 if stale else 0
+    print("| breakage | file | caught by | s |\n|---|---|---|---|", flush=True)
+    bad = 0
+    for mutant in chosen:
+        verdict, elapsed = run_one(mutant, args.python, args.timeout)
+        bad += verdict.startswith(("SURVIVED", "NOT APPLIED", "NO TESTS", "TIMEOUT", "exit "))
+        print(f"| {mutant.name} | `{mutant.file}` | {verdict} | {elapsed:.0f} |", flush=True)
+    print(f"\n{len(chosen) - bad} of {len(chosen)} breakages caught")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
