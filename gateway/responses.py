@@ -118,11 +118,15 @@ def _tools(req: ResponsesRequest, params: dict) -> None:
 def _refuse_unsupported(req: ResponsesRequest) -> None:
     if req.background:
         raise errors.invalid("background responses are not supported.", "background")
+    if req.conversation is not None:
+        raise errors.invalid(
+            "conversation is not supported; continue with previous_response_id.", "conversation"
+        )
 
 
 def worker_params(req: ResponsesRequest, history: list[dict], cap: int | None) -> dict[str, Any]:
     _refuse_unsupported(req)
-    fields = {"temperature": req.temperature, "top_p": req.top_p}
+    fields = {"temperature": req.temperature, "top_p": req.top_p, "ignore_eos": req.ignore_eos}
     params = shared.sampling_params(
         fields, max_tokens=req.max_output_tokens, cap=cap, max_tokens_param="max_output_tokens"
     )

@@ -190,6 +190,7 @@ class ResponsesRequest(_Body):
     stream: bool = False
     store: bool = True
     background: bool | None = None
+    conversation: str | dict[str, Any] | None = None  # refused: there is no conversations API
     # Accepted; prompt_cache_key also steers requests to the worker that served it.
     prompt_cache_key: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -197,6 +198,7 @@ class ResponsesRequest(_Body):
     user: str | None = None
     include: list[str] | None = None
     service_tier: str | None = None
+    ignore_eos: bool = False  # extension, as on chat: generate exactly max_output_tokens
     keep_alive: KeepAlive | None = None  # extension: see ChatCompletionRequest
 
 

@@ -37,6 +37,7 @@ def gw(tmp_path_factory):
         model,
         "--alias",
         f"claude-*={MODEL_NAME}",
+        "--access-log",  # what each client sent, should a run fail
         log=tmp_path_factory.mktemp("clis") / "gateway.log",
     )
     gw.wait_ready()

@@ -264,6 +264,9 @@ def test_errors_name_the_responses_params(gw, client):
     assert info.value.body["param"] == "input"
     r = gw.client.post("/v1/responses", json={"model": MODEL_NAME, "input": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    for field, value in (("background", True), ("conversation", "conv_1")):
+        r = gw.client.post("/v1/responses", json={"model": MODEL_NAME, "input": "x", field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="nope", input="x")
 
