@@ -203,7 +203,11 @@ def test_memory_limit_flag_reaches_the_worker(start_gateway):
 def test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on(
     start_gateway, tmp_path
 ):
-    gw = start_gateway(*FAST, "--worker-python", faulty_python(tmp_path, "step_oom"))
+    # Every token is sent as it comes (no merging within 10 ms), so the
+    # stream has shown tokens before its 10th step, however fast the machine.
+    gw = start_gateway(
+        *FAST, "--stream-interval-ms", "0", "--worker-python", faulty_python(tmp_path, "step_oom")
+    )
     (pid,) = gw.worker_pids()
     # A stream that has shown tokens when its step runs out of memory ends
     # with the error (in the stream, as 503 out_of_memory would be).

@@ -117,10 +117,12 @@ MUTANTS = [
         (f"{SLOW}::test_requests_not_yet_seen_by_the_client_are_retried",),
     ),
     Mutant(
-        "a stream retried after it showed tokens",
-        "gateway/pool.py",
-        "                if attempt < RETRIES_MAX and not generation.started:",
-        "                if attempt < RETRIES_MAX:",
+        # (Dropping `not generation.started` from the retry condition is an
+        # equivalent mutant: wait_started only raises before output is seen.)
+        "shown tokens never mark a request as seen (streams retried after output)",
+        "gateway/rpc.py",
+        "            self.visible = bool(",
+        "            self.visible = False and bool(",
         ("tests/test_chaos.py::test_every_request_during_a_kill_has_an_answer",),
     ),
     # --- circuit breaking, restarts, liveness ---------------------------------
