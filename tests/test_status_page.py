@@ -142,7 +142,7 @@ def test_page_is_open_but_its_data_needs_the_key(gw):
 
 def test_loads_without_console_errors_and_shows_every_worker(page, gw):
     rows = wait_until(lambda: (w := page.workers()) and len(w) == 2 and w, 30, "two worker rows")
-    health = gw.client.get("/health").json()
+    health = gw.client.get("/health", headers=AUTH).json()
     for worker in health["workers"]:
         shown = rows[worker["id"]]
         assert shown["state"] == "ready"
@@ -174,7 +174,7 @@ def test_asks_for_the_key_and_then_shows_the_workers(browser, gw):
 
 def test_shows_a_killed_worker_change_state(page, gw):
     wait_until(lambda: len(page.workers()) == 2, 30, "two worker rows")
-    victim = gw.client.get("/health").json()["workers"][0]
+    victim = gw.client.get("/health", headers=AUTH).json()["workers"][0]
     os.kill(victim["pid"], signal.SIGKILL)
     # With --max-restarts 0 it is failed, and the page says why.
     wait_until(lambda: page.workers()[victim["id"]]["state"] == "failed", 30, "the failed state")
