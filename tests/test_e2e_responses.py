@@ -292,14 +292,21 @@ def test_openai_agents_sdk_with_its_default_model_and_a_function_tool(gw):
         model=MODEL_NAME,  # a name: the SDK's default provider, the Responses API
         # The tiny model only calls a tool when made to; the SDK lets it
         # answer freely once the tool ran.
-        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=300),
+        model_settings=agents.ModelSettings(
+            tool_choice="required", parallel_tool_calls=False, max_tokens=300
+        ),
     )
-    result = asyncio.run(agents.Runner.run(agent, "count to three", max_turns=4))
-    assert len(calls) == 1 and isinstance(calls[0], int)
+    # Generous: once free, the model may call the tool again before answering.
+    result = asyncio.run(agents.Runner.run(agent, "count to three", max_turns=10))
+    assert calls and all(isinstance(n, int) for n in calls)
     kinds = [type(item).__name__ for item in result.new_items]
-    assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"], kinds
+    assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"], kinds  # one call at a time
+    assert kinds.count("ToolCallOutputItem") == len(calls), kinds
+    assert kinds[-1] == "MessageOutputItem", kinds
     assert isinstance(result.final_output, str) and result.final_output
-    assert responses_served(gw) == before + 2  # the call, and the answer after it
+    # Every model call went to /v1/responses: the forced call, the answer after it.
+    assert len(result.raw_responses) >= 2
+    assert responses_served(gw) == before + len(result.raw_responses)
 
 
 def responses_served(gw) -> float:
