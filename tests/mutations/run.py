@@ -204,9 +204,8 @@ MUTANTS = [
     Mutant(
         "system, developer and tool content blanked",
         "gateway/chat.py",
-        '        "content": _content(message, index),',
-        '        "content": _content(message, index)'
-        ' if message.role in ("user", "assistant") else "",',
+        '"content": _content(message, index)}',
+        '"content": _content(message, index) if role in ("user", "assistant") else ""}',
         ("tests/test_e2e_api.py::test_every_role_and_tool_call_reaches_the_template",),
     ),
     Mutant(
@@ -327,8 +326,9 @@ MUTANTS = [
     Mutant(
         "restart counter never moves",
         "gateway/supervisor.py",
+        "            self.restarts += 1\n"
         "            self.metrics.worker_restarts.labels(self.spec.name, self.id, reason).inc()\n",
-        "",
+        "            self.restarts += 1\n",
         (f"{RECOVERY}::test_restart_reasons_of_workers_that_never_serve",),
     ),
     Mutant(
