@@ -124,6 +124,8 @@ def gw(catalogue, tmp_path_factory) -> Gateway:
         faulty_python(tmp, "slow"),
         log=tmp / "gateway.log",
     )
+    # /health shows workers only to a caller with a key.
+    gateway.client.headers.update(AUTH)
     # Nothing is loaded yet, and that is healthy: "idle", not "unavailable".
     health = gateway.wait_ready()
     assert health["status"] == "idle" and health["workers"] == []
@@ -143,7 +145,7 @@ def test_every_catalogued_model_is_listed_unloaded_with_its_size(gw):
     assert cards["big"]["size_bytes"] > 100 * 1024 * 1024
     assert gw.client.get("/v1/models/c", headers=AUTH).json()["status"] == "unloaded"
     # The admin API is behind the API key like the rest.
-    assert gw.client.get("/admin/models").status_code == 401
+    assert httpx.get(f"{gw.url}/admin/models").status_code == 401
     budget = gw.client.get("/admin/models", headers=AUTH).json()["budget"]
     assert budget["max_loaded_models"] == 2 and budget["memory_budget_bytes"] == 60 * 1024**2
 
