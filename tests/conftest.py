@@ -132,6 +132,15 @@ class Gateway:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def stop_and_check(self) -> None:
+        """Stop the gateway; no worker may outlive it."""
+        kids = self.children()
+        self.stop()
+        _, alive = psutil.wait_procs(kids, timeout=15)
+        for p in alive:
+            p.kill()
+        assert not alive, f"workers outlived the gateway: {alive}"
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -180,10 +189,7 @@ def gateway(tiny_model, tmp_path_factory) -> Iterator[Gateway]:
     )
     gw.wait_ready()
     yield gw
-    kids = gw.children()
-    gw.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gw.stop_and_check()
 
 
 @pytest.fixture

@@ -50,12 +50,7 @@ def build_models(root: Path, names: list[str]) -> Path:
 
 
 def stop(gw: Gateway) -> None:
-    kids = gw.children()
-    gw.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    for p in alive:
-        p.kill()
-    assert not alive, f"workers outlived the gateway: {alive}"
+    gw.stop_and_check()
 
 
 def chat(gw: Gateway, model: str, **kw) -> httpx.Response:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import psutil
 import pytest
 
 from .conftest import MODEL_NAME, ROOT, Gateway
@@ -41,10 +40,7 @@ def gw(tiny_model, cache_dir, tmp_path_factory) -> Iterator[Gateway]:
     gw.wait_ready()
     gw.client.headers["authorization"] = f"Bearer {KEYS[0]}"
     yield gw
-    kids = gw.children()
-    gw.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gw.stop_and_check()
 
 
 def client(gw: Gateway, key: str) -> openai.OpenAI:

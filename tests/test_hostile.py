@@ -60,10 +60,7 @@ def gw(tiny_model, tmp_path_factory):
     )
     gateway.wait_ready()
     yield gateway
-    kids = gateway.children()
-    gateway.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gateway.stop_and_check()
 
 
 def health(gw: Gateway) -> dict:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 
 import httpx
-import psutil
 import pytest
 
 from .conftest import MODEL_NAME, ROOT, Gateway, free_port
@@ -128,10 +127,7 @@ def gw(tiny_model, tmp_path_factory) -> Iterator[Gateway]:
     )
     gateway.wait_ready()
     yield gateway
-    kids = gateway.children()
-    gateway.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gateway.stop_and_check()
 
 
 @pytest.fixture(scope="module")

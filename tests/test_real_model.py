@@ -53,7 +53,7 @@ def gw(smollm2, tmp_path_factory):
     gateway.client.timeout = httpx.Timeout(300)
     gateway.wait_ready(timeout=300)
     yield gateway
-    gateway.stop()
+    gateway.stop_and_check()
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +254,7 @@ def test_first_visible_text_is_not_held_for_the_stream_interval(smollm2, tmp_pat
         # first decodes to nothing yet, the second to the first visible text.
         pieces, usage = stream_chat(gw, user("Write the word 'hello' in Japanese."), max_tokens=6)
     finally:
-        gw.stop()
+        gw.stop_and_check()
     assert usage["completion_tokens"] == 6
     assert len(pieces) >= 2, pieces  # the first text alone, then the rest
 

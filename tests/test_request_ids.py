@@ -17,7 +17,6 @@ import sys
 from collections.abc import Iterator
 
 import openai
-import psutil
 import pytest
 from starlette.testclient import TestClient
 
@@ -43,10 +42,7 @@ def gw(tiny_model, tmp_path_factory) -> Iterator[Gateway]:
     )
     gateway.wait_ready()
     yield gateway
-    kids = gateway.children()
-    gateway.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gateway.stop_and_check()
 
 
 def lines(gw: Gateway) -> list[dict]:

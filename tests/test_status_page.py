@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from .conftest import MODEL_NAME, ROOT, Gateway
@@ -75,10 +74,7 @@ def gw(tiny_model, tmp_path_factory) -> Iterator[Gateway]:
     )
     gateway.wait_ready()
     yield gateway
-    kids = gateway.children()
-    gateway.stop()
-    _, alive = psutil.wait_procs(kids, timeout=15)
-    assert not alive
+    gateway.stop_and_check()
 
 
 @pytest.fixture(scope="module")
