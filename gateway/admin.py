@@ -97,23 +97,22 @@ async def list_models(request: Request) -> Response:
 async def load(body: ModelRequest, request: Request) -> Response:
     """Load a model now, evicting idle ones if the budget needs it; answers
     once it serves (or says why it cannot)."""
-    registry = _registry(request)
-    model = await _known(registry, body.model)
-    try:
-        await registry.load(model.name)
-    except Exception as exc:
-        return errors.from_exception(exc).response()
-    return _json(_view(registry, model))
+    return await _act(request, body.model, "load")
 
 
 @router.post("/models/unload", response_model=AdminModel, responses=_error_doc(404, 409))
 async def unload(body: ModelRequest, request: Request) -> Response:
     """Unload a model now; its worker processes exit. 409 while it has
     requests in flight or queued."""
+    return await _act(request, body.model, "unload")
+
+
+async def _act(request: Request, name: str, action: str) -> Response:
+    """Load or unload a known model; its view, or the error that stopped it."""
     registry = _registry(request)
-    model = await _known(registry, body.model)
+    model = await _known(registry, name)
     try:
-        await registry.unload(model.name)
+        await getattr(registry, action)(model.name)
     except Exception as exc:
         return errors.from_exception(exc).response()
     return _json(_view(registry, model))

@@ -49,7 +49,7 @@ def gw(tiny_model, reasoning_model, tmp_path_factory):
     )
     gw.wait_ready()
     yield gw
-    gw.stop()
+    gw.stop_and_check()
 
 
 @pytest.fixture(scope="module")
