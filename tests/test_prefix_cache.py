@@ -7,6 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pool import prefix_keys
+from worker import mlxlm
 
 from .conftest import MODEL_NAME
 from .helpers import WorkerPipe
@@ -67,6 +68,62 @@ def test_multi_turn_conversation_reuses_the_previous_turn(tiny_model):
             ]
     finally:
         worker.close()
+
+
+def _kv(tokens: int) -> list:
+    """A one-layer KV cache holding `tokens` positions (mlx-lm's own class)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    cache = KVCache()
+    cache.update_and_fetch(mx.zeros((1, 2, tokens, 4)), mx.zeros((1, 2, tokens, 4)))
+    return [cache]
+
+
+@pytest.mark.parametrize("budget", [4096, 3])
+def test_nearest_prompt_cache_agrees_with_mlx_lm_lookup(budget, monkeypatch):
+    """The cheap lookup finds what mlx-lm's fetch_nearest_cache finds: the same
+    tokens left to compute from a cache holding just the shared part (also
+    when its search runs out of budget and takes any longer sequence)."""
+    import random
+
+    monkeypatch.setattr(mlxlm, "NEAREST_SEARCH_NODES", budget)
+    rng = random.Random(7)
+    ours = mlxlm.LRUPromptCache(max_size=100)
+    theirs = mlxlm.LRUPromptCache(max_size=100)
+    template = list(range(1000, 1024))  # a chat template's 24-token preamble
+    stored = []
+    for _ in range(30):
+        tokens = template + [rng.randrange(50) for _ in range(rng.randrange(1, 60))]
+        stored.append(tokens)
+        for cache in (ours, theirs):
+            cache.insert_cache("k", tokens, _kv(len(tokens)))
+    prompts = [
+        *stored,  # exact
+        *(t[: len(t) // 2 + 13] for t in stored),  # inside a cached sequence
+        *([*t, 7, 8, 9] for t in stored),  # beyond one
+        *(template + [rng.randrange(50) for _ in range(20)] for _ in range(30)),
+        [1, 2, 3, 4],  # nothing shared
+    ]
+    reused = 0
+    for prompt in prompts:
+        found, rest = mlxlm.nearest_prompt_cache(ours, "k", prompt, 1)
+        expected, expected_rest = theirs.fetch_nearest_cache("k", prompt)
+        assert rest == expected_rest
+        assert (found is None) == (expected is None)
+        if found is not None:
+            assert found[0].offset == expected[0].offset == len(prompt) - len(rest)
+            reused += 1
+    assert reused == len(prompts) - 1
+    # below the floor nothing is reused; and the stored entries are untouched
+    short = [*template, 99]
+    assert mlxlm.nearest_prompt_cache(ours, "k", short, 30) == (None, short)
+    assert mlxlm.nearest_prompt_cache(ours, "other", template, 1) == (None, template)
+    assert all(e.prompt_cache[0].offset == len(t) for t in stored for e in [_entry(ours, t)])
+
+
+def _entry(cache, tokens):
+    return cache._trie.get("k", tokens)
 
 
 def test_prefix_keys_name_shared_prefixes():

@@ -28,9 +28,9 @@ from .mlxlm import (
     BatchGenerator,
     LRUPromptCache,
     StopSequences,
-    cached_prefix_length,
     can_trim_prompt_cache,
     load,
+    nearest_prompt_cache,
     token_bytes_table,
     trim_prompt_cache,
 )
@@ -47,8 +47,12 @@ MB = 1024 * 1024
 PROMPT_CACHE_KEY = "model"
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30
 DEFAULT_PROMPT_CACHE_SIZE = 64
-# The shortest shared prefix worth reusing from the prompt cache.
-MIN_REUSE_TOKENS = 32
+# The shortest shared prefix worth reusing from the prompt cache: one KV
+# block's worth, as paged servers reuse. A chat template's own preamble (a
+# default system prompt) is often longer, and on hardware where prefill costs
+# about what decoding does per token, reusing it is a large part of a short
+# prompt's time to first token.
+MIN_REUSE_TOKENS = 16
 
 
 @dataclass
@@ -354,12 +358,9 @@ class Engine:
         prompt = job.prompt
         if self.prompt_cache is None or len(prompt) < 2:
             return None, prompt
-        if cached_prefix_length(self.prompt_cache, job.cache_key, prompt) < MIN_REUSE_TOKENS:
-            # Sharing just a chat template's first tokens is not worth a
-            # lookup (which searches the whole trie) and a cache copy.
-            self.cache_stats["misses"] += 1
-            return None, prompt
-        cache, rest = self.prompt_cache.fetch_nearest_cache(job.cache_key, prompt)
+        cache, rest = nearest_prompt_cache(
+            self.prompt_cache, job.cache_key, prompt, MIN_REUSE_TOKENS
+        )
         if cache is not None and not rest:
             if can_trim_prompt_cache(cache):
                 trim_prompt_cache(cache, 1)

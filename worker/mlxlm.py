@@ -11,6 +11,8 @@ range, run `make test`, and fix what breaks in this file.
 
 from __future__ import annotations
 
+import copy
+from collections import deque
 from typing import Any
 
 from mlx_lm import load
@@ -39,7 +41,6 @@ __all__ = [
     "apply_min_p",
     "apply_top_k",
     "apply_top_p",
-    "cached_prefix_length",
     "can_trim_prompt_cache",
     "generation_stream",
     "greedy_sampler",
@@ -48,6 +49,7 @@ __all__ = [
     "load_prompt_cache",
     "make_repetition_penalty",
     "mlx_lm_version",
+    "nearest_prompt_cache",
     "save_prompt_cache",
     "sharded_load",
     "token_bytes_table",
@@ -55,18 +57,77 @@ __all__ = [
 ]
 
 
-def cached_prefix_length(cache: LRUPromptCache, key: Any, prompt: list[int]) -> int:
-    """How many leading prompt tokens any cached sequence shares: a walk down
-    the prompt cache's trie, cheap next to its full nearest search."""
+# How many trie nodes the search for a cached sequence that extends the shared
+# prefix may visit: it looks for the shortest (the cheapest to copy), and
+# past this budget takes the first it reaches.
+NEAREST_SEARCH_NODES = 4096
+VALUE = "__value__"  # where mlx-lm's PromptTrie keeps an entry in its node
+
+
+def nearest_prompt_cache(
+    cache: LRUPromptCache, key: Any, prompt: list[int], min_shared: int
+) -> tuple[list | None, list[int]]:
+    """A copy of the KV cache of the cached sequence sharing the longest
+    prefix with the prompt, cut to that prefix, and the prompt tokens still to
+    process; (None, prompt) when less than `min_shared` tokens are shared.
+
+    mlx-lm's `fetch_nearest_cache` does the same, but its search for a longer
+    sequence walks every cached one below the shared part and copies a list
+    at each node; prompts that share only a chat template's first tokens then
+    pay that walk for a few tokens' worth of prefill. Here the walk down the
+    prompt decides first, and the search below it is breadth-first, bounded,
+    and copies nothing.
+    """
     try:
         node = cache._trie._trie.get(key)
-    except AttributeError:
-        return len(prompt)  # a layout we do not know: let the full lookup decide
-    depth = 0
+    except AttributeError:  # a layout we do not know: mlx-lm's own search
+        return cache.fetch_nearest_cache(key, prompt)
+    depth, shorter = 0, None  # shorter: (length, entry) of a cached prefix of the prompt
     while node is not None and depth < len(prompt):
         node = node.get(prompt[depth])
-        depth += node is not None
-    return depth
+        if node is not None:
+            depth += 1
+            if VALUE in node:
+                shorter = (depth, node[VALUE])
+    if depth < min_shared:
+        return None, prompt
+    if shorter is not None and shorter[0] == len(prompt):
+        return copy.deepcopy(shorter[1].prompt_cache), []
+    short_length = shorter[0] if shorter is not None else 0
+    if depth > short_length:
+        longer = _shortest_below(cache._trie._trie[key], prompt[:depth])
+        if longer is not None and can_trim_prompt_cache(longer[1].prompt_cache):
+            kept = min(len(prompt) - 1, depth)
+            found = copy.deepcopy(longer[1].prompt_cache)
+            trim_prompt_cache(found, longer[0] - kept)
+            return found, prompt[kept:]
+    if short_length >= min_shared:
+        return copy.deepcopy(shorter[1].prompt_cache), prompt[short_length:]
+    return None, prompt
+
+
+def _shortest_below(root: dict, prefix: list[int]) -> tuple[int, Any] | None:
+    """(length, entry) of the shortest cached sequence that extends `prefix`."""
+    node = root
+    for token in prefix:
+        node = node[token]
+    queue = deque([(node, len(prefix))])
+    for _ in range(NEAREST_SEARCH_NODES):
+        if not queue:
+            return None
+        node, length = queue.popleft()
+        if length > len(prefix) and VALUE in node:
+            return length, node[VALUE]  # breadth first: the shortest
+        queue.extend((child, length + 1) for t, child in node.items() if t != VALUE)
+    # Over budget: follow one branch down to the first entry on it (every
+    # leaf of the trie holds one).
+    node, length = queue[0] if queue else (None, 0)
+    while node is not None:
+        if VALUE in node:
+            return length, node[VALUE]
+        node = next((c for t, c in node.items() if t != VALUE), None)
+        length += 1
+    return None
 
 
 def mlx_lm_version() -> str:
