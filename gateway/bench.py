@@ -6,8 +6,9 @@ requests back to back. Everything is counted from the stream itself: the
 first content delta gives the time to first token, the gaps between deltas
 the inter-token latency, the usage chunk the token counts.
 
-`--compare` runs, on one model file and in one go, the in-process engine
-limit (mlx-lm's stream_generate and BatchGenerator), this gateway and
+`--compare` runs, on one model file (the built-in model unless
+`--model-path` names another) and in one go, the in-process engine limit
+(mlx-lm's stream_generate and BatchGenerator), this gateway and
 `mlx_lm.server`, and prints the table with ratios. `--ipc` measures the
 JSON-RPC pipe alone.
 """
@@ -494,79 +495,93 @@ def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(args: argparse.Namespace) -> dict:
-    """Engine limit, this gateway and mlx_lm.server on one model, side by side.
+@dataclass
+class Server:
+    """A server started for a comparison, and how to start it again."""
 
-    Both servers stay up (idle servers cost nothing) while `rounds` rounds
-    measure the three in turn at each concurrency, so slow drifts of a
-    shared machine hit all three alike; the table reports medians.
-    """
+    cmd: list[str]
+    url: str
+    ready_path: str
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Server:
+        self.proc = start_server(self.cmd, self.url, self.ready_path)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_server(self.proc)
+            self.proc = None
+
+    def restart_killed(self) -> None:
+        """SIGKILL the server and start it again: what a crash costs it."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.start()
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """--model-path as a local checkpoint directory (the built-in model by default)."""
     from .checkpoints import resolve
 
-    path = resolve(args.model_path).path
-    # The endless demo model never ends a reply; any other gets its end
-    # token masked, so every server generates exactly max_tokens.
-    mask_eos = "endless" not in args.model_path
-    extra = {"logit_bias": eos_bias(path)} if mask_eos else {}
-    batch = str(max(32, max(args.concurrency)))
-    gw_port, srv_port = free_port(), free_port()
-    gw_url, srv_url = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{srv_port}"
-    gateway = start_server(
+    return resolve(args.model_path).path
+
+
+@contextlib.contextmanager
+def side_by_side(path: str, batch: int, gateway_args: list[str]):
+    """This gateway and mlx_lm.server serving one model file, both up for the
+    block (idle servers cost nothing); yields (gateway, mlx_lm.server)."""
+    gw_url, srv_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    gateway = Server(
         [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--model",
-            f"bench={path}",
-            "--port",
-            str(gw_port),
-            "--log-level",
-            "warning",
-            "--max-batch-size",
-            batch,
-            *args.gateway_args.split(),
+            *(sys.executable, "-m", "gateway", "serve", "--model", f"bench={path}"),
+            *("--port", gw_url.rsplit(":", 1)[1], "--log-level", "warning"),
+            *("--max-batch-size", str(batch), *gateway_args),
         ],
         gw_url,
         "/health",
+    ).start()
+    server = Server(
+        [
+            *(sys.executable, "-m", "mlx_lm", "server", "--model", path),
+            *("--port", srv_url.rsplit(":", 1)[1], "--log-level", "WARNING"),
+            *("--decode-concurrency", str(batch), "--prompt-concurrency", "8"),
+        ],
+        srv_url,
+        "/v1/models",
     )
     try:
-        server = start_server(
-            [
-                sys.executable,
-                "-m",
-                "mlx_lm",
-                "server",
-                "--model",
-                path,
-                "--port",
-                str(srv_port),
-                "--log-level",
-                "WARNING",
-                "--decode-concurrency",
-                batch,
-                "--prompt-concurrency",
-                "8",
-            ],
-            srv_url,
-            "/v1/models",
-        )
-    except BaseException:
-        stop_server(gateway)
-        raise
+        server.start()
+        yield gateway, server
+    finally:
+        gateway.stop()
+        server.stop()
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Engine limit, this gateway and mlx_lm.server on one model, side by side.
+
+    Both servers stay up while `rounds` rounds measure the three in turn at
+    each concurrency, so slow drifts of a shared machine hit all three alike;
+    the table reports medians.
+    """
+    path = model_path(args)
+    # The endless demo model never ends a reply; any other gets its end
+    # token masked, so every server generates exactly max_tokens.
+    mask_eos = "endless" not in (args.model_path or "")
+    extra = {"logit_bias": eos_bias(path)} if mask_eos else {}
+    batch = max(32, max(args.concurrency))
     runs: dict[str, dict[int, list]] = {"engine": {}, "gateway": {}, "mlx_lm_server": {}}
-    try:
+    with side_by_side(path, batch, args.gateway_args.split()) as (gateway, server):
         for _ in range(args.rounds):
             for c in args.concurrency:
                 one = argparse.Namespace(**{**vars(args), "concurrency": [c]})
                 runs["engine"].setdefault(c, []).append(engine_run(path, args, c, mask_eos))
-                gw = sweep(one, gw_url, "bench", extra)[0]
+                gw = sweep(one, gateway.url, "bench", extra)[0]
                 runs["gateway"].setdefault(c, []).append(asdict(gw))
-                srv = sweep(one, srv_url, path, extra)[0]
+                srv = sweep(one, server.url, path, extra)[0]
                 runs["mlx_lm_server"].setdefault(c, []).append(asdict(srv))
-    finally:
-        stop_server(gateway)
-        stop_server(server)
     return {
         "model": path,
         "masked": mask_eos,
@@ -739,12 +754,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--compare",
         action="store_true",
-        help="engine limit vs this gateway vs mlx_lm.server on one model",
+        help="engine limit vs this gateway vs mlx_lm.server on one model (with --agent: "
+        "the replay against this gateway and mlx_lm.server)",
     )
     p.add_argument(
         "--model-path",
-        default="demo:small-endless",
-        help="for --compare: model directory, Hugging Face id or demo[:preset]",
+        default=None,
+        help="for --compare: model directory, Hugging Face id, GGUF or demo[:preset] "
+        "(default: the built-in model)",
     )
     p.add_argument("--rounds", type=int, default=3, help="for --compare: rounds to take medians of")
     p.add_argument("--gateway-args", default="", help="for --compare: extra `serve` flags")
@@ -766,6 +783,16 @@ def main(args: argparse.Namespace) -> int:
             print(f"RPC round trip: p50 {rtt['p50'] * 1e6:.0f} us, p99 {rtt['p99'] * 1e6:.0f} us")
             print(f"token notifications through one pipe: {result['notifications_per_s']:,.0f}/s")
         return 0
+    if args.compare and args.agent:
+        from . import bench_agent
+
+        result = bench_agent.compare(args)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            bench_agent.print_compare(result)
+        failed = sum(result[k]["summary"]["failed"] for k in ("gateway", "mlx_lm_server"))
+        return 1 if failed else 0
     if args.compare:
         result = compare(args)
         if args.json:

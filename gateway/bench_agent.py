@@ -13,19 +13,25 @@ replies, so every server and model sees the same prompts.
 `--agent-kill-at N` SIGKILLs this gateway's local workers before turn N, once
 the tool's time (`--agent-tool-seconds`) has passed, and waits for their
 replacements: the turn after a crash, next to warm ones.
+
+With `--compare` the replay runs against this gateway and mlx_lm.server on
+one model (`--model-path`), both started here, turn by turn in lockstep.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import signal
 import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
 
 import httpx
 
@@ -149,12 +155,25 @@ async def kill_workers(client: httpx.AsyncClient, base: str, timeout: float = 30
     raise SystemExit(f"the workers were not replaced within {timeout:.0f}s")
 
 
-async def replay(args: argparse.Namespace, base: str, model: str) -> list[Turn]:
+@dataclass
+class Target:
+    """One server the conversation is replayed against."""
+
+    name: str
+    base: str
+    model: str
+    # Called before the --agent-kill-at turn: a crash and what follows it.
+    kill: Callable[[httpx.AsyncClient], Awaitable[object]]
+    extra: dict = field(default_factory=dict)  # more request fields
+    turns: list[Turn] = field(default_factory=list)
+
+
+async def replay(args: argparse.Namespace, targets: list[Target]) -> None:
+    """Every turn against each target in turn: side by side, a shared
+    machine's slow drifts hit all of them alike."""
     first, additions = conversation(args.agent_turns, args.agent_tool_words)
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     messages = list(first)
-    turns: list[Turn] = []
-    previous = 0
     timeout = httpx.Timeout(600, connect=30)
     async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         for index in range(args.agent_turns):
@@ -163,24 +182,24 @@ async def replay(args: argparse.Namespace, base: str, model: str) -> list[Turn]:
                 # server may finish its own work (saving the turn's cache).
                 await asyncio.sleep(args.agent_tool_seconds)
             killed = index == args.agent_kill_at
-            if killed:
-                await kill_workers(client, base)
-            body = {
-                "model": model,
-                "messages": messages,
-                "tools": TOOLS,
-                "max_tokens": args.max_tokens,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "temperature": 0,
-                **({"ignore_eos": True} if args.ignore_eos else {}),
-            }
-            outcome = await one_request(client, base + "/v1/chat/completions", body)
-            turns.append(_turn(index, outcome, previous, killed))
-            previous = outcome.prompt_tokens
+            for target in targets:
+                if killed:
+                    await target.kill(client)
+                body = {
+                    "model": target.model,
+                    "messages": messages,
+                    "tools": TOOLS,
+                    "max_tokens": args.max_tokens,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "temperature": 0,
+                    **target.extra,
+                }
+                outcome = await one_request(client, target.base + "/v1/chat/completions", body)
+                previous = target.turns[-1].prompt_tokens if target.turns else 0
+                target.turns.append(_turn(index, outcome, previous, killed))
             if index < len(additions):
                 messages += additions[index]
-    return turns
 
 
 def summary(turns: list[Turn]) -> dict:
@@ -235,13 +254,94 @@ def print_turns(turns: list[Turn], result: dict, title: str) -> None:
 
 def run(args: argparse.Namespace, model: str) -> int:
     base = args.url.rstrip("/")
-    turns = asyncio.run(replay(args, base, model))
+    target = Target(
+        "server",
+        base,
+        model,
+        lambda client: kill_workers(client, base),
+        {"ignore_eos": True} if args.ignore_eos else {},
+    )
+    asyncio.run(replay(args, [target]))
+    turns = target.turns
     result = summary(turns)
     if args.json:
         print(json.dumps({"turns": [asdict(t) for t in turns], "summary": result}, indent=2))
     else:
         print_turns(turns, result, f"{args.url} model {model}: agent replay")
     return 0 if not result["failed"] else 1
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """The replay against this gateway and mlx_lm.server on one model, turn
+    by turn in lockstep. With --agent-kill-at the gateway keeps its prompt
+    cache on disk (a temporary --prompt-cache-dir unless --gateway-args names
+    one) and loses its workers; mlx_lm.server, one process with its cache in
+    memory, is killed and started again."""
+    from . import bench
+
+    path = bench.model_path(args)
+    gateway_args = args.gateway_args.split()
+    with contextlib.ExitStack() as stack:
+        if args.agent_kill_at is not None and "--prompt-cache-dir" not in gateway_args:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-agent-"))
+            gateway_args += ["--prompt-cache-dir", tmp]
+        gateway, server = stack.enter_context(bench.side_by_side(path, 32, gateway_args))
+        # Replies of exactly max_tokens from both (mlx_lm.server has no ignore_eos).
+        extra = {"logit_bias": bench.eos_bias(path)} if args.ignore_eos else {}
+        targets = [
+            Target("gateway", gateway.url, "bench", lambda c: kill_workers(c, gateway.url), extra),
+            Target(
+                "mlx_lm_server",
+                server.url,
+                path,
+                lambda _: asyncio.to_thread(server.restart_killed),
+                extra,
+            ),
+        ]
+        asyncio.run(replay(args, targets))
+    return {
+        "model": path,
+        **{
+            t.name: {"turns": [asdict(x) for x in t.turns], "summary": summary(t.turns)}
+            for t in targets
+        },
+    }
+
+
+def print_compare(result: dict) -> None:
+    gw, srv = result["gateway"], result["mlx_lm_server"]
+    print(f"\nmodel: {result['model']}: agent replay, this gateway vs mlx_lm.server")
+    print(
+        f"{'turn':>4} {'prompt':>7} {'added':>6} | {'gw cached':>9} {'computed':>8} "
+        f"{'ttft ms':>9} {'tok/s':>6} | {'srv cached':>10} {'computed':>8} {'ttft ms':>9} "
+        f"{'tok/s':>6}"
+    )
+    for a, b in zip(gw["turns"], srv["turns"], strict=True):
+        mark = "  (after SIGKILL)" if a["after_kill"] else ""
+        print(
+            f"{a['turn']:>4} {a['prompt_tokens']:>7} {a['added_tokens']:>6} | "
+            f"{_side(a, 9)} | {_side(b, 10)}{mark}"
+        )
+    for name, side in (("gateway", gw), ("mlx_lm.server", srv)):
+        s = side["summary"]
+        line = f"{name}: "
+        if s["warm_computed_over_added_max"] is not None:
+            line += f"warm turns computed at most {s['warm_computed_over_added_max']:.2f}x added"
+            line += f", ttft p50 {s['warm_ttft_p50_s'] * 1000:.1f} ms"
+        if "warm_ttft_second_half_p50_s" in s:
+            line += (
+                f" (halves {s['warm_ttft_first_half_p50_s'] * 1000:.1f} / "
+                f"{s['warm_ttft_second_half_p50_s'] * 1000:.1f} ms)"
+            )
+        if "after_kill_over_warm_ttft" in s:
+            line += f"; after SIGKILL {s['after_kill_over_warm_ttft']:.2f}x warm ttft"
+        print(line)
+
+
+def _side(t: dict, width: int) -> str:
+    ttft = "-" if t["ttft_s"] is None else f"{t['ttft_s'] * 1000:.1f}"
+    rate = "-" if t["decode_tokens_per_s"] is None else f"{t['decode_tokens_per_s']:.1f}"
+    return f"{t['cached_tokens']:>{width}} {t['computed_tokens']:>8} {ttft:>9} {rate:>6}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

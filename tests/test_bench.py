@@ -124,3 +124,34 @@ def test_agent_replay_reports_each_turn_computed_and_cached(gateway):
     summary = result["summary"]
     assert summary["turns"] == 4 and summary["failed"] == 0
     assert summary["warm_computed_over_added_max"] <= 1.1
+
+
+def test_agent_replay_compares_with_mlx_lm_server_across_a_kill(tmp_path):
+    result = bench(
+        "--agent",
+        "--compare",
+        "--model-path",
+        "demo:tiny",
+        "--agent-turns",
+        "3",
+        "--agent-tool-words",
+        "40",
+        "--agent-tool-seconds",
+        "1",
+        "--agent-kill-at",
+        "2",
+        "--max-tokens",
+        "4",
+        env={"MLX_GATEWAY_CACHE_DIR": str(tmp_path)},
+    )
+    ours, theirs = result["gateway"]["turns"], result["mlx_lm_server"]["turns"]
+    assert [t["turn"] for t in ours] == [t["turn"] for t in theirs] == [0, 1, 2]
+    assert all(t["ok"] and t["ttft_s"] > 0 for t in ours + theirs)
+    for turns in (ours, theirs):
+        # the second turn is served the first from each server's prompt cache
+        assert turns[1]["cached_tokens"] >= turns[0]["prompt_tokens"] - 1
+        assert turns[2]["after_kill"]
+    # after the crash the gateway reads the conversation back from its disk
+    # cache; mlx_lm.server starts again from nothing
+    assert ours[2]["cached_tokens"] >= ours[1]["prompt_tokens"] - 1
+    assert theirs[2]["cached_tokens"] == 0
