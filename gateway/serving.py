@@ -583,8 +583,12 @@ async def stream_events(
             if delta is None:
                 remaining -= 1
                 if first[index]:
+                    # A choice that ended before its first delta still opens
+                    # in APIs that need that; the others have nothing to say.
                     first[index] = False
-                    yield escape_line_breaks(encoder.delta(index, None, True))
+                    opening = encoder.delta(index, None, True)
+                    if opening is not None:
+                        yield escape_line_breaks(opening)
                 results[index] = generations[index].result.result()
                 yield escape_line_breaks(encoder.finish(index, results[index]))
                 continue
