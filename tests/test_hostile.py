@@ -126,26 +126,75 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(gw):
     assert probe.answers > 0 and probe.slowest < HEALTH_BOUND_S, probe.slowest
 
 
+def test_the_gateway_refuses_a_prompt_its_workers_would_refuse_before_sending_it():
+    from gateway.serving import refuse_overlong
+    from worker.protocol import CONTEXT_LENGTH_EXCEEDED, RPCError
+
+    bound = (100, 4)  # a 100-token context; a token is at most 4 bytes of text
+    fits = [{"messages": [{"role": "user", "content": "x" * 396}]}, {"prompt": "é" * 198}]
+    refuse_overlong(fits, bound)  # 99 tokens at least: the worker decides
+    refuse_overlong([{"prompt": "x" * 10_000}], None)  # no bound known: the worker decides
+    refuse_overlong([{"prompt_tokens": [1] * 10_000}], bound)  # ids: the worker counts them
+    for choice in (
+        {"messages": [{"role": "system", "content": "x" * 200}, {"content": "y" * 200}]},
+        {"prompt": "é" * 200},  # 400 bytes
+    ):
+        with pytest.raises(RPCError) as refused:
+            refuse_overlong([choice], bound)
+        assert refused.value.code == CONTEXT_LENGTH_EXCEEDED
+        assert "at least 100 tokens" in refused.value.message
+
+
 def test_three_hundred_thousand_messages_are_refused_without_stalling_the_gateway(gw):
     before = workers(gw)
     many = {"messages": [{"role": "user", "content": "hi"}] * 300_000, "max_tokens": 5}
     with HealthProbe(gw.url) as probe:
         r = post(gw, many, timeout=120)
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "context_length_exceeded"
+    # 900,000 JSON values: counted in the body scanner's process, never
+    # parsed in the gateway's (where building them held the GIL for seconds).
+    assert r.status_code == 413, r.text
+    error = r.json()["error"]
+    assert error["code"] == "request_too_large" and "900004 JSON values" in error["message"]
     assert workers(gw) == before
     print(f"300k messages: slowest /health {probe.slowest * 1000:.0f} ms")
     assert probe.answers > 0 and probe.slowest < HEALTH_BOUND_S, probe.slowest
 
 
-def test_a_huge_prompt_list_is_capped(gw):
+def test_a_huge_prompt_list_is_refused_before_it_is_parsed(gw):
     with HealthProbe(gw.url) as probe:
         r = post(gw, {"prompt": [[5]] * 400_000}, path="/v1/completions", timeout=120)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+    print(f"400k prompt list: slowest /health {probe.slowest * 1000:.0f} ms")
+    assert probe.slowest < HEALTH_BOUND_S, probe.slowest
+
+
+def test_a_prompt_list_under_the_value_cap_is_capped_by_count(gw):
+    r = post(gw, {"prompt": [[5]] * 1_000}, path="/v1/completions")
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "prompt" and error["code"] == "too_many_prompts"
-    print(f"400k prompt list: slowest /health {probe.slowest * 1000:.0f} ms")
-    assert probe.slowest < HEALTH_BOUND_S, probe.slowest
+
+
+def test_commas_inside_strings_do_not_count_as_values(gw):
+    # The byte count's bound (commas and brackets) is over the cap; the
+    # exact count is 6 values, so the body is parsed and served as usual.
+    text = "a," * 300_000
+    r = post(gw, {"messages": [{"role": "user", "content": text}], "max_tokens": 5})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_large_body_that_is_not_json_is_a_400(gw):
+    body = b'{"model": "m", "messages": [' + b"[1]," * 300_000 + b"oops"
+    r = gw.client.post(
+        "/v1/chat/completions",
+        content=body,
+        headers={**auth(), "content-type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON" in r.json()["error"]["message"]
 
 
 def test_prompt_token_ids_beyond_the_context_are_refused_at_once(gw):

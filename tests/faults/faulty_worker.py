@@ -17,8 +17,9 @@ gateway meets it exactly as it would meet a worker that went wrong:
   slow       every decode step takes STEP_DELAY_S longer (0.02 s unless set),
              so a reply of a few hundred tokens lasts seconds on any machine
              and a test never races the model
-  step_oom   the 10th and the 60th decode steps raise MLX's out-of-memory
-             error (once each); the engine's own recovery handles it
+  step_oom   the first decode step after the file $OOM_GATE appears raises
+             MLX's out-of-memory error (and removes the file), so a test
+             chooses the moment; the engine's own recovery handles it
   slow_load  loading the model takes LOAD_DELAY_S (30 s unless set) longer
   script     the model writes SCRIPT_TEXT, token by token, then its end token,
              whatever it is asked (a model that calls tools, on demand)
@@ -26,6 +27,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              SIGKILL ends it (each refusal is written to stderr)
   crash_load loading a checkpoint whose path contains "broken" kills the
              process (a segfault in the loader); other models load as usual
+  mute       at its first generate the worker points its protocol output at /dev/null
+             and lives on: the gateway sees its output close, not its exit
 """
 
 import os
@@ -35,6 +38,7 @@ import time
 
 from worker import lifeline
 
+lifeline.close_stray_stdio()
 lifeline.die_with_parent()
 lifeline.tolerate_fd_limit()
 
@@ -107,12 +111,11 @@ elif FAULT == "slow":
 
 elif FAULT == "step_oom":
     step = engine.Engine._step
-
-    fired: set[int] = set()
+    gate = os.environ["OOM_GATE"]
 
     def oom_step(self):
-        if self.steps in (10, 60) and self.steps not in fired:
-            fired.add(self.steps)
+        if os.path.exists(gate):
+            os.unlink(gate)
             real_next = self._generator.next
 
             def failing_next():
@@ -203,6 +206,17 @@ elif FAULT == "crash_load":
         load(self, rpc_id, params)
 
     engine.Engine._load = crashing_load
+
+elif FAULT == "mute":
+    insert = engine.Engine._insert
+
+    def muting_insert(self, jobs):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        # The protocol's private copy of fd 1: its pipe's last write end closes.
+        os.dup2(devnull, self._send.__self__._fd)
+        insert(self, jobs)
+
+    engine.Engine._insert = muting_insert
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True
