@@ -330,3 +330,27 @@ def test_a_stop_string_is_named_in_the_result(worker):
     )
     assert frame["result"]["finish_reason"] == "stop"
     assert frame["result"]["stop_sequence"] == word
+
+
+def test_the_prefill_pacer_sizes_chunks_to_the_measured_rate():
+    """A step's prefill takes about STEP_BUDGET_S: slow prefill gets small
+    chunks (never below MIN_CHUNK), fast prefill the configured size."""
+    from types import SimpleNamespace
+
+    from worker import pacing
+
+    gen = SimpleNamespace(
+        _counters=SimpleNamespace(prompt_tokens=0, prompt_time=0.0), prefill_step_size=512
+    )
+    pacer = pacing.PrefillPacer(gen, max_chunk=512, prompts_at_once=2)
+
+    def prefilled(tokens: int, seconds: float) -> int:
+        gen._counters.prompt_tokens += tokens
+        gen._counters.prompt_time += seconds
+        pacer.update()
+        return gen.prefill_step_size
+
+    assert prefilled(400, 1.0 / pacing.STEP_BUDGET_S) == 200  # 400 tok/s, two prompts a step
+    assert prefilled(20, 10.0) == pacing.MIN_CHUNK  # 2 tok/s: a CPU on a real model
+    assert prefilled(5, 0.0001) == pacing.MIN_CHUNK  # too few tokens to judge: unchanged
+    assert prefilled(100_000, 1.0) == 512  # a GPU: the configured size

@@ -34,6 +34,7 @@ from .mlxlm import (
     token_bytes_table,
     trim_prompt_cache,
 )
+from .pacing import MIN_CHUNK, PrefillPacer
 from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
@@ -335,22 +336,30 @@ class Engine:
     def _new_generator(self):
         self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
         self._no_stop = StopSequences()
-        return BatchGenerator(
+        prompts_at_once = min(8, self.max_batch_size)
+        generator = BatchGenerator(
             self.loaded.model,
             max_tokens=1,
             stop_tokens=[[t] for t in self.loaded.eos],
             completion_batch_size=self.max_batch_size,
-            prefill_batch_size=min(8, self.max_batch_size),
+            prefill_batch_size=prompts_at_once,
             prefill_step_size=self.prefill_step_size,
         )
+        self._pacer = PrefillPacer(
+            generator, max_chunk=self.prefill_step_size, prompts_at_once=prompts_at_once
+        )
+        return generator
 
     def _warm_up(self) -> None:
         """One token through the batch path, so the first request pays no setup."""
         gen = self._generator
         token = next(iter(self.loaded.eos))
-        (uid,) = gen.insert([[token, token]], max_tokens=[1])
+        # Long enough for the pacer to measure the prefill rate before the
+        # first real prompt.
+        (uid,) = gen.insert([[token] * (MIN_CHUNK + 1)], max_tokens=[1])
         while not any(r.uid == uid for r in gen.next_generated()):
             pass
+        self._pacer.update()
 
     def _reuse(self, job: Job) -> tuple[Any, list[int]]:
         """The KV cache of the longest cached prefix of the prompt, and the
@@ -410,6 +419,7 @@ class Engine:
                 lost(f"a sharded step failed: {exc}")
             self._fail_all(exc)
             return
+        self._pacer.update()
         self.steps += 1
         self.last_step_at = time.monotonic()
         if self.steps % 64 == 0:

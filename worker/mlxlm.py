@@ -50,7 +50,9 @@ __all__ = [
     "make_repetition_penalty",
     "mlx_lm_version",
     "nearest_prompt_cache",
+    "prefill_totals",
     "save_prompt_cache",
+    "set_prefill_chunk",
     "sharded_load",
     "token_bytes_table",
     "trim_prompt_cache",
@@ -128,6 +130,17 @@ def _shortest_below(root: dict, prefix: list[int]) -> tuple[int, Any] | None:
         node = next((c for t, c in node.items() if t != VALUE), None)
         length += 1
     return None
+
+
+def prefill_totals(generator: BatchGenerator) -> tuple[int, float]:
+    """Prompt tokens a BatchGenerator has prefilled so far, and the seconds it took."""
+    counters = generator._counters
+    return counters.prompt_tokens, counters.prompt_time
+
+
+def set_prefill_chunk(generator: BatchGenerator, tokens: int) -> None:
+    """Prefill at most this many tokens of each prompt per step from now on."""
+    generator.prefill_step_size = tokens
 
 
 def mlx_lm_version() -> str:

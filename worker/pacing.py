@@ -1,0 +1,43 @@
+"""Prefill chunks sized so that one engine step stays short.
+
+mlx-lm's BatchGenerator prefills at most `prefill_step_size` tokens of each
+new prompt per step, while the running requests wait for that step to end.
+Where prefill is fast (a GPU) the configured size is fine; where it costs
+about what decoding does per token (MLX's CPU backend on a quantized model)
+a 500-token prompt made one step of minutes: running streams stalled, and
+the gateway's stall detector took the worker for wedged. The pacer measures
+the prefill rate the generator reports and caps the chunk so a step's
+prefill takes about STEP_BUDGET_S, never below MIN_CHUNK tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .mlxlm import prefill_totals, set_prefill_chunk
+
+STEP_BUDGET_S = 1.0  # prefill seconds one step may take, all its prompts together
+MIN_CHUNK = 16  # the smallest chunk: fewer tokens per call waste a GPU's width
+
+
+class PrefillPacer:
+    def __init__(self, generator: Any, *, max_chunk: int, prompts_at_once: int):
+        self.generator = generator
+        self.max_chunk = max_chunk
+        self.prompts_at_once = max(1, prompts_at_once)
+        self.chunk = max_chunk
+        self._seen = prefill_totals(generator)
+
+    def update(self) -> None:
+        """After a step: re-size the chunk from the prefill since the last size."""
+        tokens, seconds = prefill_totals(self.generator)
+        done, spent = tokens - self._seen[0], seconds - self._seen[1]
+        if done < MIN_CHUNK or spent <= 0:
+            return  # too little to judge from
+        self._seen = (tokens, seconds)
+        # Several prompts may be prefilled in one step, a chunk each.
+        fits = int(done / spent * STEP_BUDGET_S / self.prompts_at_once)
+        chunk = min(self.max_chunk, max(MIN_CHUNK, fits))
+        if chunk != self.chunk:
+            self.chunk = chunk
+            set_prefill_chunk(self.generator, chunk)
