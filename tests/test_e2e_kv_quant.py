@@ -24,7 +24,7 @@ SYSTEM = " ".join(["the river runs to the cold sea under a gray sky"] * 20)
 
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory) -> Path:
-    return demo.build(tmp_path_factory.mktemp("models") / "small", preset="small", seed=0)
+    return demo.ensure("small")
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,51 @@ def test_models_and_options_it_cannot_run_are_refused(tiny_model, small_model):
     assert done.returncode == 2 and "--kv-bits must be one of 4, 8" in done.stderr, done.stderr
     assert "--kv-group-size must be one of 32, 64, 128" in _kv_error(8, 100)
     assert _kv_error(None, 100) is None and _kv_error(4, 128) is None
+
+
+def admitted_under(model: Path, *, limit_mb: float, kv_bits: int | None) -> int:
+    """Long streams one worker takes, one after another, before its memory
+    ceiling refuses the next: each is sent once the previous one has its
+    first token (its prompt's KV cache is in memory then)."""
+    worker = WorkerPipe()
+    try:
+        worker.call(
+            "load_model", {"path": str(model), "kv_bits": kv_bits, "memory_limit_mb": limit_mb}
+        )
+        prompt = [200 + (i * 37) % 900 for i in range(300)]
+        for n in range(32):
+            params = {
+                "prompt_tokens": prompt,
+                "max_tokens": 2000,
+                "ignore_eos": True,
+                "stream": True,
+            }
+            rpc_id = worker.send("generate", params)
+            while True:
+                frame = worker.recv(60)
+                assert frame is not None, "the worker exited"
+                if frame.get("id") == rpc_id:  # refused: a streaming reply ends later
+                    assert "memory is above its limit" in frame["error"]["message"], frame
+                    return n
+                deltas = (frame.get("params") or {}).get("deltas", [])
+                if any(d["request_id"] == rpc_id for d in deltas):
+                    break
+        return 32
+    finally:
+        worker.close()
+
+
+def test_the_same_memory_ceiling_admits_more_long_streams_with_8_bit_kv(small_model):
+    """A 300-token prompt's KV takes 2 MB here at full precision (float32,
+    room for 512 positions) and 0.6 MB at 8 bits; with 5 MB of room over the
+    loaded model, two or three full-precision streams fit, and at least
+    twice as many quantized ones."""
+    probe = WorkerPipe()
+    try:
+        base = probe.call("load_model", {"path": str(small_model)})["memory"]["active_memory_mb"]
+    finally:
+        probe.close()
+    full = admitted_under(small_model, limit_mb=base + 5, kv_bits=None)
+    q8 = admitted_under(small_model, limit_mb=base + 5, kv_bits=8)
+    print(f"\nadmitted under the same ceiling: {full} full precision, {q8} with 8-bit KV")
+    assert 1 <= full < q8 and q8 >= 2 * full

@@ -459,6 +459,10 @@ class Engine:
                 self._fail_grammar(job, r)
                 continue
             advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+        if any(job.n_tokens == 1 for job, _, _ in advanced):
+            # A prefill ended: its KV cache is in memory now, and the memory
+            # ceiling should count it before the next request is admitted.
+            self._update_memory()
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         deltas = []
