@@ -256,3 +256,18 @@ def test_models_it_cannot_quantize_are_refused_with_the_reason(small_model):
     check_model(small_model, bits=BITS, group_size=GROUP)
     with pytest.raises(ValueError, match="kv_group_size 128"):
         check_model(small_model, bits=BITS, group_size=128)  # head dimension 64
+
+
+def test_models_with_sliding_window_caches_are_refused():
+    """mlx-lm gives such models their own cache kinds (RotatingKVCache),
+    which have no quantized batched form here: refused, never ignored."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    class Windowed:
+        layers = [object(), object()]
+
+        def make_cache(self):
+            return [KVCache(), RotatingKVCache(max_size=128)]
+
+    with pytest.raises(ValueError, match="RotatingKVCache"):
+        check_model(Windowed(), bits=8, group_size=64)
