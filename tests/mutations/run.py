@@ -144,6 +144,13 @@ MUTANTS = [
         (f"{ROBUST}::test_failed_model_fails_fast_then_a_probe_brings_it_back",),
     ),
     Mutant(
+        "a worker alive without its pipes counted as a crash",
+        "gateway/supervisor.py",
+        '                reason = "lost"\n',
+        '                reason = "crash"\n',
+        (f"{ROBUST}::test_a_worker_that_lives_on_without_its_pipes_is_killed_and_counted_as_lost",),
+    ),
+    Mutant(
         "restart back-off not capped",
         "gateway/supervisor.py",
         "2**counted, self.settings.restart_backoff_max)",
@@ -379,8 +386,8 @@ MUTANTS = [
     Mutant(
         "a load per waiting request",
         "gateway/registry.py",
-        "        if model.status is Status.UNLOADED and not self._closing:",
-        "        if model.status in (Status.UNLOADED, Status.LOADING) and not self._closing:",
+        "        if model.status is not Status.UNLOADED or self._closing:",
+        "        if model.status not in (Status.UNLOADED, Status.LOADING) or self._closing:",
         (f"{REGISTRY}::test_twenty_concurrent_first_requests_make_one_load",),
     ),
     Mutant(
