@@ -40,6 +40,8 @@ def gateways(small_model, tmp_path_factory) -> Iterator[dict[str, Gateway]]:
             )
         for gw in started.values():
             gw.wait_ready()
+            # /health shows the worker's own figures from its first heartbeat on.
+            wait_until(lambda gw=gw: worker_view(gw)["prompt_cache"], 10, "a heartbeat")
         yield started
     finally:
         for gw in started.values():

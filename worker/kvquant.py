@@ -6,8 +6,15 @@ adds the batched form, `BatchQuantizedKVCache`: the same left-padded layout
 and the same operations as `BatchKVCache` (update, mask, filter, extend,
 merge, extract, trim, the right-padding roll of a ragged prefill), over
 mlx's affine quantization (packed values, one scale and bias per group of
-`group_size` along the head dimension). The models' attention already runs
-quantized attention for any cache with `bits`.
+`group_size` along the head dimension).
+
+Attention reads it one of two ways. On a GPU the models' attention runs
+mlx's quantized attention (quantized matmuls straight on the packed cache)
+for any cache with `bits`. On the CPU backend those matmuls are tens of
+times slower than plain ones at half precision (17.8 s against 0.33 s for
+one 512x2048 score matrix in float16), so there the cache hands attention
+its keys and values dequantized, one layer at a time, and hides `bits`:
+the cache still holds only the quantized form between steps.
 
 `SequenceQuantizedKVCache` is mlx-lm's one-sequence cache able to join a
 batch: the worker hands one per layer to `BatchGenerator.insert` for every
@@ -29,6 +36,12 @@ from .protocol import DEFAULT_KV_GROUP_SIZE, KV_BITS, KV_GROUP_SIZES
 DEFAULT_GROUP_SIZE = DEFAULT_KV_GROUP_SIZE
 
 Quantized = tuple[mx.array, mx.array, mx.array]  # packed, scales, biases
+
+
+def dequantize_for_attention() -> bool:
+    """Whether attention should read the cache dequantized: on the CPU
+    backend, where quantized matmuls at half precision crawl."""
+    return mx.default_device().type == mx.cpu
 
 
 def check_options(bits: int | None, group_size: int | None) -> None:
@@ -134,7 +147,14 @@ class BatchQuantizedKVCache:
 
     step = 256
 
-    def __init__(self, left_padding: list[int], *, group_size: int, bits: int):
+    def __init__(
+        self,
+        left_padding: list[int],
+        *,
+        group_size: int,
+        bits: int,
+        dequantize: bool | None = None,
+    ):
         self.keys: Quantized | None = None
         self.values: Quantized | None = None
         self.left_padding = mx.array(left_padding)
@@ -142,28 +162,38 @@ class BatchQuantizedKVCache:
         self._idx = 0
         self._right_padding = None
         self.group_size = group_size
-        self.bits = bits
+        self.kv_bits = bits
+        self.dequantize = dequantize_for_attention() if dequantize is None else dequantize
+        if not self.dequantize:
+            # The attribute mlx-lm's attention looks for to run quantized.
+            self.bits = bits
 
     # --- the model's side --------------------------------------------------------
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Quantized, Quantized]:
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[Any, Any]:
+        """Store the new positions quantized; return the whole cache, packed,
+        or dequantized where attention reads it so."""
         prev, n = self._idx, keys.shape[2]
         if self.keys is None or prev + n > self.keys[0].shape[2]:
             self._grow(keys, values)
         self.offset = self.offset + n
         self._idx += n
         for buffers, new in ((self.keys, keys), (self.values, values)):
-            quantized = mx.quantize(new, group_size=self.group_size, bits=self.bits)
+            quantized = mx.quantize(new, group_size=self.group_size, bits=self.kv_bits)
             for buffer, part in zip(buffers, quantized, strict=True):
                 buffer[..., prev : self._idx, :] = part
-        return self.keys_and_values()
+        keys, values = self.keys_and_values()
+        if self.dequantize:
+            options = {"group_size": self.group_size, "bits": self.kv_bits}
+            return mx.dequantize(*keys, **options), mx.dequantize(*values, **options)
+        return keys, values
 
     def _grow(self, keys: mx.array, values: mx.array) -> None:
         """Room for the new positions, in whole steps, as BatchKVCache grows."""
         B, H, n, _ = keys.shape
         shape = (B, H, (self.step + n - 1) // self.step * self.step)
-        new_k = _quantized_zeros(shape, keys.shape[3], keys.dtype, self.bits, self.group_size)
-        new_v = _quantized_zeros(shape, values.shape[3], keys.dtype, self.bits, self.group_size)
+        new_k = _quantized_zeros(shape, keys.shape[3], keys.dtype, self.kv_bits, self.group_size)
+        new_v = _quantized_zeros(shape, values.shape[3], keys.dtype, self.kv_bits, self.group_size)
         if self.keys is None:
             self.keys, self.values = new_k, new_v
             return
@@ -274,7 +304,7 @@ class BatchQuantizedKVCache:
 
     def extract(self, idx: int) -> SequenceQuantizedKVCache:
         """Row idx alone, without its padding: a finished request's cache."""
-        cache = SequenceQuantizedKVCache(group_size=self.group_size, bits=self.bits)
+        cache = SequenceQuantizedKVCache(group_size=self.group_size, bits=self.kv_bits)
         if self.keys is None:
             return cache
         pad = self.left_padding.tolist()[idx]
@@ -318,11 +348,16 @@ class BatchQuantizedKVCache:
 
 
 def _same_format(a: Any, b: Any) -> None:
-    if (a.bits, a.group_size) != (b.bits, b.group_size):
+    bits_a, bits_b = _bits(a), _bits(b)
+    if (bits_a, a.group_size) != (bits_b, b.group_size):
         raise ValueError(
-            f"cannot batch KV caches of {a.bits} bits (groups of {a.group_size}) "
-            f"with {b.bits} bits (groups of {b.group_size})"
+            f"cannot batch KV caches of {bits_a} bits (groups of {a.group_size}) "
+            f"with {bits_b} bits (groups of {b.group_size})"
         )
+
+
+def _bits(cache: Any) -> int:
+    return cache.kv_bits if isinstance(cache, BatchQuantizedKVCache) else cache.bits
 
 
 def _aligned(c: BatchQuantizedKVCache, ref: BatchQuantizedKVCache, idx: int, length: int):
