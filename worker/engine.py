@@ -289,6 +289,7 @@ class Engine:
                 {
                     "model": name,
                     "context_length": context,
+                    "max_token_bytes": self.loaded.max_token_bytes,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
                     "memory": dict(self.memory),

@@ -24,6 +24,9 @@ Methods (gateway -> worker):
                 at load by any worker of the same checkpoint; entries are
                 partitioned by cache_key, which is stored in them.
                 -> {"model": str, "context_length": int | None, "load_s": float,
+                    "max_token_bytes": int | None (the most bytes of text one
+                    token stands for, where that bounds a prompt's tokens;
+                    worker/prompt_bound.py),
                     "memory": {"active_memory_mb", "peak_memory_mb", "cache_memory_mb"}}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,

@@ -56,7 +56,10 @@ MUTANTS = [
         "worker/engine.py",
         "        job = self._by_request.get(target)\n",
         "        job = None\n",
-        (f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",),
+        (
+            f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",
+            "tests/test_e2e_chat.py::test_client_disconnect_cancels_generation",
+        ),
     ),
     Mutant(
         "gateway never sends cancel",
