@@ -221,36 +221,25 @@ def test_models_and_options_it_cannot_run_are_refused(tiny_model, small_model):
     assert _kv_error(None, 100) is None and _kv_error(4, 128) is None
 
 
-def admitted_under(model: Path, *, limit_mb: float, kv_bits: int | None) -> int:
+def admitted_under(worker: WorkerPipe, model: Path, *, limit_mb: float, kv_bits: int | None) -> int:
     """Long streams one worker takes, one after another, before its memory
     ceiling refuses the next: each is sent once the previous one has its
     first token (its prompt's KV cache is in memory then)."""
-    worker = WorkerPipe()
-    try:
-        worker.call(
-            "load_model", {"path": str(model), "kv_bits": kv_bits, "memory_limit_mb": limit_mb}
-        )
-        prompt = [200 + (i * 37) % 900 for i in range(300)]
-        for n in range(32):
-            params = {
-                "prompt_tokens": prompt,
-                "max_tokens": 2000,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            rpc_id = worker.send("generate", params)
-            while True:
-                frame = worker.recv(60)
-                assert frame is not None, "the worker exited"
-                if frame.get("id") == rpc_id:  # refused: a streaming reply ends later
-                    assert "memory is above its limit" in frame["error"]["message"], frame
-                    return n
-                deltas = (frame.get("params") or {}).get("deltas", [])
-                if any(d["request_id"] == rpc_id for d in deltas):
-                    break
-        return 32
-    finally:
-        worker.close()
+    worker.call("load_model", {"path": str(model), "kv_bits": kv_bits, "memory_limit_mb": limit_mb})
+    prompt = [200 + (i * 37) % 900 for i in range(300)]
+    for n in range(32):
+        params = {"prompt_tokens": prompt, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        rpc_id = worker.send("generate", params)
+        while True:
+            frame = worker.recv(60)
+            assert frame is not None, "the worker exited"
+            if frame.get("id") == rpc_id:  # refused: a streaming reply ends later
+                assert "memory is above its limit" in frame["error"]["message"], frame
+                return n
+            deltas = (frame.get("params") or {}).get("deltas", [])
+            if any(d["request_id"] == rpc_id for d in deltas):
+                break
+    return 32
 
 
 def test_the_same_memory_ceiling_admits_more_long_streams_with_8_bit_kv(small_model):
@@ -258,12 +247,15 @@ def test_the_same_memory_ceiling_admits_more_long_streams_with_8_bit_kv(small_mo
     room for 512 positions) and 0.6 MB at 8 bits; with 5 MB of room over the
     loaded model, two or three full-precision streams fit, and at least
     twice as many quantized ones."""
-    probe = WorkerPipe()
+    probe, full, quantized = WorkerPipe(), WorkerPipe(), WorkerPipe()  # all start at once
     try:
         base = probe.call("load_model", {"path": str(small_model)})["memory"]["active_memory_mb"]
-    finally:
         probe.close()
-    full = admitted_under(small_model, limit_mb=base + 5, kv_bits=None)
-    q8 = admitted_under(small_model, limit_mb=base + 5, kv_bits=8)
-    print(f"\nadmitted under the same ceiling: {full} full precision, {q8} with 8-bit KV")
-    assert 1 <= full < q8 and q8 >= 2 * full
+        n_full = admitted_under(full, small_model, limit_mb=base + 5, kv_bits=None)
+        full.close()
+        n_q8 = admitted_under(quantized, small_model, limit_mb=base + 5, kv_bits=8)
+    finally:
+        for worker in (probe, full, quantized):
+            worker.close()
+    print(f"\nadmitted under the same ceiling: {n_full} full precision, {n_q8} with 8-bit KV")
+    assert 1 <= n_full < n_q8 and n_q8 >= 2 * n_full
