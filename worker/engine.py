@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import protocol
+from . import kvquant, protocol
 from .constraints import Grammars
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
 from .job import Job, merge_delta
@@ -111,6 +111,10 @@ class Engine:
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
         self.log_requests = False  # one info line per request that ends
+        # Quantized KV (--kv-bits): None keeps mlx-lm's full-precision caches.
+        self.kv_bits: int | None = None
+        self.kv_group_size = kvquant.DEFAULT_GROUP_SIZE
+        self.kv_bytes = 0  # KV of the running batch, as of the last memory update
 
     # --- called from the reader thread -----------------------------------------
 
@@ -139,6 +143,11 @@ class Engine:
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
+            "kv": {
+                "bits": self.kv_bits,
+                "group_size": self.kv_group_size if self.kv_bits else None,
+                "bytes": self.kv_bytes,
+            },
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             "prompt_cache": {
                 **self.cache_stats,
@@ -227,6 +236,7 @@ class Engine:
                 model, tokenizer, config = self.group.load(path)
             else:
                 model, tokenizer, config = load(path, return_config=True)
+            self._kv_options(params, model)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
             if self.group is not None and not self.group.leader:
@@ -292,6 +302,25 @@ class Engine:
             )
         )
 
+    def _kv_options(self, params: dict, model: Any) -> None:
+        """Quantized KV, when asked for: refused (ValueError) for options or
+        models it cannot run with, rather than silently left off."""
+        bits = params.get("kv_bits")
+        bits = int(bits) if bits else None
+        group_size = int(params.get("kv_group_size") or kvquant.DEFAULT_GROUP_SIZE)
+        kvquant.check_options(bits, group_size)
+        if bits is not None:
+            kvquant.check_model(model, bits=bits, group_size=group_size)
+        self.kv_bits, self.kv_group_size = bits, group_size
+
+    def _fresh_cache(self) -> list | None:
+        """A new request's empty KV cache: None lets mlx-lm make its own."""
+        if self.kv_bits is None:
+            return None
+        return kvquant.fresh_cache(
+            self.loaded.model, bits=self.kv_bits, group_size=self.kv_group_size
+        )
+
     def _open_disk_cache(self, params: dict) -> None:
         """Read back the prompt cache a previous worker of this model left on
         disk, and start writing this one's there."""
@@ -302,7 +331,8 @@ class Engine:
             # Every rank would need the same entries at the same moment.
             log.warning("prompt_cache_dir is not supported for sharded workers; ignored")
             return
-        fingerprint = model_fingerprint(self.loaded.path)
+        kv_format = f"kv{self.kv_bits}g{self.kv_group_size}" if self.kv_bits else None
+        fingerprint = model_fingerprint(self.loaded.path, kv_format=kv_format)
         if fingerprint is None:
             log.warning("prompt_cache_dir ignored: %s is no local checkpoint", self.loaded.path)
             return
@@ -316,7 +346,8 @@ class Engine:
             max_bytes=self.prompt_cache.max_bytes, max_entries=self.prompt_cache.max_size
         )
         for entry in entries:
-            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, entry.cache)
+            cache = kvquant.adopt(entry.cache) if self.kv_bits else entry.cache
+            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, cache)
         if entries or store.stats.skipped:
             log.info(
                 "read %d prompt cache entries (%.1f MB) from disk in %.2fs, skipped %d",
@@ -356,7 +387,12 @@ class Engine:
         token = next(iter(self.loaded.eos))
         # Long enough for the pacer to measure the prefill rate before the
         # first real prompt.
-        (uid,) = gen.insert([[token] * (MIN_CHUNK + 1)], max_tokens=[1])
+        fresh = self._fresh_cache()
+        (uid,) = gen.insert(
+            [[token] * (MIN_CHUNK + 1)],
+            max_tokens=[1],
+            caches=None if fresh is None else [fresh],
+        )
         while not any(r.uid == uid for r in gen.next_generated()):
             pass
         self._pacer.update()
@@ -390,7 +426,7 @@ class Engine:
         try:
             uids = self._generator.insert(
                 [rest for _, rest in reused],
-                caches=[cache for cache, _ in reused],
+                caches=[cache if cache is not None else self._fresh_cache() for cache, _ in reused],
                 all_tokens=[j.prompt[: j.cached_tokens] for j in jobs],
                 max_tokens=[j.max_tokens for j in jobs],
                 samplers=[make_sampler(j.params) for j in jobs],
@@ -424,6 +460,9 @@ class Engine:
         self.last_step_at = time.monotonic()
         if self.steps % 64 == 0:
             self._update_memory()
+        elif self.steps % 16 == 0:
+            # The batch's KV grows every step; reading it is cheap (array sizes).
+            self.kv_bytes = self._generator.prompt_cache_nbytes
         eos = self.loaded.eos
         advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:
@@ -434,6 +473,10 @@ class Engine:
                 self._fail_grammar(job, r)
                 continue
             advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+        if any(job.n_tokens == 1 for job, _, _ in advanced):
+            # A prefill ended: its KV cache is in memory now, and the memory
+            # ceiling should count it before the next request is admitted.
+            self._update_memory()
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         deltas = []
@@ -488,7 +531,8 @@ class Engine:
                     # prompt, the turns of a conversation).
                     self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
                     if self.disk_cache is not None:
-                        self.disk_cache.offer(job.cache_key, tokens, cache)
+                        kept = kvquant.portable(cache) if self.kv_bits else cache
+                        self.disk_cache.offer(job.cache_key, tokens, kept)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""
@@ -616,6 +660,8 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+        generator = self._generator
+        self.kv_bytes = generator.prompt_cache_nbytes if generator is not None else 0
 
 
 def _log_job(job: Job, level: int, message: str, **fields: object) -> None:

@@ -2,7 +2,8 @@
 
 The worker drives mlx-lm's batch engine and reuses its parsers and caches:
 `BatchGenerator`, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
-its trie, the streaming detokenizers' token tables, the sampling helpers.
+its trie, the KV cache classes (worker/kvquant.py batches the quantized
+one), the streaming detokenizers' token tables, the sampling helpers.
 These are internals that change between releases, so they are imported and
 touched only here, and pyproject.toml declares only the mlx-lm versions the
 test suite has passed on. Moving to a new mlx-lm release means: widen that
@@ -17,10 +18,15 @@ from typing import Any
 
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import (
+    KVCache,
     LRUPromptCache,
+    QuantizedKVCache,
     can_trim_prompt_cache,
+    dynamic_roll,
     load_prompt_cache,
+    make_prompt_cache,
     save_prompt_cache,
     trim_prompt_cache,
 )
@@ -35,18 +41,23 @@ from mlx_lm.utils import sharded_load
 
 __all__ = [
     "BatchGenerator",
+    "KVCache",
     "LRUPromptCache",
+    "QuantizedKVCache",
     "StopSequences",
     "TextStateMachine",
     "apply_min_p",
     "apply_top_k",
     "apply_top_p",
     "can_trim_prompt_cache",
+    "create_causal_mask",
+    "dynamic_roll",
     "generation_stream",
     "greedy_sampler",
     "hf_tokenizer",
     "load",
     "load_prompt_cache",
+    "make_prompt_cache",
     "make_repetition_penalty",
     "mlx_lm_version",
     "nearest_prompt_cache",

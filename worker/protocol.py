@@ -12,7 +12,13 @@ Methods (gateway -> worker):
                  "prefill_step_size"?: int, "prompt_cache_bytes"?: int,
                  "prompt_cache_size"?: int, "stream_interval_ms"?: float,
                  "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
-                 "prompt_cache_disk_bytes"?: int}
+                 "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
+                 "kv_group_size"?: int}
+                kv_bits: quantize the KV cache (the running batch's and the
+                prompt cache's) to this many bits, in groups of kv_group_size
+                values (default 64) along each head (worker/kvquant.py); one of
+                KV_BITS and KV_GROUP_SIZES. Absent or null: full precision. A
+                model whose cache cannot be quantized fails to load, saying why.
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are
@@ -49,7 +55,10 @@ Methods (gateway -> worker):
                 -> {"prompt_tokens": int}: the prompt `generate` would run.
     cancel      {"request_id": id} -> {"cancelled": bool}
                 The cancelled `generate` then fails with CANCELLED.
-    health      {} -> {"state", "model", "active", "queued", "pid", "memory", ...}
+    health      {} -> {"state", "model", "active", "queued", "pid", "memory",
+                    "kv": {"bits", "group_size", "bytes"}, "prompt_cache", ...}
+                kv.bytes: the running batch's KV cache (as of the last memory
+                update); prompt_cache.bytes: the prompt cache's.
     shutdown    {} -> {"ok": true}; the worker exits after replying.
 
 Notification (worker -> gateway):
@@ -115,6 +124,13 @@ SHUTDOWN = "shutdown"
 TOKENS = "tokens"
 
 RequestId = int | str
+
+# What load_model's kv_bits and kv_group_size accept. mlx quantizes with
+# other widths too, but 8 and 4 bits are the ones its quantized matmuls are
+# tuned for and the ones the tests cover.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
 
 # `generate`'s param naming the HTTP request it serves, for log lines only.
 # Not `request_id`: that names a JSON-RPC id (in `cancel` and `tokens`).
