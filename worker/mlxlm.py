@@ -1,8 +1,9 @@
 """Every use of mlx-lm beyond its public `load`/`generate` API, in one place.
 
 The worker drives mlx-lm's batch engine and reuses its parsers and caches:
-`BatchGenerator`, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
-its trie, the streaming detokenizers' token tables, the sampling helpers.
+`BatchGenerator`, the caches (`KVCache`, `TokenBuffer`) a request decoding
+alone uses, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and its
+trie, the streaming detokenizers' token tables, the sampling helpers.
 These are internals that change between releases, so they are imported and
 touched only here, and pyproject.toml declares only the mlx-lm versions the
 test suite has passed on. Moving to a new mlx-lm release means: widen that
@@ -16,9 +17,12 @@ from typing import Any
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
 from mlx_lm.models.cache import (
+    KVCache,
     LRUPromptCache,
+    TokenBuffer,
     can_trim_prompt_cache,
     load_prompt_cache,
+    make_prompt_cache,
     save_prompt_cache,
     trim_prompt_cache,
 )
@@ -33,9 +37,11 @@ from mlx_lm.utils import sharded_load
 
 __all__ = [
     "BatchGenerator",
+    "KVCache",
     "LRUPromptCache",
     "StopSequences",
     "TextStateMachine",
+    "TokenBuffer",
     "apply_min_p",
     "apply_top_k",
     "apply_top_p",
@@ -46,6 +52,7 @@ __all__ = [
     "hf_tokenizer",
     "load",
     "load_prompt_cache",
+    "make_prompt_cache",
     "make_repetition_penalty",
     "mlx_lm_version",
     "save_prompt_cache",
