@@ -38,7 +38,7 @@ from .mlxlm import (
 from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
-from .speculative import Speculation
+from .speculative import DEFAULT_NGRAM, Speculation
 
 log = logging.getLogger("worker.engine")
 
@@ -141,6 +141,9 @@ class Engine:
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
+            # Requests that ran alone, were handed to the batch, and their
+            # speculation's drafted and accepted tokens (decoder.py).
+            "decoder": dict(self._generator.stats) if self._generator is not None else {},
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
@@ -255,7 +258,7 @@ class Engine:
         self.single_sequence = bool(params.get("single_sequence", True))
         self.speculation = Speculation(
             tokens=int(params.get("speculative_tokens") or 0),
-            ngram=int(params.get("speculative_ngram") or Speculation.ngram),
+            ngram=int(params.get("speculative_ngram") or DEFAULT_NGRAM),
         )
         eos = set(tokenizer.eos_token_ids)
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(

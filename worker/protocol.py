@@ -12,7 +12,12 @@ Methods (gateway -> worker):
                  "prefill_step_size"?: int, "prompt_cache_bytes"?: int,
                  "prompt_cache_size"?: int, "stream_interval_ms"?: float,
                  "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
-                 "prompt_cache_disk_bytes"?: int}
+                 "prompt_cache_disk_bytes"?: int, "single_sequence"?: bool,
+                 "speculative_tokens"?: int, "speculative_ngram"?: int}
+                single_sequence (default true): a request running alone
+                decodes outside the batch (worker/decoder.py);
+                speculative_tokens (default 0, off): tokens it drafts per step
+                by prompt lookup, matching its last speculative_ngram (3).
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_NGRAM = 3
+
 
 @dataclass(frozen=True, slots=True)
 class Speculation:
     """How to draft: at most `tokens` per step, matching the last `ngram` tokens."""
 
     tokens: int = 0  # 0: off
-    ngram: int = 3
+    ngram: int = DEFAULT_NGRAM
 
     @property
     def enabled(self) -> bool:
