@@ -147,6 +147,8 @@ class Supervisor:
             "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
+            # Requests decoded alone, handed to the batch, drafted and accepted tokens.
+            "decoder": (self.health.get("decoder") or {}) if self.ready else {},
         }
 
     def _group_info(self) -> dict:
