@@ -17,12 +17,14 @@ from worker.speculative import NgramDrafter, Speculation
 
 from .helpers import WorkerPipe, deltas_for
 
+# Each case has drafts accepted on the tiny model's replies (checked below):
+# sampling that strays too far from its repetitions would test nothing.
 CASES = {
     "greedy": SamplingParams(temperature=0),
-    "seeded": SamplingParams(temperature=0.8, seed=7),
-    "penalties": SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3),
+    "seeded": SamplingParams(temperature=0.8, seed=7, top_k=3),
+    "penalties": SamplingParams(temperature=0, presence_penalty=0.1, frequency_penalty=0.05),
     "repetition, top_p, seed": SamplingParams(
-        temperature=1.0, seed=3, repetition_penalty=1.3, top_p=0.9
+        temperature=0.3, seed=3, repetition_penalty=1.05, top_p=0.9
     ),
 }
 
@@ -114,8 +116,7 @@ def test_alone_and_speculating_give_the_batch_tokens(tiny, case):
     assert len(batch) == 48
     assert alone == batch
     assert drafted == batch
-    if case == "greedy":  # the tiny model repeats itself: drafts must have been kept
-        assert spec.stats["accepted"] > 8, spec.stats
+    assert spec.stats["accepted"] > 0, spec.stats  # the accepting path ran
 
 
 @pytest.mark.parametrize("case", ["greedy", "seeded", "penalties"])
@@ -231,7 +232,9 @@ def test_a_stop_string_inside_a_draft_ends_the_reply_there(workers):
     params = {"temperature": 0, "max_tokens": 64, "ignore_eos": True}
     free, _ = generate(workers["batch"], **params)
     words = free["result"]["text"].split()
-    stop = " ".join(words[len(words) // 2 : len(words) // 2 + 2])
+    # Longer than the loop the tiny model falls into, so it first ends past
+    # the loop's first round, where drafts are being accepted.
+    stop = " ".join(words[len(words) // 2 : len(words) // 2 + 12])
     want, _ = generate(workers["batch"], **params, stop=[stop])
     got, _ = generate(workers["spec"], **params, stop=[stop])
     assert want["result"]["finish_reason"] == "stop"
