@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from . import (
     __version__,
     admin,
+    bodyscan,
     chat,
     completions,
     errors,
@@ -66,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await registry.stop()
             await pool.stop()
+            await app.state.body_scanner.close()
             AppStatus.should_exit = True
 
     app = FastAPI(
@@ -79,6 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.pool = pool
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.body_scanner = bodyscan.Scanner()
     app.state.context = serving.Context(
         settings=settings,
         pool=pool,

@@ -7,6 +7,8 @@ no other request, stream or /health was served. A route of `BodyRoute`
 reads its body as usual, then parses it with orjson and validates it in a
 worker thread (inline when it is small, where the hop would cost more than
 the work), and hands FastAPI the validated model, which it accepts as is.
+A body with more JSON values than bodyscan.MAX_VALUES is refused with 413
+before it is parsed here (bodyscan counts them in a child process).
 
 Two bounds no schema states: JSON nesting deeper than MAX_JSON_DEPTH is a
 400 naming where (nothing the API takes nests that deep, and the worker
@@ -30,7 +32,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from . import errors
+from . import bodyscan, errors
 
 # Bodies up to this size are parsed on the loop: a few hundred microseconds.
 INLINE_BYTES = 64 * 1024
@@ -52,23 +54,32 @@ class InvalidBody(HTTPException):
 def _too_deep(data: Any) -> str | None:
     """The path where `data` nests deeper than MAX_JSON_DEPTH, else None.
     Iterative, level by level: a deep body must not hit Python's own
-    recursion limit here."""
+    recursion limit here. Only containers are visited, and the path is
+    looked for only once a body is known to be too deep."""
+    level = [data] if isinstance(data, dict | list) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            return None
+    return errors.param_path(_deep_path(data)[:6]) or "body"
+
+
+def _deep_path(data: Any) -> tuple:
+    """The keys and indexes down to a container MAX_JSON_DEPTH levels deep."""
     level: list[tuple[Any, tuple]] = [(data, ())]
     for _ in range(MAX_JSON_DEPTH):
-        deeper = []
-        for node, path in level:
-            if isinstance(node, dict):
-                deeper.extend(
-                    (v, (*path, k)) for k, v in node.items() if isinstance(v, dict | list)
-                )
-            elif isinstance(node, list):
-                deeper.extend(
-                    (v, (*path, i)) for i, v in enumerate(node) if isinstance(v, dict | list)
-                )
-        if not deeper:
-            return None
-        level = deeper
-    return errors.param_path(level[0][1][:6]) or "body"
+        level = [
+            (child, (*path, key))
+            for node, path in level
+            for key, child in (node.items() if isinstance(node, dict) else enumerate(node))
+            if isinstance(child, dict | list)
+        ]
+    return level[0][1]
 
 
 def _unencodable(data: Any, path: tuple = ()) -> tuple | None:
@@ -191,8 +202,21 @@ class ParsedRequest(Request):
             if len(body) <= INLINE_BYTES:
                 self._json = parse(body, self._model)
             else:
+                try:
+                    await _scanner(self).check(body)
+                except errors.APIError as refused:
+                    raise InvalidBody(refused) from None
                 self._json = await asyncio.to_thread(parse, body, self._model)
         return self._json
+
+
+_fallback = bodyscan.Scanner()
+
+
+def _scanner(request: Request) -> bodyscan.Scanner:
+    """The app's body scanner (closed with it); a shared one for an app
+    built without create_app."""
+    return getattr(request.app.state, "body_scanner", _fallback)
 
 
 def is_large(request: Request) -> bool:

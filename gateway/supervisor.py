@@ -38,6 +38,10 @@ log = logging.getLogger("gateway.supervisor")
 
 # The longest wait between probe starts of a failed model.
 CIRCUIT_RESET_MAX = 600.0
+# A worker whose output closed has this long to exit before it counts as
+# lost (alive without its pipes) rather than crashed: a crash's exit follows
+# its pipes closing within milliseconds.
+EXIT_AFTER_EOF_S = 2.0
 OOM_TEXT = re.compile(r"out of memory|insufficient memory|MemoryError", re.IGNORECASE)
 
 
@@ -288,6 +292,9 @@ class Supervisor:
                     self.failure = None
                 self._set_state(State.READY)
                 reason = await self._watch(client)
+            if reason == "crash" and not await _wait_exit(proc, EXIT_AFTER_EOF_S):
+                reason = "lost"
+                self.last_exit = "its output closed while it kept running"
             if reason in ("heartbeat", "stall", "load_timeout"):
                 why = f"the worker was replaced: {self.last_exit}"
             elif self._stopping.is_set():
@@ -524,7 +531,8 @@ def spawn_options(settings: Settings) -> SpawnOptions:
 def _crash_reason(returncode: int | None, stderr_tail: deque[str]) -> str:
     """The restart reason of a crash: `oom` when the worker's last words say
     it ran out of memory (Metal aborts with such a message), else the signal
-    or exit code, or `lost` when it closed its pipes but did not exit."""
+    or exit code (`lost`, for a worker that lived on without its pipes, is
+    decided before it is killed)."""
     if any(OOM_TEXT.search(line) for line in stderr_tail):
         return "oom"
     if returncode is None:

@@ -62,6 +62,9 @@ def test_create(client):
         max_tokens=40,
         system=[{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
         messages=USER,
+        # Greedy: a random model's sampled reply may be its end token alone.
+        # (This SDK release takes no temperature argument; the API does.)
+        extra_body={"temperature": 0},
     )
     assert m.id.startswith("msg_") and m.type == "message" and m.role == "assistant"
     assert m.model == CLAUDE
@@ -73,7 +76,9 @@ def test_create(client):
 
 
 def test_stream_events_and_final_message(client):
-    with client.messages.stream(model=CLAUDE, max_tokens=60, messages=USER) as stream:
+    with client.messages.stream(
+        model=CLAUDE, max_tokens=60, messages=USER, extra_body={"temperature": 0}
+    ) as stream:
         events = list(stream)
         final = stream.get_final_message()
     kinds = [e.type for e in events]

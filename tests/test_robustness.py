@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from worker.engine import _is_oom
@@ -83,6 +84,25 @@ def test_a_stalled_worker_is_killed_and_its_requests_get_a_clean_error(start_gat
     health = replaced(gw, pid)
     assert "no progress" in health["workers"][0]["last_exit"]
     assert metric(gw.metrics(), "mlx_gateway_worker_restarts_total", reason="stall") == 1
+
+
+def test_a_worker_that_lives_on_without_its_pipes_is_killed_and_counted_as_lost(
+    start_gateway, tmp_path
+):
+    gw = start_gateway(*FAST, "--worker-python", faulty_python(tmp_path, "mute"))
+    (pid,) = gw.worker_pids()
+    # Every worker goes mute at its first generate: the request dies with two
+    # of them (it was alone in flight both times) and is not tried a third time.
+    with pytest.raises(openai.APIError):
+        chat(gw, max_tokens=5)
+    wait_until(
+        lambda: metric(gw.metrics(), "mlx_gateway_worker_restarts_total", reason="lost") >= 1,
+        30,
+        "a restart counted as lost",
+    )
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert "its output closed while it kept running" in gw.log()
+    assert metric(gw.metrics(), "mlx_gateway_worker_restarts_total", reason="signal_SIGKILL") == 0
 
 
 def test_an_out_of_memory_abort_is_a_clean_error_and_counted_as_oom(start_gateway, tmp_path):

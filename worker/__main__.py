@@ -1,5 +1,6 @@
-from .lifeline import die_with_parent, tolerate_fd_limit
+from .lifeline import close_stray_stdio, die_with_parent, tolerate_fd_limit
 
+close_stray_stdio()
 die_with_parent()
 tolerate_fd_limit()
 

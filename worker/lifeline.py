@@ -8,6 +8,10 @@
   imported, which fails where the hard limit is lower and a process may not
   raise it; the worker then died at import, and was restarted in a loop.
   Here the request is clamped to what is allowed, with one clear warning.
+* Stray copies of stdin, stdout and stderr: a worker spawned from uvloop
+  inherits a second descriptor of each of its stdio sockets. With a copy of
+  stdout left open, a worker that closed its protocol output was never seen
+  to go (its gateway read on, waiting for a line that could not come).
 """
 
 from __future__ import annotations
@@ -47,6 +51,37 @@ def die_with_parent() -> bool:
     if expected and expected.isdigit() and os.getppid() != int(expected):
         os._exit(0)  # the gateway died before the signal was armed
     return True
+
+
+def close_stray_stdio() -> int:
+    """Close every descriptor above 2 that is another copy of fd 0, 1 or 2;
+    the number closed."""
+    try:
+        stdio = {(st.st_dev, st.st_ino) for st in map(os.fstat, (0, 1, 2))}
+    except OSError:
+        return 0
+    closed = 0
+    for fd in _open_fds():
+        if fd <= 2:
+            continue
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in stdio:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+                closed += 1
+    return closed
+
+
+def _open_fds() -> list[int]:
+    """The process's open descriptors (Linux's /proc, macOS's /dev/fd), else
+    the low ones that are checked one by one."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return [int(name) for name in os.listdir(listing) if name.isdigit()]
+    return list(range(3, 256))
 
 
 def tolerate_fd_limit() -> None:

@@ -26,6 +26,8 @@ gateway meets it exactly as it would meet a worker that went wrong:
              SIGKILL ends it (each refusal is written to stderr)
   crash_load loading a checkpoint whose path contains "broken" kills the
              process (a segfault in the loader); other models load as usual
+  mute       at its first generate the worker points its protocol output at /dev/null
+             and lives on: the gateway sees its output close, not its exit
 """
 
 import os
@@ -35,6 +37,7 @@ import time
 
 from worker import lifeline
 
+lifeline.close_stray_stdio()
 lifeline.die_with_parent()
 lifeline.tolerate_fd_limit()
 
@@ -203,6 +206,17 @@ elif FAULT == "crash_load":
         load(self, rpc_id, params)
 
     engine.Engine._load = crashing_load
+
+elif FAULT == "mute":
+    insert = engine.Engine._insert
+
+    def muting_insert(self, jobs):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        # The protocol's private copy of fd 1: its pipe's last write end closes.
+        os.dup2(devnull, self._send.__self__._fd)
+        insert(self, jobs)
+
+    engine.Engine._insert = muting_insert
 
 elif FAULT == "refuse":
     engine.Engine.over_memory = lambda self: True

@@ -56,7 +56,10 @@ MUTANTS = [
         "worker/engine.py",
         "        job = self._by_request.get(target)\n",
         "        job = None\n",
-        (f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",),
+        (
+            f"{SLOW}::test_a_client_disconnect_cancels_the_generation_in_the_worker",
+            "tests/test_e2e_chat.py::test_client_disconnect_cancels_generation",
+        ),
     ),
     Mutant(
         "gateway never sends cancel",
@@ -142,6 +145,13 @@ MUTANTS = [
         '        return "half_open" if any(w.probing for w in self.workers) else "open"',
         '        return "open"',
         (f"{ROBUST}::test_failed_model_fails_fast_then_a_probe_brings_it_back",),
+    ),
+    Mutant(
+        "a worker alive without its pipes counted as a crash",
+        "gateway/supervisor.py",
+        '                reason = "lost"\n',
+        '                reason = "crash"\n',
+        (f"{ROBUST}::test_a_worker_that_lives_on_without_its_pipes_is_killed_and_counted_as_lost",),
     ),
     Mutant(
         "restart back-off not capped",
@@ -379,8 +389,8 @@ MUTANTS = [
     Mutant(
         "a load per waiting request",
         "gateway/registry.py",
-        "        if model.status is Status.UNLOADED and not self._closing:",
-        "        if model.status in (Status.UNLOADED, Status.LOADING) and not self._closing:",
+        "        if model.status is not Status.UNLOADED or self._closing:",
+        "        if model.status not in (Status.UNLOADED, Status.LOADING) or self._closing:",
         (f"{REGISTRY}::test_twenty_concurrent_first_requests_make_one_load",),
     ),
     Mutant(
