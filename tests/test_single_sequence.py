@@ -211,8 +211,9 @@ def generate(pipe, **params):
         {"temperature": 0.9, "seed": 11, "max_tokens": 40, "frequency_penalty": 0.4},
         {"temperature": 0, "max_tokens": 30, "logprobs": 2},
         {"temperature": 0, "max_tokens": 200, "stream": True},
+        {"temperature": 0, "max_tokens": 40, "response_format": {"type": "json_object"}},
     ],
-    ids=["greedy-stream", "seeded-penalty", "logprobs", "may-end"],
+    ids=["greedy-stream", "seeded-penalty", "logprobs", "may-end", "grammar"],
 )
 def test_workers_answer_alike_with_speculation_on_and_off(workers, params):
     want, _ = generate(workers["batch"], **params)
