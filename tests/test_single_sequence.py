@@ -13,7 +13,7 @@ import pytest
 from worker.decoder import Decoder
 from worker.mlxlm import BatchGenerator, StopSequences, load
 from worker.sampling import SamplingParams, make_processors, make_sampler
-from worker.speculative import NgramDrafter, Speculation
+from worker.speculative import DraftGate, NgramDrafter, Speculation
 
 from .helpers import WorkerPipe, deltas_for
 
@@ -177,6 +177,20 @@ def test_the_drafter_proposes_what_followed_the_latest_match():
     assert d.propose(1) == [7]
     d.add([6])
     assert d.propose(10) == []
+
+
+def test_the_gate_stops_drafting_while_verified_steps_are_slower():
+    gate = DraftGate(pause=3, samples=2, alpha=1.0)
+    for _ in range(2):
+        gate.record("plain", 1, 0.010)  # 100 tokens/s
+    gate.record("drafted", 3, 0.020)  # 150 tokens/s: keep drafting
+    gate.record("drafted", 3, 0.020)
+    assert gate.allow() and gate.pauses == 0
+    gate.record("drafted", 2, 0.040)  # 50 tokens/s
+    assert [gate.allow() for _ in range(4)] == [False, False, False, True]
+    assert gate.pauses == 1
+    gate.record("drafted", 1, 0.1)  # one sample after the pause is not enough to judge
+    assert gate.allow()
 
 
 # --- real workers ------------------------------------------------------------------

@@ -51,7 +51,7 @@ class Decoder:
         self._inner: dict[int, int] = {}  # our uid -> batch uid
         self._stash: list[Response] = []  # returned at the next step
         # Totals over every request that ran alone, for health and benches.
-        self.stats = {"single": 0, "handed_over": 0, "proposed": 0, "accepted": 0}
+        self.stats = {"single": 0, "handed_over": 0, "proposed": 0, "accepted": 0, "paused": 0}
 
     def insert(
         self,
@@ -131,6 +131,7 @@ class Decoder:
         if single.drafter is not None:
             self.stats["proposed"] += single.drafter.proposed
             self.stats["accepted"] += single.drafter.accepted
+            self.stats["paused"] += single.gate.pauses
 
     def next(self) -> tuple[list, list]:
         """One step: (prompt progress, returned tokens), as BatchGenerator.next."""

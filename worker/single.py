@@ -21,13 +21,14 @@ output has the same distribution.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
 from .mlxlm import KVCache, TokenBuffer, generation_stream, greedy_sampler, make_prompt_cache
-from .speculative import NgramDrafter, Speculation
+from .speculative import DraftGate, NgramDrafter, Speculation
 
 
 @dataclass(slots=True)
@@ -87,6 +88,7 @@ class SingleSequence:
         self.n = 0  # tokens returned
         self.finished = False
         self.drafter = None
+        self.gate = DraftGate()
         if speculation is not None and speculation.enabled and _trimmable(self.cache):
             self.drafter = NgramDrafter(
                 self.tokens + self._rest, ngram=speculation.ngram, max_draft=speculation.tokens
@@ -103,11 +105,17 @@ class SingleSequence:
                     self._prefill()
                     return []
                 self._start()
-            if self.drafter is not None:
-                drafted = self._speculate()
-                if drafted is not None:
-                    return drafted
-            return self._decode()
+            if self.drafter is None:
+                return self._decode()
+            started = time.perf_counter()
+            out = self._speculate() if self.gate.allow() else None
+            kind = "plain" if out is None else "drafted"
+            if out is None:
+                out = self._decode()
+            self.gate.record(kind, len(out), time.perf_counter() - started)
+            # The drafter's context: the prompt and every token returned.
+            self.drafter.add(self.tokens[len(self.drafter.tokens) :])
+            return out
 
     def _prefill(self) -> None:
         chunk = self._rest[: min(self.prefill_step_size, len(self._rest) - 1)]
@@ -151,7 +159,8 @@ class SingleSequence:
         token, logprobs = self._next
         value = int(token.item())
         # Tokens past max_tokens would be thrown away: draft no further.
-        self.drafter.add([value])  # it is returned in this step, drafted or not
+        # Returned in this step, drafted or not: it ends the context drafted from.
+        self.drafter.add([value])
         draft = self.drafter.propose(self.max_tokens - self.n - 1)
         if not draft:
             return None
@@ -166,7 +175,6 @@ class SingleSequence:
         for c in self.cache:
             c.trim(len(draft) - len(kept))
         self.tokens += accepted
-        self.drafter.add(accepted[1:])
         self.drafter.record(len(draft), len(kept))
         return self._emit([(value, logprobs), *zip(accepted[1:], kept, strict=True)])
 

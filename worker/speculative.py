@@ -64,3 +64,48 @@ class NgramDrafter:
     def record(self, proposed: int, accepted: int) -> None:
         self.proposed += proposed
         self.accepted += accepted
+
+
+class DraftGate:
+    """Stops drafting where verifying costs more than it saves.
+
+    A verification pass over k+1 tokens costs about one decode step on a GPU,
+    where memory traffic dominates, but up to k+1 steps on a CPU, whose
+    quantized matmuls scale with the tokens. So the gate times both kinds of
+    step (tokens returned per second) and, once verified steps are slower
+    than plain ones, drafts nothing for `pause` steps before trying again.
+    Output never depends on it: drafting only changes how tokens are checked.
+    """
+
+    def __init__(self, *, pause: int = 64, samples: int = 4, alpha: float = 0.25):
+        self.pause = pause
+        self.samples = samples
+        self.alpha = alpha
+        self.rate = {"plain": 0.0, "drafted": 0.0}  # tokens/s, moving averages
+        self.seen = {"plain": 0, "drafted": 0}
+        self.paused = 0  # plain steps left before drafting again
+        self.pauses = 0  # times drafting was switched off
+
+    def allow(self) -> bool:
+        if self.paused > 0:
+            self.paused -= 1
+            return False
+        return True
+
+    def record(self, kind: str, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.seen[kind] += 1
+        old = self.rate[kind]
+        self.rate[kind] = rate if self.seen[kind] == 1 else old + self.alpha * (rate - old)
+        if (
+            kind == "drafted"
+            and self.seen["drafted"] >= self.samples
+            and self.seen["plain"] >= self.samples
+            and self.rate["drafted"] < self.rate["plain"]
+        ):
+            self.paused = self.pause
+            self.pauses += 1
+            # Measure afresh after the pause: the machine's load changes.
+            self.seen["drafted"] = 0
