@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from worker import protocol
 from worker.logs import FORMATS
 
 from . import __version__, logs
@@ -291,6 +292,22 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add(
         p,
+        "--kv-bits",
+        "quantize the KV cache (the running batch and the prompt cache) to 8 or 4 bits: "
+        "about half or a quarter of a 16-bit cache's memory per token; greedy output may "
+        "differ slightly from full precision (default: full precision)",
+        int,
+    )
+    add(
+        p,
+        "--kv-group-size",
+        "with --kv-bits: values sharing one scale and bias (32, 64 or 128; smaller is "
+        "closer to full precision and takes more memory)",
+        int,
+        d.kv_group_size,
+    )
+    add(
+        p,
         "--api-key",
         "require this API key (Authorization: Bearer KEY); repeat for several",
         repeat=True,
@@ -464,6 +481,18 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
+def _kv_error(bits: int | None, group_size: int) -> str | None:
+    """Why --kv-bits/--kv-group-size cannot run, or None."""
+    if bits is None:
+        return None
+    if bits not in protocol.KV_BITS:
+        return f"--kv-bits must be one of {', '.join(map(str, protocol.KV_BITS))}, not {bits}"
+    if group_size not in protocol.KV_GROUP_SIZES:
+        sizes = ", ".join(map(str, protocol.KV_GROUP_SIZES))
+        return f"--kv-group-size must be one of {sizes}, not {group_size}"
+    return None
+
+
 def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
     """The prompt cache directory as the workers will see it: absolute, and
     made here when the workers run on this machine."""
@@ -557,6 +586,10 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mlx-gateway: error: {exc}", file=sys.stderr)
         return 2
+    kv_error = _kv_error(args.kv_bits, args.kv_group_size)
+    if kv_error:
+        print(f"mlx-gateway: error: {kv_error}", file=sys.stderr)
+        return 2
     try:
         cache_dir = _prompt_cache_dir(args.prompt_cache_dir, remote=bool(placement["worker_hosts"]))
     except OSError as exc:
@@ -605,6 +638,8 @@ def serve(args: argparse.Namespace) -> int:
         stall_timeout=args.stall_timeout,
         circuit_reset=args.circuit_reset,
         memory_limit_mb=args.memory_limit_mb,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),

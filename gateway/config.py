@@ -88,6 +88,9 @@ class Settings:
     # an update. 10 ms (100 updates/s) reads as smooth as one per token.
     stream_interval_ms: float = 10.0
     memory_limit_mb: float | None = None  # per worker: MLX memory above which it admits no more
+    # Quantized KV cache (None: full precision): bits and values per group.
+    kv_bits: int | None = None
+    kv_group_size: int = 64
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     protect_metrics: bool = False
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers

@@ -129,6 +129,12 @@ class Metrics:
             "MLX memory of each worker: active, peak and cache.",
             (*WORKER, "kind"),
         )
+        self.worker_kv_cache = gauge(
+            "worker_kv_cache_bytes",
+            "KV cache bytes of each worker: the running batch's (running) and the prompt "
+            "cache's (prompt_cache); quantized with --kv-bits.",
+            (*WORKER, "kind"),
+        )
         self.ttft_sum = 0.0  # over every model, see observe_ttft
         self.ttft_count = 0
         # Models loaded on demand (the model registry).

@@ -201,6 +201,17 @@ class ModelPool:
         self._waiting_gauge = metrics.num_requests_waiting.labels(spec.name)
         self._circuit_gauge = metrics.circuit_state.labels(spec.name)
 
+    def prompt_bound(self) -> tuple[int, int] | None:
+        """(context length, most bytes of text per token) as the workers
+        reported at load, when both are known: what refuses a prompt whose
+        text alone cannot fit, before it is sent (serving.refuse_overlong)."""
+        for worker in self.workers:
+            context = worker.loaded.get("context_length")
+            per_token = worker.loaded.get("max_token_bytes")
+            if context and per_token:
+                return context, per_token
+        return None
+
     def _new_workers(self) -> list[Supervisor]:
         settings = self.settings
         launchers = make_launchers(

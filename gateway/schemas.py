@@ -328,8 +328,14 @@ class ModelHealth(BaseModel):
 class Health(BaseModel):
     model_config = ConfigDict(extra="allow")
     status: Literal["ok", "idle", "unavailable"]
-    models: dict[str, ModelHealth]
-    workers: list[WorkerHealth]
+    # Absent for a caller without a key where API keys are required: the
+    # status is for anyone, the details for those with a key.
+    models: dict[str, ModelHealth] | None = Field(
+        default=None, description="Absent when keys are required and the caller has none"
+    )
+    workers: list[WorkerHealth] | None = Field(
+        default=None, description="Absent when keys are required and the caller has none"
+    )
 
 
 class StatusPoint(BaseModel):

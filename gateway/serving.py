@@ -27,7 +27,8 @@ from sse_starlette import EventSourceResponse
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from worker.protocol import GENERATE, SHUTTING_DOWN, RPCError
+from worker.prompt_bound import content_bytes, min_tokens, utf8_len
+from worker.protocol import CONTEXT_LENGTH_EXCEEDED, GENERATE, SHUTTING_DOWN, RPCError
 
 from . import errors, request_id
 from .body import is_large
@@ -283,10 +284,11 @@ async def serve(request: Request, exchange: Exchange) -> Response:
     try:
         if target is None:
             raise errors.model_not_found(exchange.model)
+        bound = target.prompt_bound()
         if is_large(request):  # a long conversation: minutes of Python on the loop
-            params = await watch.run(asyncio.to_thread(exchange.params, settings))
+            params = await watch.run(asyncio.to_thread(_params, exchange, settings, bound))
         else:
-            params = exchange.params(settings)
+            params = _params(exchange, settings, bound)
         if key:
             partition = cache_partition(key)
             for choice in params:
@@ -442,6 +444,35 @@ def server_error(tracker: Tracker, error: APIError) -> None:
     )
 
 
+def _params(exchange: Exchange, settings: Settings, bound: tuple[int, int] | None) -> list[dict]:
+    params = exchange.params(settings)
+    refuse_overlong(params, bound)
+    return params
+
+
+def refuse_overlong(params: list[dict], bound: tuple[int, int] | None) -> None:
+    """The workers' own first check, made before a prompt is sent: a prompt
+    whose text alone takes more tokens than the context holds (a token is
+    at most L bytes of it; worker/prompt_bound.py) is refused as the worker
+    would refuse it, without serializing megabytes to find out."""
+    if bound is None:
+        return
+    context, per_token = bound
+    for choice in params:
+        if "messages" in choice:
+            n_bytes = content_bytes(choice["messages"])
+        elif isinstance(choice.get("prompt"), str):
+            n_bytes = utf8_len(choice["prompt"])
+        else:
+            continue
+        least = min_tokens(n_bytes, per_token)
+        if least >= context:
+            raise RPCError(
+                CONTEXT_LENGTH_EXCEEDED,
+                f"the prompt has at least {least} tokens; this model's context is {context} tokens",
+            )
+
+
 async def start(
     pool: ModelPool, params: list[dict], stream: bool, deadline: float, tracker: Tracker
 ) -> list[Generation]:
@@ -552,8 +583,12 @@ async def stream_events(
             if delta is None:
                 remaining -= 1
                 if first[index]:
+                    # A choice that ended before its first delta still opens
+                    # in APIs that need that; the others have nothing to say.
                     first[index] = False
-                    yield escape_line_breaks(encoder.delta(index, None, True))
+                    opening = encoder.delta(index, None, True)
+                    if opening is not None:
+                        yield escape_line_breaks(opening)
                 results[index] = generations[index].result.result()
                 yield escape_line_breaks(encoder.finish(index, results[index]))
                 continue

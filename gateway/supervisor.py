@@ -153,6 +153,8 @@ class Supervisor:
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
             # Requests decoded alone, handed to the batch, drafted and accepted tokens.
             "decoder": (self.health.get("decoder") or {}) if self.ready else {},
+            # The KV cache's format (kv_bits, or full precision) and the running batch's bytes.
+            "kv": (self.health.get("kv") or {}) if self.ready else {},
         }
 
     def _group_info(self) -> dict:
@@ -335,6 +337,9 @@ class Supervisor:
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
         }
+        if self.settings.kv_bits is not None:  # else the worker's default, full precision
+            params["kv_bits"] = self.settings.kv_bits
+            params["kv_group_size"] = self.settings.kv_group_size
         load = asyncio.ensure_future(client.call(protocol.LOAD_MODEL, params))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -441,6 +446,13 @@ class Supervisor:
             mb = (health.get("memory") or {}).get(f"{kind}_memory_mb")
             if mb is not None:
                 gauge.labels(self.spec.name, self.id, kind).set(mb * 1024 * 1024)
+        kv = self.metrics.worker_kv_cache
+        running = (health.get("kv") or {}).get("bytes")
+        if running is not None:
+            kv.labels(self.spec.name, self.id, "running").set(running)
+        cached = (health.get("prompt_cache") or {}).get("bytes")
+        if cached is not None:
+            kv.labels(self.spec.name, self.id, "prompt_cache").set(cached)
 
     async def _end(
         self,

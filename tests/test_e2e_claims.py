@@ -167,3 +167,32 @@ def test_auto_tool_calls_in_the_models_own_format_come_back_as_tool_calls(start_
     r = chat(gw, tools=TOOLS, tool_choice="none", max_tokens=200)
     message = r.json()["choices"][0]["message"]
     assert "get_weather" in message["content"] and not message.get("tool_calls")
+
+
+def test_an_empty_reply_streams_to_its_end_on_every_api(start_gateway, tmp_path):
+    """A model whose first token is its end token: every API's stream still
+    ends as a stream should (it was cut when an encoder had nothing to say
+    for a choice that ended before its first delta)."""
+    gw = start_gateway(
+        "--worker-python", faulty_python(tmp_path, "script"), env={"SCRIPT_TEXT": ""}
+    )
+    streams = {
+        "/v1/chat/completions": {"messages": MESSAGES},
+        "/v1/completions": {"prompt": "once upon a time"},
+        "/v1/responses": {"input": "once upon a time"},
+        "/v1/messages": {"messages": MESSAGES, "max_tokens": 50},
+    }
+    for path, body in streams.items():
+        with gw.client.stream(
+            "POST", path, json={"model": MODEL_NAME, "stream": True, **body}
+        ) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert s.status_code == 200, (path, lines)
+        last = lines[-1]
+        ends = {
+            "/v1/chat/completions": last == "data: [DONE]",
+            "/v1/completions": last == "data: [DONE]",
+            "/v1/responses": '"response.completed"' in last,
+            "/v1/messages": '"message_stop"' in last,
+        }
+        assert ends[path], (path, lines[-3:])

@@ -126,6 +126,25 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(gw):
     assert probe.answers > 0 and probe.slowest < HEALTH_BOUND_S, probe.slowest
 
 
+def test_the_gateway_refuses_a_prompt_its_workers_would_refuse_before_sending_it():
+    from gateway.serving import refuse_overlong
+    from worker.protocol import CONTEXT_LENGTH_EXCEEDED, RPCError
+
+    bound = (100, 4)  # a 100-token context; a token is at most 4 bytes of text
+    fits = [{"messages": [{"role": "user", "content": "x" * 396}]}, {"prompt": "é" * 198}]
+    refuse_overlong(fits, bound)  # 99 tokens at least: the worker decides
+    refuse_overlong([{"prompt": "x" * 10_000}], None)  # no bound known: the worker decides
+    refuse_overlong([{"prompt_tokens": [1] * 10_000}], bound)  # ids: the worker counts them
+    for choice in (
+        {"messages": [{"role": "system", "content": "x" * 200}, {"content": "y" * 200}]},
+        {"prompt": "é" * 200},  # 400 bytes
+    ):
+        with pytest.raises(RPCError) as refused:
+            refuse_overlong([choice], bound)
+        assert refused.value.code == CONTEXT_LENGTH_EXCEEDED
+        assert "at least 100 tokens" in refused.value.message
+
+
 def test_three_hundred_thousand_messages_are_refused_without_stalling_the_gateway(gw):
     before = workers(gw)
     many = {"messages": [{"role": "user", "content": "hi"}] * 300_000, "max_tokens": 5}

@@ -223,35 +223,42 @@ def test_memory_limit_flag_reaches_the_worker(start_gateway):
 def test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on(
     start_gateway, tmp_path
 ):
-    # Every token is sent as it comes (no merging within 10 ms), so the
-    # stream has shown tokens before its 10th step, however fast the machine.
+    gate = tmp_path / "oom-now"
     gw = start_gateway(
-        *FAST, "--stream-interval-ms", "0", "--worker-python", faulty_python(tmp_path, "step_oom")
+        *FAST,
+        "--worker-python",
+        faulty_python(tmp_path, "step_oom"),
+        env={"OOM_GATE": str(gate)},
     )
     (pid,) = gw.worker_pids()
-    # A stream that has shown tokens when its step runs out of memory ends
-    # with the error (in the stream, as 503 out_of_memory would be).
+    # A stream whose client has seen tokens when a step runs out of memory
+    # ends with the error (in the stream, as 503 out_of_memory would be).
     with httpx.stream(
         "POST",
         gw.url + "/v1/chat/completions",
         json={
             "model": MODEL_NAME,
             "messages": MESSAGES,
-            "max_tokens": 30,
+            "max_tokens": 3000,
             "ignore_eos": True,
             "stream": True,
             "stream_options": {"include_usage": True},
         },
         timeout=60,
     ) as s:
-        lines = [line for line in s.iter_lines() if line]
-    assert len(lines) > 2 and lines[-2] == "event: error", (s.status_code, lines[-3:])
-    error = json.loads(lines[-1][6:])["error"]
+        lines = s.iter_lines()
+        seen = [next(line for line in lines if line.startswith("data: "))]
+        gate.touch()  # the worker's next step runs out of memory
+        seen += [line for line in lines if line]
+    assert seen[-2] == "event: error", (s.status_code, seen[-3:])
+    error = json.loads(seen[-1][6:])["error"]
     assert error["code"] == "out_of_memory" and error["type"] == "server_error"
-    # The worker carried on. A reply not streamed, whose step (the 60th) runs
-    # out of memory before the client saw anything, is sent again.
+    assert not gate.exists()
+    # The worker carried on. A reply not streamed, whose step runs out of
+    # memory before the client saw anything, is sent again.
+    gate.touch()
     resp = chat(gw, max_tokens=100)
-    assert resp.usage.completion_tokens == 100
+    assert resp.usage.completion_tokens == 100 and not gate.exists()
     assert metric(gw.metrics(), "mlx_gateway_rejected_requests_total", reason="worker_memory") == 1
     health = gw.health()["workers"][0]
     assert health["pid"] == pid and health["restarts"] == 0

@@ -173,9 +173,19 @@ class Decoder:
                 self._forget(u)
         return caches
 
-    def warm_up(self, token: int) -> None:
-        """One token through each path, so the first request pays no setup."""
-        (uid,) = self.batch.insert([[token, token]], max_tokens=[1])
+    @property
+    def prompt_cache_nbytes(self) -> int:
+        """Bytes of KV held for running requests, on either path."""
+        single = sum(c.nbytes for c in self._single.cache) if self._single is not None else 0
+        return self.batch.prompt_cache_nbytes + single
+
+    def warm_up(self, token: int, fresh_cache) -> None:
+        """One token through each path, so the first request pays no setup;
+        `fresh_cache()` makes a new request's empty cache (None: mlx-lm's)."""
+        fresh = fresh_cache()
+        (uid,) = self.batch.insert(
+            [[token, token]], max_tokens=[1], caches=None if fresh is None else [fresh]
+        )
         while not any(r.uid == uid for r in self.batch.next_generated()):
             pass
         if self.single_enabled:
@@ -185,7 +195,7 @@ class Decoder:
                 self.model,
                 uid=-1,
                 prompt=[token, token],
-                cache=None,
+                cache=fresh_cache(),
                 all_tokens=[],
                 max_tokens=1,
                 sampler=None,

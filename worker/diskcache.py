@@ -49,7 +49,7 @@ DEFAULT_QUEUE_SIZE = 8
 MIN_TOKENS = 32
 
 
-def model_fingerprint(path: str | Path) -> str | None:
+def model_fingerprint(path: str | Path, *, kv_format: str | None = None) -> str | None:
     """A digest naming one exact checkpoint, or None when `path` is no local
     file or directory. Sizes and modification times, not contents: computed
     in microseconds at every load, and a copied or rewritten checkpoint only
@@ -59,6 +59,9 @@ def model_fingerprint(path: str | Path) -> str | None:
     if not root.exists():
         return None
     digest = hashlib.sha256(f"{FORMAT}\0{mlx_lm_version()}".encode())
+    if kv_format is not None:
+        # Quantized KV (--kv-bits) entries never mix with another format's.
+        digest.update(f"\0kv\0{kv_format}".encode())
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:
         stat = file.stat()

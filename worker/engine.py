@@ -20,7 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import protocol
+from . import kvquant, protocol
 from .constraints import Grammars
 from .decoder import Decoder
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
@@ -112,6 +112,10 @@ class Engine:
         # speculate there; both set at load.
         self.single_sequence = True
         self.speculation = Speculation()
+        # Quantized KV (--kv-bits): None keeps mlx-lm's full-precision caches.
+        self.kv_bits: int | None = None
+        self.kv_group_size = kvquant.DEFAULT_GROUP_SIZE
+        self.kv_bytes = 0  # KV of the running batch, as of the last memory update
 
     # --- called from the reader thread -----------------------------------------
 
@@ -140,6 +144,11 @@ class Engine:
             "last_step_age_s": round(time.monotonic() - self.last_step_at, 3),
             "loop_age_s": round(time.monotonic() - self.loop_at, 3),
             "memory": dict(self.memory),
+            "kv": {
+                "bits": self.kv_bits,
+                "group_size": self.kv_group_size if self.kv_bits else None,
+                "bytes": self.kv_bytes,
+            },
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             # Requests that ran alone, were handed to the batch, and their
             # speculation's drafted and accepted tokens (decoder.py).
@@ -231,6 +240,7 @@ class Engine:
                 model, tokenizer, config = self.group.load(path)
             else:
                 model, tokenizer, config = load(path, return_config=True)
+            self._kv_options(params, model)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
             if self.group is not None and not self.group.leader:
@@ -293,11 +303,31 @@ class Engine:
                 {
                     "model": name,
                     "context_length": context,
+                    "max_token_bytes": self.loaded.max_token_bytes,
                     "load_s": round(load_s, 3),
                     "vocab_size": len(tokenizer),
                     "memory": dict(self.memory),
                 },
             )
+        )
+
+    def _kv_options(self, params: dict, model: Any) -> None:
+        """Quantized KV, when asked for: refused (ValueError) for options or
+        models it cannot run with, rather than silently left off."""
+        bits = params.get("kv_bits")
+        bits = int(bits) if bits else None
+        group_size = int(params.get("kv_group_size") or kvquant.DEFAULT_GROUP_SIZE)
+        kvquant.check_options(bits, group_size)
+        if bits is not None:
+            kvquant.check_model(model, bits=bits, group_size=group_size)
+        self.kv_bits, self.kv_group_size = bits, group_size
+
+    def _fresh_cache(self) -> list | None:
+        """A new request's empty KV cache: None lets mlx-lm make its own."""
+        if self.kv_bits is None:
+            return None
+        return kvquant.fresh_cache(
+            self.loaded.model, bits=self.kv_bits, group_size=self.kv_group_size
         )
 
     def _open_disk_cache(self, params: dict) -> None:
@@ -310,7 +340,8 @@ class Engine:
             # Every rank would need the same entries at the same moment.
             log.warning("prompt_cache_dir is not supported for sharded workers; ignored")
             return
-        fingerprint = model_fingerprint(self.loaded.path)
+        kv_format = f"kv{self.kv_bits}g{self.kv_group_size}" if self.kv_bits else None
+        fingerprint = model_fingerprint(self.loaded.path, kv_format=kv_format)
         if fingerprint is None:
             log.warning("prompt_cache_dir ignored: %s is no local checkpoint", self.loaded.path)
             return
@@ -324,7 +355,8 @@ class Engine:
             max_bytes=self.prompt_cache.max_bytes, max_entries=self.prompt_cache.max_size
         )
         for entry in entries:
-            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, entry.cache)
+            cache = kvquant.adopt(entry.cache) if self.kv_bits else entry.cache
+            self.prompt_cache.insert_cache(entry.cache_key, entry.tokens, cache)
         if entries or store.stats.skipped:
             log.info(
                 "read %d prompt cache entries (%.1f MB) from disk in %.2fs, skipped %d",
@@ -357,14 +389,16 @@ class Engine:
             self.loaded.model,
             # A sharded worker's ranks must make the same calls in the same
             # order; they keep to the batch path.
-            single=self.single_sequence and self.group is None,
+            # Quantized KV (kv_bits) keeps to the batch too: its caches are
+            # batched by kvquant.py, which the hand-over has not been tested on.
+            single=self.single_sequence and self.group is None and self.kv_bits is None,
             prefill_step_size=self.prefill_step_size,
             speculation=self.speculation,
         )
 
     def _warm_up(self) -> None:
         """One token through each path, so the first request pays no setup."""
-        self._generator.warm_up(next(iter(self.loaded.eos)))
+        self._generator.warm_up(next(iter(self.loaded.eos)), self._fresh_cache)
 
     def _reuse(self, job: Job) -> tuple[Any, list[int]]:
         """The KV cache of the longest cached prefix of the prompt, and the
@@ -398,7 +432,7 @@ class Engine:
         try:
             uids = self._generator.insert(
                 [rest for _, rest in reused],
-                caches=[cache for cache, _ in reused],
+                caches=[cache if cache is not None else self._fresh_cache() for cache, _ in reused],
                 all_tokens=[j.prompt[: j.cached_tokens] for j in jobs],
                 max_tokens=[j.max_tokens for j in jobs],
                 samplers=[make_sampler(j.params) for j in jobs],
@@ -431,7 +465,14 @@ class Engine:
         self.last_step_at = time.monotonic()
         if self.steps % 64 == 0:
             self._update_memory()
+        elif self.steps % 16 == 0:
+            # The batch's KV grows every step; reading it is cheap (array sizes).
+            self.kv_bytes = self._generator.prompt_cache_nbytes
         advanced = self._advance(responses)
+        if any(job.n_tokens == 1 for job, _, _ in advanced):
+            # A prefill ended: its KV cache is in memory now, and the memory
+            # ceiling should count it before the next request is admitted.
+            self._update_memory()
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
         self._send_deltas(advanced)
@@ -515,7 +556,8 @@ class Engine:
                 # prompt, the turns of a conversation).
                 self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
                 if self.disk_cache is not None:
-                    self.disk_cache.offer(job.cache_key, tokens, cache)
+                    kept = kvquant.portable(cache) if self.kv_bits else cache
+                    self.disk_cache.offer(job.cache_key, tokens, kept)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""
@@ -643,6 +685,8 @@ class Engine:
             "peak_memory_mb": round(mx.get_peak_memory() / MB, 3),
             "cache_memory_mb": round(mx.get_cache_memory() / MB, 3),
         }
+        generator = self._generator
+        self.kv_bytes = generator.prompt_cache_nbytes if generator is not None else 0
 
 
 def _log_job(job: Job, level: int, message: str, **fields: object) -> None:

@@ -1,9 +1,10 @@
 """Every use of mlx-lm beyond its public `load`/`generate` API, in one place.
 
 The worker drives mlx-lm's batch engine and reuses its parsers and caches:
-`BatchGenerator`, the caches (`KVCache`, `TokenBuffer`) a request decoding
-alone uses, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and its
-trie, the streaming detokenizers' token tables, the sampling helpers.
+`BatchGenerator`, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
+its trie, the KV cache classes (worker/kvquant.py batches the quantized
+one; a request decoding alone uses `KVCache` and `TokenBuffer`), the
+streaming detokenizers' token tables, the sampling helpers.
 These are internals that change between releases, so they are imported and
 touched only here, and pyproject.toml declares only the mlx-lm versions the
 test suite has passed on. Moving to a new mlx-lm release means: widen that
@@ -16,11 +17,14 @@ from typing import Any
 
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import (
     KVCache,
     LRUPromptCache,
+    QuantizedKVCache,
     TokenBuffer,
     can_trim_prompt_cache,
+    dynamic_roll,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
@@ -39,6 +43,7 @@ __all__ = [
     "BatchGenerator",
     "KVCache",
     "LRUPromptCache",
+    "QuantizedKVCache",
     "StopSequences",
     "TextStateMachine",
     "TokenBuffer",
@@ -47,6 +52,8 @@ __all__ = [
     "apply_top_p",
     "cached_prefix_length",
     "can_trim_prompt_cache",
+    "create_causal_mask",
+    "dynamic_roll",
     "generation_stream",
     "greedy_sampler",
     "hf_tokenizer",

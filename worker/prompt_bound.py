@@ -14,6 +14,9 @@ words fold into one token (WordPiece, WordLevel, fused unknowns) or where
 normalization or pre-tokenization may shrink or drop text (whitespace
 collapsing, stripping): for those tokenizers there is no bound (None) and
 prompts are tokenized in full, off the thread that answers heartbeats.
+
+The gateway applies the same bound (workers report L when they load) before
+it sends a prompt on, so a prompt of megabytes is not even serialized.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-
-from .mlxlm import hf_tokenizer
 
 log = logging.getLogger("worker.prompt_bound")
 
@@ -79,6 +80,8 @@ def _keeps_bytes(spec: dict) -> bool:
 def max_token_bytes(tokenizer, token_bytes: list[bytes]) -> int | None:
     """The most bytes of text one token can stand for, or None when the
     tokenizer gives no exact bound (see the module docstring)."""
+    from .mlxlm import hf_tokenizer  # here: the gateway imports this module without MLX
+
     backend = getattr(hf_tokenizer(tokenizer), "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None
@@ -110,11 +113,11 @@ def content_bytes(messages: list[dict]) -> int:
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
-            total += _utf8_len(content.strip())
+            total += utf8_len(content.strip())
     return total
 
 
-def _utf8_len(text: str) -> int:
+def utf8_len(text: str) -> int:
     if text.isascii():
         return len(text)
     return len(text.encode("utf-8", "surrogatepass"))

@@ -12,8 +12,14 @@ Methods (gateway -> worker):
                  "prefill_step_size"?: int, "prompt_cache_bytes"?: int,
                  "prompt_cache_size"?: int, "stream_interval_ms"?: float,
                  "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
-                 "prompt_cache_disk_bytes"?: int, "single_sequence"?: bool,
+                 "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
+                 "kv_group_size"?: int, "single_sequence"?: bool,
                  "speculative_tokens"?: int, "speculative_ngram"?: int}
+                kv_bits: quantize the KV cache (the running batch's and the
+                prompt cache's) to this many bits, in groups of kv_group_size
+                values (default 64) along each head (worker/kvquant.py); one of
+                KV_BITS and KV_GROUP_SIZES. Absent or null: full precision. A
+                model whose cache cannot be quantized fails to load, saying why.
                 single_sequence (default true): a request running alone
                 decodes outside the batch (worker/decoder.py);
                 speculative_tokens (default 0, off): tokens it drafts per step
@@ -23,6 +29,9 @@ Methods (gateway -> worker):
                 at load by any worker of the same checkpoint; entries are
                 partitioned by cache_key, which is stored in them.
                 -> {"model": str, "context_length": int | None, "load_s": float,
+                    "max_token_bytes": int | None (the most bytes of text one
+                    token stands for, where that bounds a prompt's tokens;
+                    worker/prompt_bound.py),
                     "memory": {"active_memory_mb", "peak_memory_mb", "cache_memory_mb"}}
     generate    {"messages": [...]} or {"prompt": str} or {"prompt_tokens": [int]},
                 plus sampling: max_tokens, temperature, top_p, top_k, min_p,
@@ -51,7 +60,10 @@ Methods (gateway -> worker):
                 -> {"prompt_tokens": int}: the prompt `generate` would run.
     cancel      {"request_id": id} -> {"cancelled": bool}
                 The cancelled `generate` then fails with CANCELLED.
-    health      {} -> {"state", "model", "active", "queued", "pid", "memory", ...}
+    health      {} -> {"state", "model", "active", "queued", "pid", "memory",
+                    "kv": {"bits", "group_size", "bytes"}, "prompt_cache", ...}
+                kv.bytes: the running batch's KV cache (as of the last memory
+                update); prompt_cache.bytes: the prompt cache's.
     shutdown    {} -> {"ok": true}; the worker exits after replying.
 
 Notification (worker -> gateway):
@@ -117,6 +129,13 @@ SHUTDOWN = "shutdown"
 TOKENS = "tokens"
 
 RequestId = int | str
+
+# What load_model's kv_bits and kv_group_size accept. mlx quantizes with
+# other widths too, but 8 and 4 bits are the ones its quantized matmuls are
+# tuned for and the ones the tests cover.
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+DEFAULT_KV_GROUP_SIZE = 64
 
 # `generate`'s param naming the HTTP request it serves, for log lines only.
 # Not `request_id`: that names a JSON-RPC id (in `cancel` and `tokens`).

@@ -12,7 +12,7 @@ from . import protocol
 from .constraints import response_format_grammar, tool_grammar
 from .engine import PROMPT_CACHE_KEY, LoadedModel
 from .job import Job, Output, ToolMode, machine_for
-from .prompt_bound import content_bytes, min_tokens
+from .prompt_bound import content_bytes, min_tokens, utf8_len
 from .protocol import RequestId, RPCError
 from .sampling import SamplingParams, make_processors
 
@@ -103,10 +103,6 @@ def _check_text(loaded: LoadedModel, n_bytes: int, max_tokens: int | None) -> No
         _too_long(least, loaded.context_length, max_tokens, exact=False)
 
 
-def _utf8(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -> list[int]:
     """The prompt's token ids. A prompt that cannot fit the context is
     refused before the costly part (templating, tokenizing) where possible."""
@@ -125,7 +121,7 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
     if "prompt" in params:
         if not isinstance(params["prompt"], str):
             raise invalid("prompt must be a string")
-        _check_text(loaded, _utf8(params["prompt"]), max_tokens)
+        _check_text(loaded, utf8_len(params["prompt"]), max_tokens)
         return tokenizer.encode(params["prompt"], add_special_tokens=True)
     messages = params.get("messages")
     if (
@@ -139,7 +135,7 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
     _check_text(loaded, content_bytes(messages), max_tokens)
     if not tokenizer.has_chat_template:
         text = "\n".join(str(m.get("content") or "") for m in messages)
-        _check_text(loaded, _utf8(text), max_tokens)
+        _check_text(loaded, utf8_len(text), max_tokens)
         return tokenizer.encode(text, add_special_tokens=True)
     extra = params.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
@@ -157,7 +153,7 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
         raise invalid(f"the chat template rejected the messages: {exc}") from None
     if not isinstance(text, str):  # a custom renderer that tokenizes itself
         return list(text)
-    _check_text(loaded, _utf8(text), max_tokens)
+    _check_text(loaded, utf8_len(text), max_tokens)
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 

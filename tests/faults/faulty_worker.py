@@ -17,8 +17,9 @@ gateway meets it exactly as it would meet a worker that went wrong:
   slow       every decode step takes STEP_DELAY_S longer (0.02 s unless set),
              so a reply of a few hundred tokens lasts seconds on any machine
              and a test never races the model
-  step_oom   the 10th and the 60th decode steps raise MLX's out-of-memory
-             error (once each); the engine's own recovery handles it
+  step_oom   the first decode step after the file $OOM_GATE appears raises
+             MLX's out-of-memory error (and removes the file), so a test
+             chooses the moment; the engine's own recovery handles it
   slow_load  loading the model takes LOAD_DELAY_S (30 s unless set) longer
   script     the model writes SCRIPT_TEXT, token by token, then its end token,
              whatever it is asked (a model that calls tools, on demand)
@@ -110,12 +111,11 @@ elif FAULT == "slow":
 
 elif FAULT == "step_oom":
     step = engine.Engine._step
-
-    fired: set[int] = set()
+    gate = os.environ["OOM_GATE"]
 
     def oom_step(self):
-        if self.steps in (10, 60) and self.steps not in fired:
-            fired.add(self.steps)
+        if os.path.exists(gate):
+            os.unlink(gate)
             real_next = self._generator.next
 
             def failing_next():
