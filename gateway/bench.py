@@ -764,11 +764,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(default: the built-in model)",
     )
     p.add_argument("--rounds", type=int, default=3, help="for --compare: rounds to take medians of")
-    p.add_argument("--gateway-args", default="", help="for --compare: extra `serve` flags")
+    p.add_argument(
+        "--gateway-args", default="", help="for --compare and --speculative: extra `serve` flags"
+    )
     p.add_argument("--ipc", action="store_true", help="measure the JSON-RPC pipe alone")
-    from . import bench_agent
+    from . import bench_agent, bench_spec
 
     bench_agent.add_arguments(p)
+    bench_spec.add_arguments(p)
     p.set_defaults(func=main)
 
 
@@ -783,6 +786,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"RPC round trip: p50 {rtt['p50'] * 1e6:.0f} us, p99 {rtt['p99'] * 1e6:.0f} us")
             print(f"token notifications through one pipe: {result['notifications_per_s']:,.0f}/s")
         return 0
+    if args.speculative is not None:
+        from . import bench_spec
+
+        return bench_spec.main(args)
     if args.compare and args.agent:
         from . import bench_agent
 

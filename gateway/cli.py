@@ -139,6 +139,29 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         int,
         d.prefill_step_size,
     )
+    add(
+        p,
+        "--single-sequence",
+        "decode a request running alone on a plain KV cache instead of a one-row batch "
+        "(handed to the batch when a second arrives)",
+        switch=True,
+        default=d.single_sequence,
+    )
+    add(
+        p,
+        "--speculative-tokens",
+        "prompt-lookup speculation for a request running alone: tokens drafted per step "
+        "from its own context, verified in one forward pass (0: off)",
+        int,
+        d.speculative_tokens,
+    )
+    add(
+        p,
+        "--speculative-ngram",
+        "tokens at the end of the context a draft must match earlier in it",
+        int,
+        d.speculative_ngram,
+    )
     add(p, "--max-queue", "requests allowed to wait per model before 503", int, d.max_queue)
     add(p, "--queue-timeout", "seconds a request may wait for a worker", float, d.queue_timeout)
     add(p, "--request-timeout", "seconds a request may take in all", float, d.request_timeout)
@@ -483,6 +506,11 @@ def _prompt_cache_dir(value: str | None, *, remote: bool) -> str | None:
     return path
 
 
+# A longer draft costs a longer verification and is rarely all accepted.
+MAX_SPECULATIVE_TOKENS = 64
+MAX_SPECULATIVE_NGRAM = 32
+
+
 def _placement(args: argparse.Namespace) -> dict:
     """Where workers run (the --worker-host and --shard flags), checked."""
     from .launcher import parse_host
@@ -493,6 +521,10 @@ def _placement(args: argparse.Namespace) -> dict:
         parse_host(h)
     if args.shard < 1:
         raise ValueError("--shard must be 1 or more")
+    if not 0 <= args.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"--speculative-tokens must be 0 to {MAX_SPECULATIVE_TOKENS}")
+    if not 1 <= args.speculative_ngram <= MAX_SPECULATIVE_NGRAM:
+        raise ValueError(f"--speculative-ngram must be 1 to {MAX_SPECULATIVE_NGRAM}")
     if args.shard > 1 and hosts:
         raise ValueError("use --shard-hosts, not --worker-host, to place the ranks of --shard")
     if shard_hosts and len(shard_hosts) != args.shard:
@@ -579,6 +611,9 @@ def serve(args: argparse.Namespace) -> int:
         **placement,
         max_batch_size=args.max_batch_size,
         prefill_step_size=args.prefill_step_size,
+        single_sequence=args.single_sequence,
+        speculative_tokens=args.speculative_tokens,
+        speculative_ngram=args.speculative_ngram,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,

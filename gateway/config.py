@@ -54,6 +54,12 @@ class Settings:
     shard_port: int = 0  # first ring port; 0 picks free ports when every rank is local
     max_batch_size: int = 32  # sequences decoded together in one worker
     prefill_step_size: int = 512  # prompt tokens per step, interleaved with decoding
+    # A request running alone skips the batch (worker/decoder.py); with
+    # speculative_tokens > 0 it drafts that many tokens per step from its own
+    # context (prompt lookup, matching its last speculative_ngram tokens).
+    single_sequence: bool = True
+    speculative_tokens: int = 0
+    speculative_ngram: int = 3
     max_queue: int = 256  # requests waiting per model before 503
     queue_timeout: float = 60.0
     request_timeout: float = 600.0

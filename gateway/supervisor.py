@@ -151,6 +151,8 @@ class Supervisor:
             "steps": self.health.get("steps", 0) if self.ready else 0,
             "memory_mb": (self.health.get("memory") or {}) if self.ready else {},
             "prompt_cache": (self.health.get("prompt_cache") or {}) if self.ready else {},
+            # Requests decoded alone, handed to the batch, drafted and accepted tokens.
+            "decoder": (self.health.get("decoder") or {}) if self.ready else {},
             # The KV cache's format (kv_bits, or full precision) and the running batch's bytes.
             "kv": (self.health.get("kv") or {}) if self.ready else {},
         }
@@ -325,6 +327,9 @@ class Supervisor:
             "name": self.spec.name,
             "max_batch_size": self.settings.max_batch_size,
             "prefill_step_size": self.settings.prefill_step_size,
+            "single_sequence": self.settings.single_sequence,
+            "speculative_tokens": self.settings.speculative_tokens,
+            "speculative_ngram": self.settings.speculative_ngram,
             "prompt_cache_bytes": self.settings.prompt_cache_bytes,
             "prompt_cache_size": self.settings.prompt_cache_size,
             "prompt_cache_dir": self.settings.prompt_cache_dir,

@@ -108,7 +108,13 @@ def chaos(gw, seconds: float, interval: float, seed: int, stop: asyncio.Event) -
     stopped_once = False
     while time.monotonic() < deadline and not stop.is_set():
         time.sleep(interval)
-        pids = gw.worker_pids()
+        # Only workers holding two requests or more: a worker killed with one
+        # request is what a poison request (killed by the kernel's OOM
+        # killer) looks like, and that death is laid on the request.
+        pids = busy_workers(gw)
+        while not pids and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.2)
+            pids = busy_workers(gw)
         if not pids:
             continue
         pid = rng.choice(pids)
@@ -120,6 +126,10 @@ def chaos(gw, seconds: float, interval: float, seed: int, stop: asyncio.Event) -
         except ProcessLookupError:
             pass
     return actions
+
+
+def busy_workers(gw) -> list[int]:
+    return [w["pid"] for w in gw.health()["workers"] if w["pid"] and w["in_flight"] >= 2]
 
 
 def test_chaos(start_gateway, request):

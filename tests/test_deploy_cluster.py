@@ -133,7 +133,9 @@ def test_a_conversation_sticks_to_one_gateway_and_streams_pass_through(cluster):
     with httpx.stream(
         "POST",
         url + "/v1/completions",
-        json={**BODY, "max_tokens": 40, "stream": True},
+        # Long enough that its tokens arrive in many events even on a loaded
+        # machine, where a short reply's tokens may share one.
+        json={**BODY, "max_tokens": 400, "stream": True},
         headers={"X-Conversation-Id": "conversation-0"},
         timeout=60,
     ) as r:

@@ -450,3 +450,47 @@ def test_a_file_without_the_models_shape_is_refused_clearly(tmp_path):
     )
     assert serve.returncode == 2
     assert "lacks the metadata llama.attention.head_count" in serve.stderr
+
+
+def test_speculation_copies_code_token_for_token(reference):
+    """Prompt-lookup speculation on a copy-heavy chat: the same greedy tokens as
+    the batch, with drafts accepted (the reply copies the prompt's code)."""
+    from worker.decoder import Decoder
+    from worker.mlxlm import BatchGenerator, StopSequences
+    from worker.sampling import greedy_sampler
+    from worker.speculative import Speculation
+
+    model, tokenizer = reference
+    code = "def area(width, height):\n    return width * height\n\n\nprint(area(3, 4))\n"
+    prompt = tokenizer.apply_chat_template(
+        user(f"```python\n{code}```\nRepeat this code exactly, renaming area to size."),
+        add_generation_prompt=True,
+    )
+    replies = []
+    for single, spec in ((False, 0), (True, 4)):
+        batch = BatchGenerator(model, max_tokens=1, completion_batch_size=4, prefill_batch_size=4)
+        dec = Decoder(
+            batch,
+            model,
+            single=single,
+            prefill_step_size=512,
+            speculation=Speculation(tokens=spec, ngram=3),
+        )
+        dec.insert(
+            [prompt],
+            max_tokens=[24],
+            caches=[None],
+            all_tokens=[[]],
+            samplers=[greedy_sampler],
+            logits_processors=[[]],
+            stop_sequences=[StopSequences([[t] for t in tokenizer.eos_token_ids])],
+        )
+        tokens: list[int] = []
+        ended = False
+        while not ended:
+            for r in dec.next()[1]:
+                tokens.append(r.token)
+                ended = r.finish_reason is not None
+        replies.append(tokens)
+    assert replies[1] == replies[0]
+    assert dec.stats["accepted"] > 0, dec.stats

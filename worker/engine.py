@@ -22,6 +22,7 @@ import mlx.core as mx
 
 from . import kvquant, protocol
 from .constraints import Grammars
+from .decoder import Decoder
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
 from .job import Job, merge_delta
 from .mlxlm import (
@@ -34,10 +35,11 @@ from .mlxlm import (
     token_bytes_table,
     trim_prompt_cache,
 )
-from .pacing import MIN_CHUNK, PrefillPacer
+from .pacing import PrefillPacer
 from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
+from .speculative import DEFAULT_NGRAM, Speculation
 
 log = logging.getLogger("worker.engine")
 
@@ -111,6 +113,10 @@ class Engine:
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
         self.log_requests = False  # one info line per request that ends
+        # A request running alone skips the batch (decoder.py), and may
+        # speculate there; both set at load.
+        self.single_sequence = True
+        self.speculation = Speculation()
         # Quantized KV (--kv-bits): None keeps mlx-lm's full-precision caches.
         self.kv_bits: int | None = None
         self.kv_group_size = kvquant.DEFAULT_GROUP_SIZE
@@ -149,6 +155,9 @@ class Engine:
                 "bytes": self.kv_bytes,
             },
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
+            # Requests that ran alone, were handed to the batch, and their
+            # speculation's drafted and accepted tokens (decoder.py).
+            "decoder": dict(self._generator.stats) if self._generator is not None else {},
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,
@@ -261,6 +270,11 @@ class Engine:
                 max_bytes=cache_bytes,
             )
         self.prefill_step_size = int(params.get("prefill_step_size", self.prefill_step_size))
+        self.single_sequence = bool(params.get("single_sequence", True))
+        self.speculation = Speculation(
+            tokens=int(params.get("speculative_tokens") or 0),
+            ngram=int(params.get("speculative_ngram") or DEFAULT_NGRAM),
+        )
         eos = set(tokenizer.eos_token_ids)
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
             "max_position_embeddings"
@@ -368,7 +382,7 @@ class Engine:
         self._eos_stop = StopSequences([[t] for t in self.loaded.eos])
         self._no_stop = StopSequences()
         prompts_at_once = min(8, self.max_batch_size)
-        generator = BatchGenerator(
+        batch = BatchGenerator(
             self.loaded.model,
             max_tokens=1,
             stop_tokens=[[t] for t in self.loaded.eos],
@@ -377,25 +391,25 @@ class Engine:
             prefill_step_size=self.prefill_step_size,
         )
         self._pacer = PrefillPacer(
-            generator, max_chunk=self.prefill_step_size, prompts_at_once=prompts_at_once
+            batch, max_chunk=self.prefill_step_size, prompts_at_once=prompts_at_once
         )
-        return generator
+        return Decoder(
+            batch,
+            self.loaded.model,
+            # A sharded worker's ranks must make the same calls in the same
+            # order; they keep to the batch path.
+            # Quantized KV (kv_bits) keeps to the batch too: its caches are
+            # batched by kvquant.py, which the hand-over has not been tested on.
+            single=self.single_sequence and self.group is None and self.kv_bits is None,
+            prefill_step_size=self.prefill_step_size,
+            speculation=self.speculation,
+        )
 
     def _warm_up(self) -> None:
-        """One token through the batch path, so the first request pays no setup."""
-        gen = self._generator
+        """One token through each path, so the first request pays no setup."""
         token = next(iter(self.loaded.eos))
-        # Long enough for the pacer to measure the prefill rate before the
-        # first real prompt.
-        fresh = self._fresh_cache()
-        (uid,) = gen.insert(
-            [[token] * (MIN_CHUNK + 1)],
-            max_tokens=[1],
-            caches=None if fresh is None else [fresh],
-        )
-        while not any(r.uid == uid for r in gen.next_generated()):
-            pass
-        self._pacer.update()
+        self._generator.warm_up(token, self._fresh_cache)
+        self._pacer.calibrate(token, self._fresh_cache)
 
     def _reuse(self, job: Job) -> tuple[Any, list[int]]:
         """The KV cache of the longest cached prefix of the prompt, and the
@@ -463,32 +477,51 @@ class Engine:
         elif self.steps % 16 == 0:
             # The batch's KV grows every step; reading it is cheap (array sizes).
             self.kv_bytes = self._generator.prompt_cache_nbytes
-        eos = self.loaded.eos
-        advanced: list[tuple[Job, Any, dict]] = []
-        for r in responses:
-            job = self._jobs.get(r.uid)
-            if job is None:
-                continue
-            if job.grammar is not None and job.grammar.failed:
-                self._fail_grammar(job, r)
-                continue
-            advanced.append((job, r, job.advance(r.token, r.finish_reason, eos)))
+        advanced = self._advance(responses)
         if any(job.n_tokens == 1 for job, _, _ in advanced):
             # A prefill ended: its KV cache is in memory now, and the memory
             # ceiling should count it before the next request is admitted.
             self._update_memory()
         if any(job.logprobs is not None for job, _, _ in advanced):
             self._logprobs(advanced)
+        self._send_deltas(advanced)
+        # A request may return several tokens in one step (a verified draft):
+        # its last response is the one that ends it.
+        finished = {job: r for job, r, _ in advanced if job.finish_reason is not None}
+        if finished:
+            self._end_finished(finished)
+
+    def _advance(self, responses: list) -> list[tuple[Job, Any, dict]]:
+        """Feed each returned token to its job; tokens after a job's end
+        (a stop string inside a verified draft) are dropped."""
+        eos = self.loaded.eos
+        advanced: list[tuple[Job, Any, dict]] = []
+        for r in responses:
+            job = self._jobs.get(r.uid)
+            if job is None or job.finish_reason is not None:
+                continue
+            if job.grammar is not None and job.grammar.failed:
+                self._fail_grammar(job, r)
+                continue
+            delta = job.advance(r.token, r.finish_reason, eos)
+            if job.stream:
+                delta["tokens"] = 1
+                if job.n_tokens == 1:
+                    # The prompt's size, for APIs that report it before the reply.
+                    delta["prompt_tokens"] = len(job.prompt)
+                    delta["cached_tokens"] = job.cached_tokens
+            advanced.append((job, r, delta))
+        return advanced
+
+    def _send_deltas(self, advanced: list[tuple[Job, Any, dict]]) -> None:
+        """One `tokens` notification with this step's deltas, one per request."""
+        merged: dict[Job, dict] = {}
+        for job, _, delta in advanced:
+            if job.stream:
+                merged[job] = merge_delta(merged[job], delta) if job in merged else delta
         deltas = []
         now = time.perf_counter()
-        for job, _, delta in advanced:
-            if not job.stream:
-                continue
-            delta["tokens"] = 1
-            if job.n_tokens == 1:
-                # The prompt's size, for APIs that report it before the reply.
-                delta["prompt_tokens"] = len(job.prompt)
-                delta["cached_tokens"] = job.cached_tokens
+        for job, delta in merged.items():
             if job.unsent is not None:
                 delta = merge_delta(job.unsent, delta)
                 job.unsent = None
@@ -513,26 +546,27 @@ class Engine:
                 job.unsent = delta
         if deltas:
             self._send(protocol.notification(protocol.TOKENS, {"deltas": deltas}))
-        finished = [(job, r) for job, r, _ in advanced if job.finish_reason is not None]
-        if finished:
-            # A stop string ends a job the generator still holds.
-            early = [job.uid for job, r in finished if r.finish_reason is None]
-            caches = self._generator.remove(early, return_prompt_caches=True) if early else {}
-            self._update_memory()
-            now = time.perf_counter()
-            for job, r in finished:
-                if r.prompt_cache is not None:
-                    cache, tokens = r.prompt_cache, r.all_tokens
-                else:
-                    cache, tokens = caches.get(job.uid, (None, None))
-                self._finish(job, now, cache)
-                if cache and tokens and self.prompt_cache is not None:
-                    # Kept for later requests that share a prefix (a system
-                    # prompt, the turns of a conversation).
-                    self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
-                    if self.disk_cache is not None:
-                        kept = kvquant.portable(cache) if self.kv_bits else cache
-                        self.disk_cache.offer(job.cache_key, tokens, kept)
+
+    def _end_finished(self, finished: dict[Job, Any]) -> None:
+        """Answer the requests that ended, keeping their caches for reuse."""
+        # A stop string ends a job the generator still holds.
+        early = [job.uid for job, r in finished.items() if r.finish_reason is None]
+        caches = self._generator.remove(early, return_prompt_caches=True) if early else {}
+        self._update_memory()
+        now = time.perf_counter()
+        for job, r in finished.items():
+            if r.prompt_cache is not None:
+                cache, tokens = r.prompt_cache, r.all_tokens
+            else:
+                cache, tokens = caches.get(job.uid, (None, None))
+            self._finish(job, now, cache)
+            if cache and tokens and self.prompt_cache is not None:
+                # Kept for later requests that share a prefix (a system
+                # prompt, the turns of a conversation).
+                self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+                if self.disk_cache is not None:
+                    kept = kvquant.portable(cache) if self.kv_bits else cache
+                    self.disk_cache.offer(job.cache_key, tokens, kept)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""

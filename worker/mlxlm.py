@@ -3,7 +3,8 @@
 The worker drives mlx-lm's batch engine and reuses its parsers and caches:
 `BatchGenerator`, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
 its trie, the KV cache classes (worker/kvquant.py batches the quantized
-one), the streaming detokenizers' token tables, the sampling helpers.
+one; a request decoding alone uses `KVCache` and `TokenBuffer`), the
+streaming detokenizers' token tables, the sampling helpers.
 These are internals that change between releases, so they are imported and
 touched only here, and pyproject.toml declares only the mlx-lm versions the
 test suite has passed on. Moving to a new mlx-lm release means: widen that
@@ -23,6 +24,7 @@ from mlx_lm.models.cache import (
     KVCache,
     LRUPromptCache,
     QuantizedKVCache,
+    TokenBuffer,
     can_trim_prompt_cache,
     dynamic_roll,
     load_prompt_cache,
@@ -46,6 +48,7 @@ __all__ = [
     "QuantizedKVCache",
     "StopSequences",
     "TextStateMachine",
+    "TokenBuffer",
     "apply_min_p",
     "apply_top_k",
     "apply_top_p",

@@ -28,6 +28,16 @@ class PrefillPacer:
         self.chunk = max_chunk
         self._seen = prefill_totals(generator)
 
+    def calibrate(self, token: int, fresh_cache) -> None:
+        """At load: prefill one short prompt, so the first real one is paced."""
+        fresh = fresh_cache()
+        (uid,) = self.generator.insert(
+            [[token] * (MIN_CHUNK + 1)], max_tokens=[1], caches=None if fresh is None else [fresh]
+        )
+        while not any(r.uid == uid for r in self.generator.next_generated()):
+            pass
+        self.update()
+
     def update(self) -> None:
         """After a step: re-size the chunk from the prefill since the last size."""
         tokens, seconds = prefill_totals(self.generator)

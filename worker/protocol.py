@@ -13,12 +13,17 @@ Methods (gateway -> worker):
                  "prompt_cache_size"?: int, "stream_interval_ms"?: float,
                  "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
                  "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
-                 "kv_group_size"?: int}
+                 "kv_group_size"?: int, "single_sequence"?: bool,
+                 "speculative_tokens"?: int, "speculative_ngram"?: int}
                 kv_bits: quantize the KV cache (the running batch's and the
                 prompt cache's) to this many bits, in groups of kv_group_size
                 values (default 64) along each head (worker/kvquant.py); one of
                 KV_BITS and KV_GROUP_SIZES. Absent or null: full precision. A
                 model whose cache cannot be quantized fails to load, saying why.
+                single_sequence (default true): a request running alone
+                decodes outside the batch (worker/decoder.py);
+                speculative_tokens (default 0, off): tokens it drafts per step
+                by prompt lookup, matching its last speculative_ngram (3).
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are

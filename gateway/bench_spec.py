@@ -1,0 +1,215 @@
+"""`mlx-gateway bench --speculative K`: a copy-heavy scenario, speculation on and off.
+
+Code edits copy most of their prompt. Each request here holds a code block of
+about 300 tokens and asks for it back with one change. Two gateways serve the
+same model, one with `--speculative-tokens K`, one without; rounds alternate
+between them at each concurrency, so a shared machine's drifts hit both alike.
+Reported per concurrency: the decode rate of one stream (tokens after the
+first over the time after the first, the median over requests), the ratio,
+the share of drafted tokens the model accepted (from the workers' /health),
+and whether greedy replies were the same with speculation on and off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+
+import httpx
+
+from .bench import free_port, run_level, start_server, stop_server
+
+CODE = '''def parse_config(path):
+    """Read a key=value file into a dict, skipping comments and blank lines."""
+    result = {}
+    with open(path) as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if "=" not in line:
+                raise ValueError(f"line {number}: expected key=value")
+            key, value = line.split("=", 1)
+            key = key.strip()
+            value = value.strip()
+            if key in result:
+                raise ValueError(f"line {number}: duplicate key {key}")
+            result[key] = value
+    return result
+
+
+def merge_configs(base, override):
+    """Return a new dict with the keys of override replacing those of base."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = value
+    return merged
+
+
+def write_config(path, config):
+    """Write a dict as a key=value file, keys in sorted order."""
+    with open(path, "w") as handle:
+        for key in sorted(config):
+            handle.write(f"{key}={config[key]}\\n")
+'''
+RENAMES = ["combine_configs", "join_configs", "overlay_configs", "update_configs"]
+
+
+class CopyPrompts:
+    """The copy-heavy request; the renamed function varies, so replies differ."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def messages(self) -> list[dict]:
+        name = RENAMES[self.n % len(RENAMES)]
+        self.n += 1
+        return [
+            {
+                "role": "user",
+                "content": f"Here is a Python module:\n\n```python\n{CODE}```\n\n"
+                f"Return the whole module unchanged except rename merge_configs to {name}. "
+                "Reply with the code only.",
+            }
+        ]
+
+
+def _decode_rate(outcomes: list) -> float | None:
+    rates = [
+        (o.tokens - 1) / (o.latency - o.ttft)
+        for o in outcomes
+        if o.ok and o.tokens > 1 and o.latency > o.ttft
+    ]
+    return statistics.median(rates) if rates else None
+
+
+def _drafts(url: str) -> tuple[int, int]:
+    workers = httpx.get(url + "/health", timeout=10).json().get("workers", [])
+    stats = [w.get("decoder") or {} for w in workers]
+    return sum(s.get("proposed", 0) for s in stats), sum(s.get("accepted", 0) for s in stats)
+
+
+def _greedy_text(url: str, messages: list[dict], max_tokens: int) -> str:
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
+    reply.raise_for_status()
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def _gateway(path: str, port: int, spec: int, extra: str) -> object:
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--model",
+        f"bench={path}",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--heartbeat-interval",
+        "1",
+        "--speculative-tokens",
+        str(spec),
+        *extra.split(),
+    ]
+    return start_server(cmd, f"http://127.0.0.1:{port}", "/health")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from .checkpoints import resolve
+
+    path = resolve(args.model_path).path
+    urls = {}
+    procs = []
+    try:
+        for name, spec in (("off", 0), ("on", args.speculative)):
+            port = free_port()
+            procs.append(_gateway(path, port, spec, args.gateway_args))
+            urls[name] = f"http://127.0.0.1:{port}"
+        probe = CopyPrompts().messages()
+        same = _greedy_text(urls["off"], probe, args.max_tokens) == _greedy_text(
+            urls["on"], probe, args.max_tokens
+        )
+        levels: dict[int, dict] = {}
+        for _ in range(args.rounds):
+            for c in args.concurrency:
+                level = levels.setdefault(c, {"off": [], "on": [], "drafts": [0, 0]})
+                for name, url in urls.items():
+                    before = _drafts(url)
+                    _, outcomes = asyncio.run(
+                        run_level(
+                            url,
+                            "bench",
+                            c,
+                            args.requests,
+                            None,
+                            args.max_tokens,
+                            CopyPrompts(),
+                            {},
+                            False,
+                        )
+                    )
+                    level[name].append(_decode_rate(outcomes))
+                    if name == "on":
+                        time.sleep(1.5)  # a heartbeat brings the workers' counts
+                        after = _drafts(url)
+                        level["drafts"][0] += after[0] - before[0]
+                        level["drafts"][1] += after[1] - before[1]
+    finally:
+        for proc in procs:
+            stop_server(proc)
+    return {
+        "model": path,
+        "speculative_tokens": args.speculative,
+        "identical": same,
+        "settings": {
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+        },
+        "levels": levels,
+    }
+
+
+def print_result(result: dict) -> None:
+    s = result["settings"]
+    print(f"\nmodel: {result['model']}")
+    print(
+        f"copy-heavy prompt, --speculative-tokens {result['speculative_tokens']} vs 0; "
+        f"{s['rounds']} rounds x {s['requests']} requests, max_tokens {s['max_tokens']}, "
+        "greedy; per-stream decode tok/s, medians"
+    )
+    print(f"greedy replies identical with speculation on and off: {result['identical']}")
+    print(f"\n{'conc':>5} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} {'accepted':>9}")
+    for c, level in result["levels"].items():
+        off = statistics.median(v for v in level["off"] if v is not None)
+        on = statistics.median(v for v in level["on"] if v is not None)
+        proposed, accepted = level["drafts"]
+        share = f"{accepted / proposed:.0%}" if proposed else "-"
+        print(f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9}")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_result(result)
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative",
+        type=int,
+        default=None,
+        metavar="K",
+        help="copy-heavy scenario on --model-path: two gateways, --speculative-tokens K and "
+        "0, per-stream decode tok/s, accepted drafts, greedy output compared",
+    )

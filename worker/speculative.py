@@ -1,0 +1,111 @@
+"""Prompt-lookup drafts: guessing the next tokens of a reply from its own context.
+
+Code edits and tool arguments copy long runs of the prompt. When the last `n`
+tokens of the context (prompt and reply so far) occurred earlier in it, the
+tokens that followed that occurrence are a cheap guess at what comes next; the
+model checks the guess in one forward pass (single.py) and keeps what it
+agrees with. No second model is needed.
+
+The index is built incrementally, one dictionary entry per token, so proposing
+costs the same at any context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NGRAM = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Speculation:
+    """How to draft: at most `tokens` per step, matching the last `ngram` tokens."""
+
+    tokens: int = 0  # 0: off
+    ngram: int = DEFAULT_NGRAM
+
+    @property
+    def enabled(self) -> bool:
+        return self.tokens > 0 and self.ngram > 0
+
+
+class NgramDrafter:
+    def __init__(self, context: list[int], *, ngram: int, max_draft: int):
+        self.n = ngram
+        self.k = max_draft
+        self.tokens: list[int] = []
+        # Each n-gram that has a successor -> where its latest successor is.
+        self._after: dict[tuple[int, ...], int] = {}
+        self.proposed = 0  # draft tokens offered for verification
+        self.accepted = 0  # of which the model agreed with
+        self.add(context)
+
+    def add(self, tokens: list[int]) -> None:
+        """Extend the context with tokens that are now final."""
+        n = self.n
+        for token in tokens:
+            end = len(self.tokens)
+            if end >= n:
+                # The n-gram ending just before `token` now has a successor.
+                self._after[tuple(self.tokens[end - n : end])] = end
+            self.tokens.append(token)
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to min(k, limit) tokens that followed the latest earlier
+        occurrence of the context's last n-gram; [] when it has none."""
+        k = min(self.k, limit)
+        if k <= 0 or len(self.tokens) < self.n:
+            return []
+        at = self._after.get(tuple(self.tokens[-self.n :]))
+        if at is None:
+            return []
+        return self.tokens[at : at + k]
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+
+
+class DraftGate:
+    """Stops drafting where verifying costs more than it saves.
+
+    A verification pass over k+1 tokens costs about one decode step on a GPU,
+    where memory traffic dominates, but up to k+1 steps on a CPU, whose
+    quantized matmuls scale with the tokens. So the gate times both kinds of
+    step (tokens returned per second) and, once verified steps are slower
+    than plain ones, drafts nothing for `pause` steps before trying again.
+    Output never depends on it: drafting only changes how tokens are checked.
+    """
+
+    def __init__(self, *, pause: int = 64, samples: int = 4, alpha: float = 0.25):
+        self.pause = pause
+        self.samples = samples
+        self.alpha = alpha
+        self.rate = {"plain": 0.0, "drafted": 0.0}  # tokens/s, moving averages
+        self.seen = {"plain": 0, "drafted": 0}
+        self.paused = 0  # plain steps left before drafting again
+        self.pauses = 0  # times drafting was switched off
+
+    def allow(self) -> bool:
+        if self.paused > 0:
+            self.paused -= 1
+            return False
+        return True
+
+    def record(self, kind: str, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.seen[kind] += 1
+        old = self.rate[kind]
+        self.rate[kind] = rate if self.seen[kind] == 1 else old + self.alpha * (rate - old)
+        if (
+            kind == "drafted"
+            and self.seen["drafted"] >= self.samples
+            and self.seen["plain"] >= self.samples
+            and self.rate["drafted"] < self.rate["plain"]
+        ):
+            self.paused = self.pause
+            self.pauses += 1
+            # Measure afresh after the pause: the machine's load changes.
+            self.seen["drafted"] = 0
