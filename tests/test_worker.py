@@ -354,3 +354,16 @@ def test_the_prefill_pacer_sizes_chunks_to_the_measured_rate():
     assert prefilled(20, 10.0) == pacing.MIN_CHUNK  # 2 tok/s: a CPU on a real model
     assert prefilled(5, 0.0001) == pacing.MIN_CHUNK  # too few tokens to judge: unchanged
     assert prefilled(100_000, 1.0) == 512  # a GPU: the configured size
+
+
+def test_the_single_path_paces_its_prefill_from_its_own_timings():
+    from worker import pacing
+
+    pacer = pacing.ChunkPacer(512)
+    assert pacer.chunk == pacing.MIN_CHUNK  # the first step of a cold worker is short
+    pacer.record(16, 8.0)  # 2 tok/s: a CPU on a real model
+    assert pacer.chunk == pacing.MIN_CHUNK
+    pacer.record(16, 0.04)  # 400 tok/s
+    assert pacer.chunk == int(400 * pacing.STEP_BUDGET_S)
+    pacer.record(400, 0.001)  # a GPU
+    assert pacer.chunk == 512

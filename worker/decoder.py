@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from .mlxlm import BatchGenerator
+from .pacing import ChunkPacer
 from .single import Response, SingleSequence
 from .speculative import Speculation
 
@@ -44,6 +45,8 @@ class Decoder:
         self.model = model
         self.single_enabled = single
         self.prefill_step_size = prefill_step_size
+        # Prefill chunks of the single path, sized to a short step (pacing.py).
+        self.pacer = ChunkPacer(prefill_step_size)
         self.speculation = speculation
         self._single: SingleSequence | None = None
         self._uids = 0
@@ -79,6 +82,7 @@ class Decoder:
                 stop_sequences=stop_sequences[0],
                 prefill_step_size=self.prefill_step_size,
                 speculation=self.speculation,
+                pacer=self.pacer,
             )
             self.stats["single"] += 1
             self._uids += n

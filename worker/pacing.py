@@ -51,3 +51,20 @@ class PrefillPacer:
         if chunk != self.chunk:
             self.chunk = chunk
             set_prefill_chunk(self.generator, chunk)
+
+
+class ChunkPacer:
+    """The same budget for a prefill loop that times itself: the
+    single-sequence path (worker/single.py), which prefills outside the
+    BatchGenerator. It starts at MIN_CHUNK, so even the first prompt's first
+    step is short, and grows to the budget from what each chunk took."""
+
+    def __init__(self, max_chunk: int):
+        self.max_chunk = max_chunk
+        self.chunk = min(MIN_CHUNK, max_chunk)
+
+    def record(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        fits = int(tokens / seconds * STEP_BUDGET_S)
+        self.chunk = min(self.max_chunk, max(MIN_CHUNK, fits))

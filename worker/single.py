@@ -28,6 +28,7 @@ from typing import Any
 import mlx.core as mx
 
 from .mlxlm import KVCache, TokenBuffer, generation_stream, greedy_sampler, make_prompt_cache
+from .pacing import ChunkPacer
 from .speculative import DraftGate, NgramDrafter, Speculation
 
 
@@ -71,6 +72,7 @@ class SingleSequence:
         stop_sequences: Any,
         prefill_step_size: int,
         speculation: Speculation | None = None,
+        pacer: ChunkPacer | None = None,
     ):
         self.model = model
         self.uid = uid
@@ -83,6 +85,7 @@ class SingleSequence:
         self.stop_sequences = stop_sequences
         self._matcher = stop_sequences.matcher()
         self.prefill_step_size = prefill_step_size
+        self.pacer = pacer
         self._context = TokenBuffer(self.tokens) if self.processors else None
         self._next: tuple[mx.array, mx.array] | None = None  # sampled, not fed nor returned
         self.n = 0  # tokens returned
@@ -118,9 +121,13 @@ class SingleSequence:
             return out
 
     def _prefill(self) -> None:
-        chunk = self._rest[: min(self.prefill_step_size, len(self._rest) - 1)]
+        size = self.pacer.chunk if self.pacer is not None else self.prefill_step_size
+        chunk = self._rest[: min(size, len(self._rest) - 1)]
+        started = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=self.cache)
         mx.eval([c.state for c in self.cache])
+        if self.pacer is not None:
+            self.pacer.record(len(chunk), time.perf_counter() - started)
         self._rest = self._rest[len(chunk) :]
         self.tokens += chunk
         if self._context is not None:
