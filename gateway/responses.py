@@ -126,7 +126,12 @@ def _refuse_unsupported(req: ResponsesRequest) -> None:
 
 def worker_params(req: ResponsesRequest, history: list[dict], cap: int | None) -> dict[str, Any]:
     _refuse_unsupported(req)
-    fields = {"temperature": req.temperature, "top_p": req.top_p, "ignore_eos": req.ignore_eos}
+    fields = {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "ignore_eos": req.ignore_eos,
+        "seed": req.seed,
+    }
     params = shared.sampling_params(
         fields, max_tokens=req.max_output_tokens, cap=cap, max_tokens_param="max_output_tokens"
     )

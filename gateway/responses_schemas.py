@@ -199,6 +199,8 @@ class ResponsesRequest(_Body):
     include: list[str] | None = None
     service_tier: str | None = None
     ignore_eos: bool = False  # extension, as on chat: generate exactly max_output_tokens
+    # Extension, as on chat: a sampled reply repeats for the same seed.
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     keep_alive: KeepAlive | None = None  # extension: see ChatCompletionRequest
 
 
