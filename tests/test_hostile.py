@@ -330,10 +330,12 @@ def test_one_key_cannot_learn_another_keys_prompt_from_cached_tokens(gw):
 
     # Alice's own repeat is served from the cache (so the cache works)...
     assert cached(ALICE, secret) > 100
-    # ...but Bob's right guess is no more cached than his wrong one.
+    # ...but Bob's first prompt, the right guess, gets nothing from Alice's
+    # cache; his wrong guess may reuse only what it shares with his own
+    # first prompt (the template and "alice's account number is").
     right = cached(BOB, secret)
     wrong = cached(BOB, secret.replace("4411", "9999"))
-    assert right == 0 and wrong == 0, (right, wrong)
+    assert right == 0 and wrong < 40, (right, wrong)
 
 
 def test_health_without_a_key_shows_only_the_status(gw):
