@@ -97,7 +97,7 @@ def test_soak(gw, request):
     children_before = sorted(p.pid for p in gateway.children(recursive=True))
     left_before = metric(gw.metrics(), "mlx_gateway_client_disconnects_total", model=MODEL_NAME)
 
-    counts = asyncio.run(soak(gw.url, 5000 if long else 400, 16, seed=2))
+    counts = asyncio.run(soak(gw.url, 5000 if long else 300, 16, seed=2))
 
     # Every abandoned generation is cancelled: the workers go idle at once
     # instead of finishing replies nobody reads (their own figures say so).
