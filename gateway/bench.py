@@ -775,6 +775,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def show(result: object, as_json: bool, printer) -> None:
+    """A bench's result: as JSON when asked, else in its printer's words."""
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        printer(result)
+
+
 def main(args: argparse.Namespace) -> int:
     args.progress = sys.stderr.isatty() and not args.json
     if args.ipc:
@@ -794,18 +802,11 @@ def main(args: argparse.Namespace) -> int:
         from . import bench_agent
 
         result = bench_agent.compare(args)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            bench_agent.print_compare(result)
+        show(result, args.json, bench_agent.print_compare)
         failed = sum(result[k]["summary"]["failed"] for k in ("gateway", "mlx_lm_server"))
         return 1 if failed else 0
     if args.compare:
-        result = compare(args)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print_compare(result)
+        show(compare(args), args.json, print_compare)
         return 0
     model = args.model
     if model is None:

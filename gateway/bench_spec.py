@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
 
 import httpx
 
-from .bench import free_port, run_level, start_server, stop_server
+from .bench import free_port, run_level, show, start_server, stop_server
 
 CODE = '''def parse_config(path):
     """Read a key=value file into a dict, skipping comments and blank lines."""
@@ -196,11 +195,7 @@ def print_result(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = run(args)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_result(result)
+    show(run(args), args.json, print_result)
     return 0
 
 
