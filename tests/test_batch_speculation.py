@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from worker import kvquant
+from worker import demo, kvquant
 from worker.batch_speculation import trim_rows
 from worker.decoder import Decoder
 from worker.mlxlm import BatchGenerator, BatchKVCache, KVCache, StopSequences, load
@@ -154,9 +154,10 @@ def decoder(model, *, spec: int) -> Decoder:
     )
 
 
-def run(dec, prompts, params, *, max_tokens=48, join_every=0, stop=None):
+def run(dec, prompts, params, *, max_tokens=48, join_every=0, stop=None, fresh=None):
     """Each request's tokens; all start together, or one joins every
-    `join_every` steps (continuous batching, mid-reply)."""
+    `join_every` steps (continuous batching, mid-reply). `fresh()`: a new
+    request's empty cache (None: mlx-lm's)."""
     out: dict[int, list[int]] = {}
     waiting = list(prompts)
 
@@ -164,7 +165,7 @@ def run(dec, prompts, params, *, max_tokens=48, join_every=0, stop=None):
         (uid,) = dec.insert(
             [waiting.pop(0)],
             max_tokens=[max_tokens],
-            caches=[None],
+            caches=[fresh() if fresh is not None else None],
             all_tokens=[[]],
             samplers=[make_sampler(params)],
             logits_processors=[make_processors(params)],
@@ -221,3 +222,22 @@ def test_drafts_in_the_batch_stop_at_max_tokens_and_stop_sequences(tiny):
     assert run(dec, prompts, params, stop=stop) == want
     assert len(want[0]) < 48
     assert dec.stats["batch_accepted"] > 0
+
+
+def test_quantized_kv_drafts_in_the_batch_and_gives_the_same_tokens(tmp_path_factory):
+    # The tiny model's heads are too small to quantize: the small one.
+    model, tokenizer = load(str(demo.build(tmp_path_factory.mktemp("m") / "s", preset="small")))
+    words = ["the", "river", "and", "the", "mountain", "by", "the", "old", "road"]
+    prompts = [
+        tokenizer.encode(" ".join(words[(i + 2 * n) % len(words)] for i in range(24)))
+        for n in range(3)
+    ]
+
+    def fresh():
+        return kvquant.fresh_cache(model, bits=8, group_size=32)
+
+    params = CASES["greedy"]
+    want = run(decoder(model, spec=0), prompts, params, max_tokens=32, fresh=fresh)
+    dec = decoder(model, spec=4)
+    assert run(dec, prompts, params, max_tokens=32, fresh=fresh) == want
+    assert dec.stats["batch_accepted"] > 0, dec.stats
