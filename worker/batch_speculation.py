@@ -77,30 +77,41 @@ class BatchSpeculation:
             stats.setdefault(key, 0)
         self.drafters: dict[int, NgramDrafter] = {}
         self.gates: dict[int, DraftGate] = {}
-        self._last_kind = ""
+        # The last step, timed at the start of the next: (gate, kind, tokens
+        # returned, when it started, whether the step before was of its kind).
+        self._last: tuple[DraftGate, str, int, float, bool] | None = None
 
     def step(self, rows: DecodeRows, plain: Callable[[], list]) -> list:
+        started = time.perf_counter()
+        last, self._last = self._last, None
         if not len(rows) or not rows_trimmable(rows.cache):
-            self._last_kind = "plain"
             return plain()
         self._follow(rows)
         gate = self._gate(len(rows))
-        started = time.perf_counter()
         out = None
         if gate.allow() and any(self.drafters[uid].has_match() for uid in rows.uids):
             out = self._speculate(rows)
         kind = "plain" if out is None else "drafted"
         if out is None:
             out = plain()
-        # A step's time is clean only after a step of its kind: a plain step
-        # after a verified one finds its input computed, a verified step after
-        # a plain one waits for that one's pipelined pass.
-        if kind == self._last_kind:
-            pauses = gate.pauses
-            gate.record(kind, len(out), time.perf_counter() - started)
-            self.stats["paused"] += gate.pauses - pauses
-        self._last_kind = kind
+        if last is not None:
+            self._record(*last, started)
+        self._last = (gate, kind, len(out), started, last is not None and last[1] == kind)
         return out
+
+    def _record(
+        self, gate: DraftGate, kind: str, tokens: int, started: float, clean: bool, ended: float
+    ) -> None:
+        """Time a step from its start to the next one's, the engine's work in
+        between included: a plain step's pass runs on while the engine reads
+        its tokens, a verified one's does not. Only a step that followed one
+        of its kind is timed: a plain step after a verified one finds its
+        input computed, a verified one after a plain one waits for that
+        one's pass to finish."""
+        if clean:
+            pauses = gate.pauses
+            gate.record(kind, tokens, ended - started)
+            self.stats["paused"] += gate.pauses - pauses
 
     def _gate(self, size: int) -> DraftGate:
         # Per batch size, in powers of two: the tokens per second of either

@@ -81,6 +81,9 @@ class NgramDrafter:
         self.accepted += accepted
 
 
+MAX_BACKOFF = 16
+
+
 class DraftGate:
     """Stops drafting where verifying costs more than it saves.
 
@@ -89,6 +92,9 @@ class DraftGate:
     quantized matmuls scale with the tokens. So the gate times both kinds of
     step (tokens returned per second) and, once verified steps are slower
     than plain ones, drafts nothing for `pause` steps before trying again.
+    A pause that follows another with no verdict for drafting in between is
+    twice as long (up to MAX_BACKOFF times): where drafting never pays, the
+    retries stop costing.
     Output never depends on it: drafting only changes how tokens are checked.
     """
 
@@ -105,6 +111,7 @@ class DraftGate:
         self.seen = {"plain": 0, "drafted": 0}
         self.paused = 0  # plain steps left before drafting again
         self.pauses = 0  # times drafting was switched off
+        self.backoff = 1  # the next pause lasts pause * backoff steps
 
     def allow(self) -> bool:
         if self.paused > 0:
@@ -122,15 +129,19 @@ class DraftGate:
         old = self.rate[kind]
         self.rate[kind] = rate if self.seen[kind] == 1 else old + self.alpha * (rate - old)
         if (
-            kind == "drafted"
-            and self.seen["drafted"] >= self.samples
-            and self.seen["plain"] >= self.samples
-            and self.rate["drafted"] < self.rate["plain"]
+            kind != "drafted"
+            or self.seen["drafted"] < self.samples
+            or self.seen["plain"] < self.samples
         ):
-            self.paused = self.pause
-            self.pauses += 1
-            # Measure afresh after the pause: the machine's load changes.
-            self.seen["drafted"] = 0
+            return
+        if self.rate["drafted"] >= self.rate["plain"]:
+            self.backoff = 1
+            return
+        self.paused = self.pause * self.backoff
+        self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+        self.pauses += 1
+        # Measure afresh after the pause: the machine's load changes.
+        self.seen["drafted"] = 0
 
 
 # --- verification ----------------------------------------------------------------
