@@ -214,7 +214,8 @@ def test_workers_at_their_memory_ceiling_make_a_clean_503(start_gateway):
     assert "memory is above its limit (0.001 MB)" in r.json()["error"]["message"]
     assert "retry-after" in r.headers
     m = gw.metrics()
-    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_busy") >= 1
+    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_memory") >= 1
+    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_busy") == 0
     assert metric(m, "mlx_gateway_request_success_total") == 0
     assert gw.health()["workers"][0]["restarts"] == 0
 
