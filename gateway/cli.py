@@ -29,6 +29,15 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _from_env(parser: argparse.ArgumentParser, var: str, raw: str, type: Callable) -> Any:
+    """A flag's value from its environment variable, or exit 2 saying which
+    variable is wrong (as a bad flag would)."""
+    try:
+        return type(raw)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"environment variable {var}={raw!r} is not valid: {exc}")
+
+
 def add(
     parser: argparse.ArgumentParser,
     flag: str,
@@ -48,7 +57,7 @@ def add(
         elif switch:
             default = _truthy(raw)
         else:
-            default = type(raw)
+            default = _from_env(parser, var, raw, type)
     help = f"{help} [env {var}" + (
         f"; default {default}]" if default not in (None, [], False) else "]"
     )

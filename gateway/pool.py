@@ -512,8 +512,7 @@ class ModelPool:
                     # memory before starting: nothing was sent, try again
                     # shortly, elsewhere if another worker is free. The
                     # caller's deadline bounds the retries.
-                    reason = "worker_memory" if exc.code == OUT_OF_MEMORY else "worker_busy"
-                    self.metrics.rejected_requests.labels(self.spec.name, reason).inc()
+                    self.metrics.rejected_requests.labels(self.spec.name, _refusal(exc)).inc()
                     await asyncio.sleep(random.uniform(0.05, 0.25))
                     continue
                 raise
@@ -614,3 +613,10 @@ class Pool:
             # Tasks on the gateway's event loop: a leak shows here first.
             "gateway": {"tasks": len(asyncio.all_tasks())},
         }
+
+
+def _refusal(exc: RPCError) -> str:
+    """The rejection reason of a worker's refusal: its memory (its ceiling,
+    or a prefill that ran out) or its queue."""
+    memory = isinstance(exc.data, dict) and exc.data.get("reason") == "memory"
+    return "worker_memory" if memory or exc.code == OUT_OF_MEMORY else "worker_busy"

@@ -79,6 +79,13 @@ def test_environment_sets_defaults_and_flags_win():
     assert args.workers == 5 and args.model == ["/z"]
 
 
+def test_a_bad_environment_value_exits_2_naming_the_variable(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse(env={"MLX_GATEWAY_PORT": "eighty"})
+    assert exit.value.code == 2
+    assert "MLX_GATEWAY_PORT='eighty' is not valid" in capsys.readouterr().err
+
+
 def test_defaults():
     args = parse()
     assert (args.host, args.port, args.workers, args.log_level) == ("127.0.0.1", 8000, 1, "info")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from gateway.cli import build_parser
@@ -84,7 +86,14 @@ def test_workers_per_host_and_groups_of_ranks():
         (["--shard-backend", "jaccl"], "only ring"),
     ],
 )
-def test_bad_placement_flags_exit_2_with_a_clear_message(tiny_model, flags, message, capsys):
+def test_bad_placement_flags_exit_2_with_a_clear_message(
+    tiny_model, flags, message, capsys, monkeypatch
+):
+    # serve() points the root logger at the captured stderr; the next tests'
+    # records must not go to that closed stream.
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
     args = build_parser().parse_args(["serve", "--model", str(tiny_model), *flags])
     assert args.func(args) == 2  # refused before anything starts
     assert message in capsys.readouterr().err

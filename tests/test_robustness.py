@@ -52,6 +52,13 @@ def chat(gw, key: str = "x", **kw):
     return client.chat.completions.create(model=MODEL_NAME, **kw)
 
 
+def long_stream(gw, max_tokens: int):
+    """A streamed chat of exactly max_tokens tokens (unless something breaks)."""
+    body = {"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": max_tokens}
+    body |= {"ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60)
+
+
 def replaced(gw, pid: int) -> dict:
     """/health once the worker `pid` has a running replacement."""
     return wait_until(
@@ -72,20 +79,9 @@ def test_a_stalled_worker_is_killed_and_its_requests_get_a_clean_error(start_gat
     # The client's own timeout (60 s) bounds the wait; the stalled worker
     # never finishes, so only the stall detection can end the request. It is
     # streamed and its first tokens were shown, so it is not sent again.
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        # ignore_eos: the random model may end its reply before the fault's
-        # fifth step, and a reply that ends was never stalled.
-        json={
-            "model": MODEL_NAME,
-            "messages": MESSAGES,
-            "max_tokens": 500,
-            "ignore_eos": True,
-            "stream": True,
-        },
-        timeout=60,
-    ) as s:
+    # ignore_eos: the random model may end its reply before the fault's fifth
+    # step, and a reply that ends was never stalled.
+    with long_stream(gw, 500) as s:
         lines = [line for line in s.iter_lines() if line]
     assert lines[-2] == "event: error", lines[-3:]
     assert json.loads(lines[-1][6:])["error"]["type"] == "server_error"
@@ -214,7 +210,8 @@ def test_workers_at_their_memory_ceiling_make_a_clean_503(start_gateway):
     assert "memory is above its limit (0.001 MB)" in r.json()["error"]["message"]
     assert "retry-after" in r.headers
     m = gw.metrics()
-    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_busy") >= 1
+    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_memory") >= 1
+    assert metric(m, "mlx_gateway_rejected_requests_total", reason="worker_busy") == 0
     assert metric(m, "mlx_gateway_request_success_total") == 0
     assert gw.health()["workers"][0]["restarts"] == 0
 
@@ -241,19 +238,7 @@ def test_an_out_of_memory_step_fails_only_that_step_and_the_worker_carries_on(
     (pid,) = gw.worker_pids()
     # A stream whose client has seen tokens when a step runs out of memory
     # ends with the error (in the stream, as 503 out_of_memory would be).
-    with httpx.stream(
-        "POST",
-        gw.url + "/v1/chat/completions",
-        json={
-            "model": MODEL_NAME,
-            "messages": MESSAGES,
-            "max_tokens": 3000,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        },
-        timeout=60,
-    ) as s:
+    with long_stream(gw, 3000) as s:
         lines = s.iter_lines()
         seen = [next(line for line in lines if line.startswith("data: "))]
         gate.touch()  # the worker's next step runs out of memory
