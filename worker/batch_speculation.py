@@ -19,6 +19,9 @@ end, and a row that rejects r more is rolled right by r, its last r entries
 wrapping into its left padding: the roll mlx-lm itself does after a ragged,
 right-padded prefill (`prepare(right_padding=...)`, then `finalize()`).
 Caches without that layout (rotating, recurrent) never speculate.
+The rolled rows' padding grows while others keep more; once every row has
+COMPACT_AT columns of it, the batch is filtered to all its rows, which
+drops the padding they share (mlx-lm's own compaction when a row leaves).
 
 Continuous batching is untouched: requests join and leave between steps as
 before, and a step where no row's context ends in a repeated n-gram runs
@@ -43,11 +46,15 @@ from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, 
 # Plain steps are timed afresh after this many drafted ones, so a gate that
 # keeps drafting notices when the machine's load (or the batch) changes.
 PROBE_EVERY = 256
+# Columns of left padding every row has before they are dropped: a copy of
+# the batch's cache, so rarely.
+COMPACT_AT = 256
 ROW_TRIMMABLE = (BatchKVCache, BatchQuantizedKVCache)
 
 
-def trim_rows(cache: list, rejected: list[int]) -> None:
-    """Drop the last `rejected[i]` entries of row i from every layer's cache."""
+def trim_rows(cache: list, rejected: list[int]) -> bool:
+    """Drop the last `rejected[i]` entries of row i from every layer's
+    cache; whether some rows were rolled (their left padding grew)."""
     common = min(rejected)
     extra = [r - common for r in rejected]
     for c in cache:
@@ -58,6 +65,7 @@ def trim_rows(cache: list, rejected: list[int]) -> None:
             # into its (masked) left padding, its offset drops by as many.
             c.prepare(right_padding=extra)
             c.finalize()
+    return any(extra)
 
 
 def rows_trimmable(cache: list) -> bool:
@@ -77,6 +85,7 @@ class BatchSpeculation:
             stats.setdefault(key, 0)
         self.drafters: dict[int, NgramDrafter] = {}
         self.gates: dict[int, DraftGate] = {}
+        self.compactions = 0
         # The last step, timed at the start of the next: (gate, kind, tokens
         # returned, when it started, whether the step before was of its kind).
         self._last: tuple[DraftGate, str, int, float, bool] | None = None
@@ -229,7 +238,7 @@ class BatchSpeculation:
             rejected.append(width - n)
             ended.append(finish)
             returned[i] = pairs[:n]
-        trim_rows(rows.cache, rejected)
+        rolled = trim_rows(rows.cache, rejected)
         for i, pairs in enumerate(returned):
             for j, (token, logprobs) in enumerate(pairs):
                 last = j == len(pairs) - 1
@@ -244,4 +253,7 @@ class BatchSpeculation:
         )
         if any(e is not None for e in ended):
             rows.keep([i for i, e in enumerate(ended) if e is None])
+        elif rolled and min(rows.cache[0].left_padding.tolist()) >= COMPACT_AT:
+            rows.keep(list(range(len(rows))))
+            self.compactions += 1
         return out
