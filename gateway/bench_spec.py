@@ -6,7 +6,8 @@ same model, one with `--speculative-tokens K`, one without; rounds alternate
 between them at each concurrency, so a shared machine's drifts hit both alike.
 Reported per concurrency: the decode rate of one stream (tokens after the
 first over the time after the first, the median over requests), the ratio,
-the share of drafted tokens the model accepted (from the workers' /health),
+the share of drafted tokens the model accepted, the verification passes run
+in the batch and the times drafting was paused (from the workers' /health),
 and whether greedy replies were the same with speculation on and off, sent
 as many at once as the concurrency (so they share a batch).
 """
@@ -87,10 +88,14 @@ def _decode_rate(outcomes: list) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _drafts(url: str) -> tuple[int, int]:
+DRAFT_COUNTS = ("proposed", "accepted", "batch_verified", "paused")
+
+
+def _drafts(url: str) -> list[int]:
+    """The workers' draft counts (DRAFT_COUNTS), summed."""
     workers = httpx.get(url + "/health", timeout=10).json().get("workers", [])
     stats = [w.get("decoder") or {} for w in workers]
-    return sum(s.get("proposed", 0) for s in stats), sum(s.get("accepted", 0) for s in stats)
+    return [sum(s.get(key, 0) for s in stats) for key in DRAFT_COUNTS]
 
 
 async def _greedy_texts(url: str, concurrency: int, max_tokens: int) -> list[str]:
@@ -156,7 +161,9 @@ def run(args: argparse.Namespace) -> dict:
         levels: dict[int, dict] = {}
         for _ in range(args.rounds):
             for c in args.concurrency:
-                level = levels.setdefault(c, {"off": [], "on": [], "drafts": [0, 0]})
+                level = levels.setdefault(
+                    c, {"off": [], "on": [], "drafts": [0] * len(DRAFT_COUNTS)}
+                )
                 for name, url in urls.items():
                     before = _drafts(url)
                     _, outcomes = asyncio.run(
@@ -176,8 +183,8 @@ def run(args: argparse.Namespace) -> dict:
                     if name == "on":
                         time.sleep(1.5)  # a heartbeat brings the workers' counts
                         after = _drafts(url)
-                        level["drafts"][0] += after[0] - before[0]
-                        level["drafts"][1] += after[1] - before[1]
+                        for i, (a, b) in enumerate(zip(after, before, strict=True)):
+                            level["drafts"][i] += a - b
     finally:
         for proc in procs:
             stop_server(proc)
@@ -205,14 +212,17 @@ def print_result(result: dict) -> None:
     )
     print(f"greedy replies identical with speculation on and off: {result['identical']}")
     header = f"{'conc':>5} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} {'accepted':>9}"
-    print(f"\n{header} {'identical':>9}")
+    print(f"\n{header} {'identical':>9} {'batch passes':>12} {'pauses':>6}")
     for c, level in result["levels"].items():
         off = statistics.median(v for v in level["off"] if v is not None)
         on = statistics.median(v for v in level["on"] if v is not None)
-        proposed, accepted = level["drafts"]
+        proposed, accepted, passes, pauses = level["drafts"]
         share = f"{accepted / proposed:.0%}" if proposed else "-"
         same = "yes" if result["identical_at"].get(c) else "NO"
-        print(f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9} {same:>9}")
+        print(
+            f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9} {same:>9} "
+            f"{passes:>12} {pauses:>6}"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
