@@ -19,7 +19,7 @@ from worker.batch_speculation import trim_rows
 from worker.decoder import Decoder
 from worker.mlxlm import BatchGenerator, BatchKVCache, KVCache, StopSequences, load
 from worker.sampling import make_processors, make_sampler
-from worker.speculative import Speculation
+from worker.speculative import DraftGate, Speculation
 
 from .test_single_sequence import CASES
 
@@ -246,3 +246,29 @@ def test_quantized_kv_drafts_in_the_batch_and_gives_the_same_tokens(tmp_path_fac
     dec = decoder(model, spec=4)
     assert run(dec, prompts, params, max_tokens=32, fresh=fresh) == want
     assert dec.stats["batch_accepted"] > 0, dec.stats
+
+
+def test_the_batch_gate_times_plain_steps_on_purpose_and_backs_off():
+    gate = DraftGate(pause=2, samples=2, alpha=1.0, probe=4)
+    # Every step could draft in a copying batch: plain ones are taken on
+    # purpose until two are timed.
+    assert not gate.allow()
+    gate.record("plain", 10, 0.010)  # 1000 tokens/s
+    assert not gate.allow()
+    gate.record("plain", 10, 0.010)
+    assert gate.allow()
+    for pause in (2, 4, 8):  # slower each time: each pause twice the last
+        gate.record("drafted", 10, 0.020)  # 500 tokens/s
+        gate.record("drafted", 10, 0.020)
+        assert [gate.allow() for _ in range(pause + 1)] == [False] * pause + [True]
+    # Faster: the backoff is forgotten.
+    gate.record("drafted", 40, 0.020)
+    gate.record("drafted", 40, 0.020)
+    assert gate.allow() and gate.backoff == 1 and gate.pauses == 3
+    # After `probe` drafted steps, plain ones are timed afresh.
+    gate.record("drafted", 40, 0.020)
+    gate.record("drafted", 40, 0.020)
+    assert not gate.allow()
+    gate.record("plain", 10, 0.010)
+    gate.record("plain", 10, 0.010)
+    assert gate.allow()
