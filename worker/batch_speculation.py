@@ -105,8 +105,18 @@ class BatchSpeculation:
             out = plain()
         if last is not None:
             self._record(*last, started)
-        self._last = (gate, kind, len(out), started, last is not None and last[1] == kind)
+        # A step that ends requests is followed by their clean-up, and one
+        # after the batch emptied by however long it stayed empty: untimed.
+        ended = any(r.finish_reason is not None for r in out)
+        clean = last is not None and last[1] == kind and not ended
+        self._last = (gate, kind, len(out), started, clean)
         return out
+
+    def untimed(self) -> None:
+        """The time until the next step is not the last step's: the batch
+        also prefilled a prompt (the decoder says so)."""
+        if self._last is not None:
+            self._last = (*self._last[:4], False)
 
     def _record(
         self, gate: DraftGate, kind: str, tokens: int, started: float, clean: bool, ended: float

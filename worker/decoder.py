@@ -156,6 +156,8 @@ class Decoder:
             return [], responses
         stash, self._stash = self._stash, []
         progress, responses = self.batch.next() if self._inner else ([], [])
+        if progress and self.batch_speculation is not None:
+            self.batch_speculation.untimed()  # a prefill chunk ran after the decode step
         for r in responses:
             r.uid = self._outer[r.uid]
             if r.finish_reason is not None:
