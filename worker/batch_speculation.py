@@ -114,7 +114,7 @@ class BatchSpeculation:
 
     def untimed(self) -> None:
         """The time until the next step is not the last step's: the batch
-        also prefilled a prompt (the decoder says so)."""
+        also prefilled a prompt, or lost rows (the decoder says so)."""
         if self._last is not None:
             self._last = (*self._last[:4], False)
 

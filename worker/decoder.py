@@ -180,6 +180,8 @@ class Decoder:
                 caches[single.uid] = (single.detach(), single.tokens)
         self._stash = [r for r in self._stash if r.uid not in uids]
         inner = {self._inner[u]: u for u in uids if u in self._inner}
+        if inner and self.batch_speculation is not None:
+            self.batch_speculation.untimed()  # the batch may now sit empty
         if inner:
             found = self.batch.remove(list(inner), return_prompt_caches=return_prompt_caches)
             for i, value in found.items():
