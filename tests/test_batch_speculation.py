@@ -21,29 +21,14 @@ from worker.mlxlm import BatchGenerator, BatchKVCache, KVCache, StopSequences, l
 from worker.sampling import make_processors, make_sampler
 from worker.speculative import DraftGate, Speculation
 
-from .test_single_sequence import CASES
+from .test_single_sequence import CASES, WORDS
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     model, tokenizer = load(str(tiny_model))
-    words = [
-        "the",
-        "river",
-        "and",
-        "the",
-        "mountain",
-        "and",
-        "the",
-        "river",
-        "by",
-        "the",
-        "old",
-        "mountain",
-        "road",
-    ]
     prompts = [
-        tokenizer.encode(" ".join(words[(i + 5 * n) % len(words)] for i in range(30 + 4 * n)))
+        tokenizer.encode(" ".join(WORDS[(i + 5 * n) % len(WORDS)] for i in range(30 + 4 * n)))
         for n in range(4)
     ]
     return model, prompts

@@ -27,28 +27,15 @@ CASES = {
         temperature=0.3, seed=3, repetition_penalty=1.05, top_p=0.9
     ),
 }
+# Prompts that repeat themselves, so replies find drafts.
+WORDS = "the river and the mountain and the river by the old mountain road".split()  # noqa: SIM905
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     model, tokenizer = load(str(tiny_model))
-    words = [
-        "the",
-        "river",
-        "and",
-        "the",
-        "mountain",
-        "and",
-        "the",
-        "river",
-        "by",
-        "the",
-        "old",
-        "mountain",
-        "road",
-    ]
     prompts = [
-        tokenizer.encode(" ".join(words[i % len(words)] for i in range(3 * n, 3 * n + 40)))
+        tokenizer.encode(" ".join(WORDS[i % len(WORDS)] for i in range(3 * n, 3 * n + 40)))
         for n in range(2)
     ]
     return model, tokenizer, prompts

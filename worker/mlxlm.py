@@ -198,6 +198,10 @@ def token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
     return table + [b""] * max(0, vocab_size - len(table))
 
 
+def _batch_field(name: str) -> property:
+    return property(lambda rows: getattr(rows._b, name))
+
+
 class DecodeRows:
     """The rows a BatchGenerator decodes (its GenerationBatch), opened for a
     decode step taken outside mlx-lm (worker/batch_speculation.py).
@@ -214,21 +218,15 @@ class DecodeRows:
     def __len__(self) -> int:
         return len(self._b.uids)
 
-    @property
-    def model(self) -> Any:
-        return self._b.model
-
-    @property
-    def uids(self) -> list[int]:
-        return self._b.uids
-
-    @property
-    def tokens(self) -> list[list[int]]:
-        return self._b.tokens
-
-    @property
-    def cache(self) -> list:
-        return self._b.prompt_cache
+    # mlx-lm's names for the rows' state; each list has one entry per row.
+    model = _batch_field("model")
+    uids = _batch_field("uids")
+    tokens = _batch_field("tokens")
+    cache = _batch_field("prompt_cache")  # one batch cache per layer
+    max_tokens = _batch_field("max_tokens")
+    counts = _batch_field("_num_tokens")
+    matchers = _batch_field("_matchers")
+    contexts = _batch_field("_token_context")
 
     @property
     def samplers(self) -> list:
@@ -237,22 +235,6 @@ class DecodeRows:
     @property
     def processors(self) -> list:
         return self._b.logits_processors or [()] * len(self)
-
-    @property
-    def max_tokens(self) -> list[int]:
-        return self._b.max_tokens
-
-    @property
-    def counts(self) -> list[int]:
-        return self._b._num_tokens
-
-    @property
-    def matchers(self) -> list:
-        return self._b._matchers
-
-    @property
-    def contexts(self) -> list:
-        return self._b._token_context
 
     def pending(self) -> tuple[mx.array, list[mx.array]]:
         """The rows' pending tokens (shape rows) and their logprobs."""
