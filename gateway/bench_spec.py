@@ -7,7 +7,8 @@ between them at each concurrency, so a shared machine's drifts hit both alike.
 Reported per concurrency: the decode rate of one stream (tokens after the
 first over the time after the first, the median over requests), the ratio,
 the share of drafted tokens the model accepted (from the workers' /health),
-and whether greedy replies were the same with speculation on and off.
+and whether greedy replies were the same with speculation on and off, sent
+as many at once as the concurrency (so they share a batch).
 """
 
 from __future__ import annotations
@@ -92,11 +93,30 @@ def _drafts(url: str) -> tuple[int, int]:
     return sum(s.get("proposed", 0) for s in stats), sum(s.get("accepted", 0) for s in stats)
 
 
-def _greedy_text(url: str, messages: list[dict], max_tokens: int) -> str:
-    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=600)
-    reply.raise_for_status()
-    return reply.json()["choices"][0]["message"]["content"]
+async def _greedy_texts(url: str, concurrency: int, max_tokens: int) -> list[str]:
+    """The greedy replies to `concurrency` copy requests sent at once, so
+    that they run in one batch (and may speculate there)."""
+    prompts = CopyPrompts()
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def one(messages: list[dict]) -> str:
+            body = {
+                "model": "bench",
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+            reply = await client.post(url + "/v1/chat/completions", json=body)
+            reply.raise_for_status()
+            return reply.json()["choices"][0]["message"]["content"]
+
+        return await asyncio.gather(*(one(prompts.messages()) for _ in range(concurrency)))
+
+
+def _identical(urls: dict[str, str], concurrency: int, max_tokens: int) -> bool:
+    off, on = (asyncio.run(_greedy_texts(urls[n], concurrency, max_tokens)) for n in ("off", "on"))
+    return off == on
 
 
 def _gateway(path: str, port: int, spec: int, extra: str) -> object:
@@ -131,10 +151,8 @@ def run(args: argparse.Namespace) -> dict:
             port = free_port()
             procs.append(_gateway(path, port, spec, args.gateway_args))
             urls[name] = f"http://127.0.0.1:{port}"
-        probe = CopyPrompts().messages()
-        same = _greedy_text(urls["off"], probe, args.max_tokens) == _greedy_text(
-            urls["on"], probe, args.max_tokens
-        )
+        # Greedy replies compared at each concurrency: alone, and in a batch.
+        same = {c: _identical(urls, c, args.max_tokens) for c in args.concurrency}
         levels: dict[int, dict] = {}
         for _ in range(args.rounds):
             for c in args.concurrency:
@@ -166,7 +184,8 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": path,
         "speculative_tokens": args.speculative,
-        "identical": same,
+        "identical": all(same.values()),
+        "identical_at": same,
         "settings": {
             "requests": args.requests,
             "max_tokens": args.max_tokens,
@@ -185,13 +204,15 @@ def print_result(result: dict) -> None:
         "greedy; per-stream decode tok/s, medians"
     )
     print(f"greedy replies identical with speculation on and off: {result['identical']}")
-    print(f"\n{'conc':>5} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} {'accepted':>9}")
+    header = f"{'conc':>5} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} {'accepted':>9}"
+    print(f"\n{header} {'identical':>9}")
     for c, level in result["levels"].items():
         off = statistics.median(v for v in level["off"] if v is not None)
         on = statistics.median(v for v in level["on"] if v is not None)
         proposed, accepted = level["drafts"]
         share = f"{accepted / proposed:.0%}" if proposed else "-"
-        print(f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9}")
+        same = "yes" if result["identical_at"].get(c) else "NO"
+        print(f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9} {same:>9}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -159,8 +159,8 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add(
         p,
         "--speculative-tokens",
-        "prompt-lookup speculation for a request running alone: tokens drafted per step "
-        "from its own context, verified in one forward pass (0: off)",
+        "prompt-lookup speculation: tokens each running request drafts per step from its "
+        "own context, verified in one forward pass, alone or in the batch (0: off)",
         int,
         d.speculative_tokens,
     )

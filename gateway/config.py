@@ -55,8 +55,9 @@ class Settings:
     max_batch_size: int = 32  # sequences decoded together in one worker
     prefill_step_size: int = 512  # prompt tokens per step, interleaved with decoding
     # A request running alone skips the batch (worker/decoder.py); with
-    # speculative_tokens > 0 it drafts that many tokens per step from its own
-    # context (prompt lookup, matching its last speculative_ngram tokens).
+    # speculative_tokens > 0 every request, alone or in the batch, drafts up to
+    # that many tokens per step from its own context (prompt lookup, matching
+    # its last speculative_ngram tokens).
     single_sequence: bool = True
     speculative_tokens: int = 0
     speculative_ngram: int = 3

@@ -275,3 +275,35 @@ def test_health_counts_requests_alone_and_accepted_drafts(workers):
     health = workers["spec"].call("health")["decoder"]
     assert health["single"] > 0 and health["accepted"] > 0
     assert workers["batch"].call("health")["decoder"]["single"] == 0
+
+
+# Started together, so they run in the batch at once: greedy copies of two
+# prompts (one with logprobs), a seeded one with a penalty, and a grammar.
+TOGETHER = [
+    {"temperature": 0, "max_tokens": 64, "ignore_eos": True},
+    {
+        "prompt": "the mountain road by the old river",
+        "temperature": 0,
+        "max_tokens": 48,
+        "ignore_eos": True,
+        "logprobs": 2,
+    },
+    {"temperature": 0.9, "seed": 11, "max_tokens": 40, "frequency_penalty": 0.4},
+    {"temperature": 0, "max_tokens": 40, "response_format": {"type": "json_object"}},
+]
+
+
+def generate_together(pipe, requests):
+    ids = [pipe.send("generate", {"prompt": "the river and the mountain", **p}) for p in requests]
+    return [pipe.wait_response(rid, timeout=60)[0]["result"] for rid in ids]
+
+
+def test_requests_in_the_batch_speculate_and_answer_alike(workers):
+    before = workers["spec"].call("health")["decoder"].get("batch_accepted", 0)
+    want = generate_together(workers["batch"], TOGETHER)
+    got = generate_together(workers["spec"], TOGETHER)
+    for g, w in zip(got, want, strict=True):
+        for key in ("text", "usage", "finish_reason", "logprobs"):
+            assert g.get(key) == w.get(key), key
+    # Drafts were verified and kept in the batch, not only by a request alone.
+    assert workers["spec"].call("health")["decoder"]["batch_accepted"] > before

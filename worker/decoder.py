@@ -17,15 +17,18 @@ others end first: moving it back would copy its cache out of the batch for
 at most a few percent, and the next request that starts alone gets the fast
 path again.
 
-Speculation runs on the fast path only: in the batch every request steps one
-token at a time, so a batch of any size runs exactly as it would without it.
+With speculation configured, both paths draft: a request alone verifies its
+drafts on its own cache (single.py), and the batch verifies every row's
+drafts in one forward pass (batch_speculation.py), trimming each row's
+rejected entries from the batch cache.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .mlxlm import BatchGenerator
+from .batch_speculation import BatchSpeculation
+from .mlxlm import BatchGenerator, intercept_decode
 from .pacing import ChunkPacer
 from .single import Response, SingleSequence
 from .speculative import Speculation
@@ -40,6 +43,7 @@ class Decoder:
         single: bool,
         prefill_step_size: int,
         speculation: Speculation | None = None,
+        speculate_in_batch: bool = True,
     ):
         self.batch = batch
         self.model = model
@@ -55,6 +59,11 @@ class Decoder:
         self._stash: list[Response] = []  # returned at the next step
         # Totals over every request that ran alone, for health and benches.
         self.stats = {"single": 0, "handed_over": 0, "proposed": 0, "accepted": 0, "paused": 0}
+        # The batch's rows draft too; its counts go live into the same stats.
+        self.batch_speculation = None
+        if speculate_in_batch and speculation is not None and speculation.enabled:
+            self.batch_speculation = BatchSpeculation(speculation, stats=self.stats)
+            intercept_decode(batch, self.batch_speculation.step)
 
     def insert(
         self,

@@ -403,6 +403,9 @@ class Engine:
             single=self.single_sequence and self.group is None and self.kv_bits is None,
             prefill_step_size=self.prefill_step_size,
             speculation=self.speculation,
+            # The batch's drafting gate times steps, and ranks timing apart
+            # would feed different passes: a sharded batch never drafts.
+            speculate_in_batch=self.group is None,
         )
 
     def _warm_up(self) -> None:

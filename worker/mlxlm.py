@@ -1,7 +1,8 @@
 """Every use of mlx-lm beyond its public `load`/`generate` API, in one place.
 
 The worker drives mlx-lm's batch engine and reuses its parsers and caches:
-`BatchGenerator`, `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
+`BatchGenerator` (and, for speculation in the batch, the rows it decodes:
+`DecodeRows`), `StopSequences`, `TextStateMachine`, `LRUPromptCache` and
 its trie, the KV cache classes (worker/kvquant.py batches the quantized
 one; a request decoding alone uses `KVCache` and `TokenBuffer`), the
 streaming detokenizers' token tables, the sampling helpers.
@@ -17,10 +18,12 @@ import copy
 from collections import deque
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator, StopSequences, TextStateMachine, generation_stream
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import (
+    BatchKVCache,
     KVCache,
     LRUPromptCache,
     QuantizedKVCache,
@@ -43,6 +46,8 @@ from mlx_lm.utils import sharded_load
 
 __all__ = [
     "BatchGenerator",
+    "BatchKVCache",
+    "DecodeRows",
     "KVCache",
     "LRUPromptCache",
     "QuantizedKVCache",
@@ -58,6 +63,7 @@ __all__ = [
     "generation_stream",
     "greedy_sampler",
     "hf_tokenizer",
+    "intercept_decode",
     "load",
     "load_prompt_cache",
     "make_prompt_cache",
@@ -190,3 +196,93 @@ def token_bytes_table(tokenizer, vocab_size: int) -> list[bytes]:
     else:
         table = [tokenizer.decode([i]).encode("utf-8") for i in range(len(tokenizer))]
     return table + [b""] * max(0, vocab_size - len(table))
+
+
+class DecodeRows:
+    """The rows a BatchGenerator decodes (its GenerationBatch), opened for a
+    decode step taken outside mlx-lm (worker/batch_speculation.py).
+
+    Row i's state between steps: `tokens[i]`, exactly the tokens whose KV is
+    in `cache` (every layer's batch cache); one pending token, sampled but
+    neither fed nor returned (`pending()`); `counts[i]` tokens returned so
+    far; its stop matcher, and the context its logits processors see.
+    """
+
+    def __init__(self, batch: Any):
+        self._b = batch
+
+    def __len__(self) -> int:
+        return len(self._b.uids)
+
+    @property
+    def model(self) -> Any:
+        return self._b.model
+
+    @property
+    def uids(self) -> list[int]:
+        return self._b.uids
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self._b.tokens
+
+    @property
+    def cache(self) -> list:
+        return self._b.prompt_cache
+
+    @property
+    def samplers(self) -> list:
+        return self._b.samplers or [self._b.fallback_sampler] * len(self)
+
+    @property
+    def processors(self) -> list:
+        return self._b.logits_processors or [()] * len(self)
+
+    @property
+    def max_tokens(self) -> list[int]:
+        return self._b.max_tokens
+
+    @property
+    def counts(self) -> list[int]:
+        return self._b._num_tokens
+
+    @property
+    def matchers(self) -> list:
+        return self._b._matchers
+
+    @property
+    def contexts(self) -> list:
+        return self._b._token_context
+
+    def pending(self) -> tuple[mx.array, list[mx.array]]:
+        """The rows' pending tokens (shape rows) and their logprobs."""
+        return self._b._next_tokens, self._b._next_logprobs
+
+    def advance(self, fed: mx.array, fed_logprobs: list, nxt: mx.array, nxt_logprobs: list):
+        """The pending tokens were fed and returned; `nxt` are the new ones."""
+        b = self._b
+        b._current_tokens, b._current_logprobs = fed, fed_logprobs
+        b._next_tokens, b._next_logprobs = nxt, nxt_logprobs
+
+    def response(self, i: int, token: int, logprobs: mx.array, finish: str | None) -> Any:
+        """Row i's response for a returned token; a finishing one carries
+        the row's cache and tokens (what the prompt cache keeps)."""
+        b = self._b
+        if finish is None:
+            return b.Response(b.uids[i], token, logprobs, None, None, None)
+        return b.Response(b.uids[i], token, logprobs, finish, b.extract_cache(i), b.tokens[i])
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every other row (finished ones), as mlx-lm's own step does."""
+        self._b.filter(rows)
+
+
+def intercept_decode(generator: BatchGenerator, step) -> None:
+    """Make `generator` take each decode step with `step(rows, plain)`, where
+    `plain()` is mlx-lm's own step (one token per row). mlx-lm keeps its
+    decoding rows in one object for the generator's life (joining and leaving
+    rows extend and filter it), so replacing that object's step once holds."""
+    batch = generator._generation_batch
+    plain = batch.next
+    rows = DecodeRows(batch)
+    batch.next = lambda: step(rows, plain)

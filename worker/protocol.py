@@ -22,7 +22,8 @@ Methods (gateway -> worker):
                 model whose cache cannot be quantized fails to load, saying why.
                 single_sequence (default true): a request running alone
                 decodes outside the batch (worker/decoder.py);
-                speculative_tokens (default 0, off): tokens it drafts per step
+                speculative_tokens (default 0, off): tokens each request, alone
+                or in the batch (worker/batch_speculation.py), drafts per step
                 by prompt lookup, matching its last speculative_ngram (3).
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back

@@ -29,7 +29,14 @@ import mlx.core as mx
 
 from .mlxlm import KVCache, TokenBuffer, generation_stream, greedy_sampler, make_prompt_cache
 from .pacing import ChunkPacer
-from .speculative import DraftGate, NgramDrafter, Speculation
+from .speculative import (
+    DraftGate,
+    NgramDrafter,
+    Speculation,
+    accepted_prefix,
+    sample_token,
+    verify,
+)
 
 
 @dataclass(slots=True)
@@ -144,13 +151,9 @@ class SingleSequence:
 
     def _sample(self, fed: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
         """The token after `fed` (1 token) from its logits row (shape 1 x vocab)."""
-        logits = logits[-1:]
-        if self.processors:
-            context = self._context.update_and_fetch(fed)
-            for processor in self.processors:
-                logits = processor(context, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs), logprobs[0]
+        return sample_token(
+            fed, logits, sampler=self.sampler, processors=self.processors, context=self._context
+        )
 
     def _decode(self) -> list[Response]:
         """Return the pending token, the model already computing the next."""
@@ -176,7 +179,7 @@ class SingleSequence:
         if self.sampler is greedy_sampler and not self.processors:
             kept, self._next = _verify_greedy(logits, draft)
         else:
-            kept, self._next = self._verify(fed, logits, draft)
+            kept, self._next = verify(self._sample, fed, logits, draft)
         accepted = [value, *draft[: len(kept)]]
         # The cache holds the pending token and every draft: drop the rejected.
         for c in self.cache:
@@ -184,20 +187,6 @@ class SingleSequence:
         self.tokens += accepted
         self.drafter.record(len(draft), len(kept))
         return self._emit([(value, logprobs), *zip(accepted[1:], kept, strict=True)])
-
-    def _verify(
-        self, fed: mx.array, logits: mx.array, draft: list[int]
-    ) -> tuple[list[mx.array], tuple[mx.array, mx.array]]:
-        """Sample position by position; stop at the first token that is not
-        the draft's. Returns the accepted drafts' logprobs and the next token."""
-        kept = []
-        for i in range(len(draft) + 1):
-            token, logprobs = self._sample(fed[i : i + 1], logits[i : i + 1])
-            if i < len(draft) and int(token.item()) == draft[i]:
-                kept.append(logprobs)
-                continue
-            return kept, (token, logprobs)
-        raise AssertionError("unreachable")
 
     def _emit(self, pairs: list[tuple[int, mx.array]]) -> list[Response]:
         """Responses for returned tokens, ending at max_tokens or a stop token;
@@ -272,10 +261,7 @@ def _verify_greedy(
     """Greedy without processors: every position's choice in one evaluation."""
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     best = mx.argmax(logprobs, axis=-1)
-    chosen = best.tolist()
-    j = 0
-    while j < len(draft) and chosen[j] == draft[j]:
-        j += 1
+    j = accepted_prefix(best.tolist(), draft)
     return [logprobs[i] for i in range(j)], (best[j : j + 1], logprobs[j])
 
 

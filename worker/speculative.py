@@ -8,11 +8,21 @@ agrees with. No second model is needed.
 
 The index is built incrementally, one dictionary entry per token, so proposing
 costs the same at any context length.
+
+The acceptance rule is shared by a request decoding alone (single.py) and the
+batch (batch_speculation.py): a draft token is kept only when the token
+sampled at its position equals it, sampling position by position with the
+request's own sampler and processors, so greedy and seeded output is the
+same token for token as without speculation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
 
 DEFAULT_NGRAM = 3
 
@@ -50,6 +60,11 @@ class NgramDrafter:
                 self._after[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
+    def has_match(self) -> bool:
+        """Whether the context's last n-gram occurred before: a cheap check,
+        with no proposal built, of whether drafting could pay this step."""
+        return len(self.tokens) >= self.n and tuple(self.tokens[-self.n :]) in self._after
+
     def propose(self, limit: int) -> list[int]:
         """Up to min(k, limit) tokens that followed the latest earlier
         occurrence of the context's last n-gram; [] when it has none."""
@@ -66,6 +81,9 @@ class NgramDrafter:
         self.accepted += accepted
 
 
+MAX_BACKOFF = 16
+
+
 class DraftGate:
     """Stops drafting where verifying costs more than it saves.
 
@@ -74,38 +92,100 @@ class DraftGate:
     quantized matmuls scale with the tokens. So the gate times both kinds of
     step (tokens returned per second) and, once verified steps are slower
     than plain ones, drafts nothing for `pause` steps before trying again.
+    A pause that follows another with no verdict for drafting in between is
+    twice as long (up to MAX_BACKOFF times): where drafting never pays, the
+    retries stop costing.
     Output never depends on it: drafting only changes how tokens are checked.
     """
 
-    def __init__(self, *, pause: int = 64, samples: int = 4, alpha: float = 0.25):
+    def __init__(self, *, pause: int = 64, samples: int = 4, alpha: float = 0.25, probe: int = 0):
         self.pause = pause
         self.samples = samples
         self.alpha = alpha
+        # With probe > 0, plain steps are taken on purpose until `samples` of
+        # them are timed, and again after every `probe` drafted steps: where
+        # every step could draft (a batch of copying requests), plain steps
+        # would otherwise never be timed and drafting never judged.
+        self.probe = probe
         self.rate = {"plain": 0.0, "drafted": 0.0}  # tokens/s, moving averages
         self.seen = {"plain": 0, "drafted": 0}
         self.paused = 0  # plain steps left before drafting again
         self.pauses = 0  # times drafting was switched off
+        self.backoff = 1  # the next pause lasts pause * backoff steps
 
     def allow(self) -> bool:
         if self.paused > 0:
             self.paused -= 1
             return False
-        return True
+        return not (self.probe and self.seen["plain"] < self.samples)
 
     def record(self, kind: str, tokens: int, seconds: float) -> None:
         if seconds <= 0:
             return
         rate = tokens / seconds
         self.seen[kind] += 1
+        if self.probe and kind == "drafted" and self.seen["drafted"] % self.probe == 0:
+            self.seen["plain"] = 0
         old = self.rate[kind]
         self.rate[kind] = rate if self.seen[kind] == 1 else old + self.alpha * (rate - old)
         if (
-            kind == "drafted"
-            and self.seen["drafted"] >= self.samples
-            and self.seen["plain"] >= self.samples
-            and self.rate["drafted"] < self.rate["plain"]
+            kind != "drafted"
+            or self.seen["drafted"] < self.samples
+            or self.seen["plain"] < self.samples
         ):
-            self.paused = self.pause
-            self.pauses += 1
-            # Measure afresh after the pause: the machine's load changes.
-            self.seen["drafted"] = 0
+            return
+        if self.rate["drafted"] >= self.rate["plain"]:
+            self.backoff = 1
+            return
+        self.paused = self.pause * self.backoff
+        self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+        self.pauses += 1
+        # Measure afresh after the pause: the machine's load changes.
+        self.seen["drafted"] = 0
+
+
+# --- verification ----------------------------------------------------------------
+
+Sampled = tuple[mx.array, mx.array]  # a token (shape 1) and its logprobs (vocab)
+
+
+def sample_token(
+    fed: mx.array, logits: mx.array, *, sampler: Any, processors: tuple, context: Any
+) -> Sampled:
+    """The token after `fed` (1 token) from its logits row (shape 1 x vocab),
+    as mlx-lm's decode step samples it: processors on the context that ends
+    with `fed` (a TokenBuffer, updated here), then the sampler."""
+    logits = logits[-1:]
+    if processors:
+        tokens = context.update_and_fetch(fed)
+        for processor in processors:
+            logits = processor(tokens, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs[0]
+
+
+def verify(
+    sample: Callable[[mx.array, mx.array], Sampled],
+    fed: mx.array,
+    logits: mx.array,
+    draft: list[int],
+) -> tuple[list[mx.array], Sampled]:
+    """Sample position by position (`fed`: the pending token then the draft,
+    `logits`: one row per fed token); stop at the first token that is not the
+    draft's. Returns the accepted drafts' logprobs and the token after them."""
+    kept = []
+    for i in range(len(draft) + 1):
+        token, logprobs = sample(fed[i : i + 1], logits[i : i + 1])
+        if i < len(draft) and int(token.item()) == draft[i]:
+            kept.append(logprobs)
+            continue
+        return kept, (token, logprobs)
+    raise AssertionError("unreachable")
+
+
+def accepted_prefix(chosen: list[int], draft: list[int]) -> int:
+    """How many draft tokens the model's choices (one per fed token) confirm."""
+    j = 0
+    while j < len(draft) and chosen[j] == draft[j]:
+        j += 1
+    return j
