@@ -4,7 +4,10 @@ Claude Code (`claude -p`, Anthropic's Messages API) and Codex (`codex exec`,
 OpenAI's Responses API) run a prompt to completion against a real gateway
 with real workers, with no network beyond loopback. Their prompts are tens of
 thousands of tokens (Claude Code's first request alone is over 100 KB), so
-the gateway serves the `tiny-long` demo model, whose context holds them.
+the gateway serves the `tiny-long` demo model, whose context holds them. Its
+workers run the whole model on every prompt, but the reply is scripted (the
+`script` fault replaces only the sampler): a random model may end its reply
+at its first token, and an agent then has nothing to show.
 Each test skips when its CLI is not installed; `.ci/run` installs both.
 """
 
@@ -21,6 +24,7 @@ import pytest
 from worker import demo
 
 from .conftest import MODEL_NAME, Gateway
+from .test_robustness import faulty_python
 
 CLAUDE = shutil.which("claude")
 CODEX = shutil.which("codex")
@@ -28,17 +32,24 @@ INSTALL = "npm i -g @anthropic-ai/claude-code @openai/codex (.ci/run does)"
 TIMEOUT = 300  # generous: a 90,000-token prefill on a busy CPU
 
 
+REPLY = "Hi! How can I help you today?"
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     if not (CLAUDE or CODEX):
         pytest.skip(f"neither Claude Code nor Codex is installed: {INSTALL}")
     model = demo.ensure("tiny-long")  # built once, cached across runs
+    tmp = tmp_path_factory.mktemp("clis")
     gw = Gateway(
         model,
         "--alias",
         f"claude-*={MODEL_NAME}",
         "--access-log",  # what each client sent, should a run fail
-        log=tmp_path_factory.mktemp("clis") / "gateway.log",
+        "--worker-python",
+        faulty_python(tmp, "script"),
+        env={"SCRIPT_TEXT": REPLY},
+        log=tmp / "gateway.log",
     )
     gw.wait_ready()
     yield gw
@@ -74,7 +85,7 @@ def test_claude_code_two_turns_and_the_second_reads_the_prompt_cache(gw, tmp_pat
     args = [CLAUDE, "-p", "--model", "claude-sonnet-4-5", "--output-format", "json"]
     first = json.loads(run([*args, "Say hi"], tmp_path, env).stdout.strip().splitlines()[-1])
     assert first["subtype"] == "success" and not first["is_error"], first
-    assert isinstance(first["result"], str) and first["result"]
+    assert first["result"] == REPLY, first
     second = json.loads(
         run([*args, "--continue", "Say more"], tmp_path, env).stdout.strip().splitlines()[-1]
     )
@@ -109,6 +120,6 @@ def test_codex_exec_runs_a_prompt_to_completion(gw, tmp_path):
         for e in events
         if e["type"] == "item.completed" and e["item"]["type"] == "agent_message"
     ]
-    assert messages and messages[-1], done.stdout
+    assert messages and messages[-1] == REPLY, done.stdout
     usage = next(e for e in events if e["type"] == "turn.completed")["usage"]
     assert usage["input_tokens"] > 5_000, usage  # its instructions and tool schemas

@@ -416,6 +416,31 @@ MUTANTS = [
         "    if False:\n        return Plan(",
         (f"{REGISTRY}::test_too_large_model_is_refused_at_once",),
     ),
+    # --- speculation and admission (this round) --------------------------------
+    Mutant(
+        "batch speculation keeps every row's rejected drafts but the common ones",
+        "worker/batch_speculation.py",
+        "        if any(extra):\n",
+        "        if False:\n",
+        (
+            "tests/test_batch_speculation.py::test_trimming_rows_leaves_each_the_cache_of_its_kept_entries",
+            "tests/test_batch_speculation.py::test_the_batch_drafts_and_gives_the_same_tokens",
+        ),
+    ),
+    Mutant(
+        "the batch never drafts",
+        "worker/decoder.py",
+        "        if speculate_in_batch and speculation is not None and speculation.enabled:\n",
+        "        if False:\n",
+        ("tests/test_single_sequence.py::test_requests_in_the_batch_speculate_and_answer_alike",),
+    ),
+    Mutant(
+        "a memory-ceiling refusal counted as a busy worker",
+        "gateway/pool.py",
+        '    return "worker_memory" if memory or exc.code == OUT_OF_MEMORY else "worker_busy"\n',
+        '    return "worker_memory" if exc.code == OUT_OF_MEMORY else "worker_busy"\n',
+        (f"{ROBUST}::test_workers_at_their_memory_ceiling_make_a_clean_503",),
+    ),
 ]
 
 
