@@ -257,3 +257,26 @@ def test_the_batch_gate_times_plain_steps_on_purpose_and_backs_off():
     gate.record("plain", 10, 0.010)
     gate.record("plain", 10, 0.010)
     assert gate.allow()
+
+
+def test_a_row_whose_drafts_keep_failing_drafts_only_now_and_then():
+    spec = batch_speculation.BatchSpeculation(Speculation(tokens=4), stats={})
+    assert spec._keen(7)  # no drafts judged yet
+    spec._kept[7] = 0.5
+    assert spec._keen(7)
+    spec._kept[7] = 0.1  # mostly rejected lately
+    retry = batch_speculation.ROW_RETRY
+    assert [spec._keen(7) for _ in range(2 * retry)] == ([False] * (retry - 1) + [True]) * 2
+    assert spec.rows_held == 2 * (retry - 1)
+
+
+def test_sampled_rows_that_stray_from_their_drafts_stop_drafting(tiny, monkeypatch):
+    model, prompts = tiny
+    params = CASES["seeded"]
+    want = run(decoder(model, spec=0), prompts, params)
+    # Every step may draft (no timing involved): which rows draft follows
+    # from their seeded tokens alone.
+    monkeypatch.setattr(DraftGate, "allow", lambda gate: True)
+    dec = decoder(model, spec=4)
+    assert run(dec, prompts, params) == want
+    assert dec.batch_speculation.rows_held > 0

@@ -29,7 +29,10 @@ mlx-lm's own step, with no extra work and no synchronisation. Whether a
 verification pass pays depends on the hardware: on a GPU a pass over a few
 tokens per row costs about one step, on a CPU nearly one step per token. So a
 `DraftGate` per batch size times both kinds of step and stops drafting while
-verified steps return fewer tokens per second than plain ones.
+verified steps return fewer tokens per second than plain ones; and a row
+whose drafts keep failing (sampling that strays from its context, a reply
+that stopped copying) drafts only now and then, so it does not widen the
+pass for nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ PROBE_EVERY = 256
 # the batch's cache, so rarely.
 COMPACT_AT = 256
 ROW_TRIMMABLE = (BatchKVCache, BatchQuantizedKVCache)
+# A row drafts while at least this share of its recent draft tokens was
+# kept (a moving average); below it, on every ROW_RETRY-th step it could,
+# to notice when its drafts come right again (a reply that starts copying).
+ROW_FLOOR = 0.25
+ROW_RETRY = 16
 
 
 def trim_rows(cache: list, rejected: list[int]) -> bool:
@@ -84,6 +92,9 @@ class BatchSpeculation:
         for key in ("batch_proposed", "batch_accepted", "batch_verified"):
             stats.setdefault(key, 0)
         self.drafters: dict[int, NgramDrafter] = {}
+        self._kept: dict[int, float] = {}  # uid -> recent share of drafts kept
+        self._waited: dict[int, int] = {}  # uid -> steps it could have drafted
+        self.rows_held = 0  # row-steps not drafted for a low share kept
         self.gates: dict[int, DraftGate] = {}
         self.compactions = 0
         # The last step, timed at the start of the next: (gate, kind, tokens
@@ -98,8 +109,10 @@ class BatchSpeculation:
         self._follow(rows)
         gate = self._gate(len(rows))
         out = None
-        if gate.allow() and any(self.drafters[uid].has_match() for uid in rows.uids):
-            out = self._speculate(rows)
+        if gate.allow():
+            keen = [self.drafters[uid].has_match() and self._keen(uid) for uid in rows.uids]
+            if any(keen):
+                out = self._speculate(rows, keen)
         kind = "plain" if out is None else "drafted"
         if out is None:
             out = plain()
@@ -154,9 +167,24 @@ class BatchSpeculation:
         if len(self.drafters) > len(rows):
             live = set(rows.uids)
             self.drafters = {u: d for u, d in self.drafters.items() if u in live}
+            self._kept = {u: v for u, v in self._kept.items() if u in live}
+            self._waited = {u: v for u, v in self._waited.items() if u in live}
 
-    def _speculate(self, rows: DecodeRows) -> list | None:
-        """One verified step of every row; None when no row has a draft."""
+    def _keen(self, uid: int) -> bool:
+        """Whether a row whose context could be drafted from should draft:
+        rows whose drafts keep failing (sampling that strays from the
+        context, a reply that stopped copying) only cost the pass width."""
+        if self._kept.get(uid, 1.0) >= ROW_FLOOR:
+            return True
+        self._waited[uid] = self._waited.get(uid, 0) + 1
+        if self._waited[uid] % ROW_RETRY == 0:
+            return True
+        self.rows_held += 1
+        return False
+
+    def _speculate(self, rows: DecodeRows, keen: list[bool]) -> list | None:
+        """One verified step of every row, the `keen` ones drafting; None
+        when no row has a draft."""
         pending, pending_logprobs = rows.pending()
         values = pending.tolist()
         drafts = []
@@ -164,7 +192,8 @@ class BatchSpeculation:
             drafter = self.drafters[uid]
             drafter.add([values[i]])  # returned in this step, drafted or not
             # Tokens past max_tokens would be thrown away: draft no further.
-            drafts.append(drafter.propose(rows.max_tokens[i] - rows.counts[i] - 1))
+            limit = rows.max_tokens[i] - rows.counts[i] - 1
+            drafts.append(drafter.propose(limit) if keen[i] else [])
         width = max(len(d) for d in drafts)
         if width == 0:
             return None
@@ -175,6 +204,9 @@ class BatchSpeculation:
         kept, following = self._verify(rows, fed, logits, drafts)
         for uid, draft, k in zip(rows.uids, drafts, kept, strict=True):
             self.drafters[uid].record(len(draft), len(k))
+            if draft:
+                share = self._kept.get(uid, 1.0)
+                self._kept[uid] = share + 0.25 * (len(k) / len(draft) - share)
         proposed, accepted = sum(map(len, drafts)), sum(map(len, kept))
         self.stats["proposed"] += proposed
         self.stats["accepted"] += accepted
