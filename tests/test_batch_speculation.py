@@ -250,6 +250,10 @@ def test_the_batch_gate_times_plain_steps_on_purpose_and_backs_off():
     gate.record("drafted", 40, 0.020)
     gate.record("drafted", 40, 0.020)
     assert gate.allow() and gate.backoff == 1 and gate.pauses == 3
+    # Within the margin of the plain rate is not slower.
+    gate.margin = 0.9
+    gate.record("drafted", 19, 0.020)  # 950 tokens/s
+    assert gate.allow() and gate.pauses == 3
     # After `probe` drafted steps, plain ones are timed afresh.
     gate.record("drafted", 40, 0.020)
     gate.record("drafted", 40, 0.020)

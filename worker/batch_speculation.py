@@ -49,6 +49,11 @@ from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, 
 # Plain steps are timed afresh after this many drafted ones, so a gate that
 # keeps drafting notices when the machine's load (or the batch) changes.
 PROBE_EVERY = 256
+# Drafting goes on while verified steps return at least this share of the
+# plain steps' tokens per second: the gate times the worker, but fewer,
+# larger steps also save what each step costs downstream (a notification,
+# the gateway's and the clients' wake-ups), which it cannot see.
+DRAFT_MARGIN = 0.9
 # Columns of left padding every row has before they are dropped: a copy of
 # the batch's cache, so rarely.
 COMPACT_AT = 256
@@ -152,7 +157,7 @@ class BatchSpeculation:
         bucket = 1 << (size.bit_length() - 1)
         gate = self.gates.get(bucket)
         if gate is None:
-            gate = self.gates[bucket] = DraftGate(probe=PROBE_EVERY)
+            gate = self.gates[bucket] = DraftGate(probe=PROBE_EVERY, margin=DRAFT_MARGIN)
         return gate
 
     def _follow(self, rows: DecodeRows) -> None:

@@ -98,10 +98,21 @@ class DraftGate:
     Output never depends on it: drafting only changes how tokens are checked.
     """
 
-    def __init__(self, *, pause: int = 64, samples: int = 4, alpha: float = 0.25, probe: int = 0):
+    def __init__(
+        self,
+        *,
+        pause: int = 64,
+        samples: int = 4,
+        alpha: float = 0.25,
+        probe: int = 0,
+        margin: float = 1.0,
+    ):
         self.pause = pause
         self.samples = samples
         self.alpha = alpha
+        # Drafting pauses once verified steps return fewer than `margin`
+        # times the plain steps' tokens per second.
+        self.margin = margin
         # With probe > 0, plain steps are taken on purpose until `samples` of
         # them are timed, and again after every `probe` drafted steps: where
         # every step could draft (a batch of copying requests), plain steps
@@ -134,7 +145,7 @@ class DraftGate:
             or self.seen["plain"] < self.samples
         ):
             return
-        if self.rate["drafted"] >= self.rate["plain"]:
+        if self.rate["drafted"] >= self.margin * self.rate["plain"]:
             self.backoff = 1
             return
         self.paused = self.pause * self.backoff
