@@ -250,18 +250,24 @@ def test_previous_response_id_store_get_delete_and_eviction(client):
 
 
 def test_reasoning_comes_back_as_a_reasoning_item(client):
+    # Seeded: unseeded, the random model may close its reasoning at once.
     r = client.responses.create(
         model=THINK,
         input=PROMPT,
         reasoning={"effort": "high", "summary": "auto"},
         max_output_tokens=400,
+        extra_body={"seed": SEED},
     )
     kinds = [item.type for item in r.output]
     assert kinds[0] == "reasoning", kinds
     assert r.output[0].summary[0].text
     assert r.usage.output_tokens_details.reasoning_tokens > 0
     with client.responses.stream(
-        model=THINK, input=PROMPT, reasoning={"summary": "auto"}, max_output_tokens=400
+        model=THINK,
+        input=PROMPT,
+        reasoning={"summary": "auto"},
+        max_output_tokens=400,
+        extra_body={"seed": SEED},
     ) as s:
         events = list(s)
     summary = "".join(e.delta for e in events if e.type == "response.reasoning_summary_text.delta")

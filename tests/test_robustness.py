@@ -49,6 +49,7 @@ def chat(gw, key: str = "x", **kw):
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=60)
     kw.setdefault("messages", MESSAGES)
     kw.setdefault("extra_body", {"ignore_eos": True})  # replies of exactly max_tokens
+    kw.setdefault("seed", 1)  # whose text is never the end token's empty one by chance
     return client.chat.completions.create(model=MODEL_NAME, **kw)
 
 
