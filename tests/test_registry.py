@@ -203,7 +203,9 @@ def test_too_large_model_is_refused_at_once(models_dir):
         reg = registry(models_dir, memory_budget_mb=5)
         reg.start()
         with pytest.raises(ModelTooLarge) as info:
-            await use(reg, "big")
+            # Bounded: a waiter the failure never reaches would wait forever
+            # (the model is loaded again for it, and fails again).
+            await asyncio.wait_for(use(reg, "big"), 10)
         assert "needs about 9 MB, more than the whole memory budget of 5 MB" in str(info.value)
         with pytest.raises(ModelTooLarge):
             await reg.load("big")
