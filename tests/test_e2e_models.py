@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shutil
-import stat
-import sys
 import threading
 from pathlib import Path
 
@@ -24,22 +22,13 @@ import pytest
 
 from worker import demo
 
-from .conftest import MODEL_NAME, ROOT, Gateway
+from .conftest import MODEL_NAME, Gateway
 from .helpers import wait_until
+from .test_robustness import faulty_python
 
 KEY = "models-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "tell me about the river and the mountain"}]
-
-
-def faulty_python(tmp: Path, fault: str) -> str:
-    script = tmp / f"python-{fault}"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'cd "{ROOT}" && FAULT={fault} exec "{sys.executable}" -m tests.faults.faulty_worker "$@"\n'
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return str(script)
 
 
 def build_models(root: Path, names: list[str]) -> Path:
