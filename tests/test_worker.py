@@ -355,6 +355,16 @@ def test_the_prefill_pacer_sizes_chunks_to_the_measured_rate():
     assert prefilled(5, 0.0001) == pacing.MIN_CHUNK  # too few tokens to judge: unchanged
     assert prefilled(100_000, 1.0) == 512  # a GPU: the configured size
 
+    # A sharded worker's ranks time their steps apart but must feed the same
+    # shapes: their pacer keeps the configured size.
+    rank = SimpleNamespace(
+        _counters=SimpleNamespace(prompt_tokens=0, prompt_time=0.0), prefill_step_size=512
+    )
+    fixed = pacing.PrefillPacer(rank, max_chunk=512, prompts_at_once=2, fixed=True)
+    rank._counters.prompt_tokens, rank._counters.prompt_time = 20, 10.0
+    fixed.update()
+    assert rank.prefill_step_size == 512
+
 
 def test_the_single_path_paces_its_prefill_from_its_own_timings():
     from worker import pacing

@@ -390,8 +390,14 @@ class Engine:
             prefill_batch_size=prompts_at_once,
             prefill_step_size=self.prefill_step_size,
         )
+        # The pacer sizes chunks from this process's own clock; a sharded
+        # worker's ranks must feed the same shapes, so they keep the
+        # configured size.
         self._pacer = PrefillPacer(
-            batch, max_chunk=self.prefill_step_size, prompts_at_once=prompts_at_once
+            batch,
+            max_chunk=self.prefill_step_size,
+            prompts_at_once=prompts_at_once,
+            fixed=self.group is not None,
         )
         return Decoder(
             batch,

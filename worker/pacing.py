@@ -21,8 +21,11 @@ MIN_CHUNK = 16  # the smallest chunk: fewer tokens per call waste a GPU's width
 
 
 class PrefillPacer:
-    def __init__(self, generator: Any, *, max_chunk: int, prompts_at_once: int):
+    def __init__(
+        self, generator: Any, *, max_chunk: int, prompts_at_once: int, fixed: bool = False
+    ):
         self.generator = generator
+        self.fixed = fixed
         self.max_chunk = max_chunk
         self.prompts_at_once = max(1, prompts_at_once)
         self.chunk = max_chunk
@@ -42,8 +45,8 @@ class PrefillPacer:
         """After a step: re-size the chunk from the prefill since the last size."""
         tokens, seconds = prefill_totals(self.generator)
         done, spent = tokens - self._seen[0], seconds - self._seen[1]
-        if done < MIN_CHUNK or spent <= 0:
-            return  # too little to judge from
+        if self.fixed or done < MIN_CHUNK or spent <= 0:
+            return  # told to keep the configured size, or too little to judge from
         self._seen = (tokens, seconds)
         # Several prompts may be prefilled in one step, a chunk each.
         fits = int(done / spent * STEP_BUDGET_S / self.prompts_at_once)
