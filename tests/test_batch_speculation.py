@@ -19,7 +19,7 @@ from worker.batch_speculation import trim_rows
 from worker.decoder import Decoder
 from worker.mlxlm import BatchGenerator, BatchKVCache, KVCache, StopSequences, load
 from worker.sampling import make_processors, make_sampler
-from worker.speculative import DraftGate, Speculation
+from worker.speculative import DraftGate, NgramDrafter, Speculation
 
 from .test_single_sequence import CASES, WORDS
 
@@ -265,12 +265,13 @@ def test_the_batch_gate_times_plain_steps_on_purpose_and_backs_off():
 
 def test_a_row_whose_drafts_keep_failing_drafts_only_now_and_then():
     spec = batch_speculation.BatchSpeculation(Speculation(tokens=4), stats={})
-    assert spec._keen(7)  # no drafts judged yet
-    spec._kept[7] = 0.5
-    assert spec._keen(7)
-    spec._kept[7] = 0.1  # mostly rejected lately
+    row = NgramDrafter([1, 2, 3, 1, 2], ngram=2, max_draft=4)  # "1 2" recurs: a match
+    assert spec._keen(row)  # no drafts judged yet
+    row.recent = 0.5
+    assert spec._keen(row)
+    row.recent = 0.1  # mostly rejected lately
     retry = batch_speculation.ROW_RETRY
-    assert [spec._keen(7) for _ in range(2 * retry)] == ([False] * (retry - 1) + [True]) * 2
+    assert [spec._keen(row) for _ in range(2 * retry)] == ([False] * (retry - 1) + [True]) * 2
     assert spec.rows_held == 2 * (retry - 1)
 
 

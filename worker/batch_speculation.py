@@ -97,8 +97,6 @@ class BatchSpeculation:
         for key in ("batch_proposed", "batch_accepted", "batch_verified"):
             stats.setdefault(key, 0)
         self.drafters: dict[int, NgramDrafter] = {}
-        self._kept: dict[int, float] = {}  # uid -> recent share of drafts kept
-        self._waited: dict[int, int] = {}  # uid -> steps it could have drafted
         self.rows_held = 0  # row-steps not drafted for a low share kept
         self.gates: dict[int, DraftGate] = {}
         self.compactions = 0
@@ -115,7 +113,7 @@ class BatchSpeculation:
         gate = self._gate(len(rows))
         out = None
         if gate.allow():
-            keen = [self.drafters[uid].has_match() and self._keen(uid) for uid in rows.uids]
+            keen = [self._keen(self.drafters[uid]) for uid in rows.uids]
             if any(keen):
                 out = self._speculate(rows, keen)
         kind = "plain" if out is None else "drafted"
@@ -172,17 +170,18 @@ class BatchSpeculation:
         if len(self.drafters) > len(rows):
             live = set(rows.uids)
             self.drafters = {u: d for u, d in self.drafters.items() if u in live}
-            self._kept = {u: v for u, v in self._kept.items() if u in live}
-            self._waited = {u: v for u, v in self._waited.items() if u in live}
 
-    def _keen(self, uid: int) -> bool:
-        """Whether a row whose context could be drafted from should draft:
-        rows whose drafts keep failing (sampling that strays from the
-        context, a reply that stopped copying) only cost the pass width."""
-        if self._kept.get(uid, 1.0) >= ROW_FLOOR:
+    def _keen(self, drafter: NgramDrafter) -> bool:
+        """Whether a row should draft: its context can be drafted from, and
+        its drafts have not kept failing (sampling that strays from the
+        context, a reply that stopped copying), which only costs the pass
+        width."""
+        if not drafter.has_match():
+            return False
+        if drafter.recent >= ROW_FLOOR:
             return True
-        self._waited[uid] = self._waited.get(uid, 0) + 1
-        if self._waited[uid] % ROW_RETRY == 0:
+        drafter.waited += 1
+        if drafter.waited % ROW_RETRY == 0:
             return True
         self.rows_held += 1
         return False
@@ -209,9 +208,6 @@ class BatchSpeculation:
         kept, following = self._verify(rows, fed, logits, drafts)
         for uid, draft, k in zip(rows.uids, drafts, kept, strict=True):
             self.drafters[uid].record(len(draft), len(k))
-            if draft:
-                share = self._kept.get(uid, 1.0)
-                self._kept[uid] = share + 0.25 * (len(k) / len(draft) - share)
         proposed, accepted = sum(map(len, drafts)), sum(map(len, kept))
         self.stats["proposed"] += proposed
         self.stats["accepted"] += accepted

@@ -48,6 +48,8 @@ class NgramDrafter:
         self._after: dict[tuple[int, ...], int] = {}
         self.proposed = 0  # draft tokens offered for verification
         self.accepted = 0  # of which the model agreed with
+        self.recent = 1.0  # share of recent drafts' tokens kept (a moving average)
+        self.waited = 0  # steps a batch held it back for a low `recent`
         self.add(context)
 
     def add(self, tokens: list[int]) -> None:
@@ -79,6 +81,8 @@ class NgramDrafter:
     def record(self, proposed: int, accepted: int) -> None:
         self.proposed += proposed
         self.accepted += accepted
+        if proposed:
+            self.recent += 0.25 * (accepted / proposed - self.recent)
 
 
 MAX_BACKOFF = 16
