@@ -49,11 +49,11 @@ from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, 
 # Plain steps are timed afresh after this many drafted ones, so a gate that
 # keeps drafting notices when the machine's load (or the batch) changes.
 PROBE_EVERY = 256
-# Drafting goes on while verified steps return at least this share of the
-# plain steps' tokens per second: the gate times the worker, but fewer,
-# larger steps also save what each step costs downstream (a notification,
-# the gateway's and the clients' wake-ups), which it cannot see.
-DRAFT_MARGIN = 0.9
+# Drafting goes on while verified steps return at least the plain steps'
+# tokens per second. No allowance for what a step costs downstream: at the
+# default stream interval (40 ms) several steps share one update, so fewer,
+# larger steps do not send fewer of them.
+DRAFT_MARGIN = 1.0
 # Columns of left padding every row has before they are dropped: a copy of
 # the batch's cache, so rarely.
 COMPACT_AT = 256
