@@ -111,7 +111,7 @@ class SingleSequence:
         token, or one verified draft (returns one token or more)."""
         with mx.stream(generation_stream):
             if self._next is None:
-                if len(self._rest) > self._chunk():
+                if len(self._rest) > 1:
                     self._prefill()
                     return []
                 self._start()
@@ -127,12 +127,9 @@ class SingleSequence:
             self.drafter.add(self.tokens[len(self.drafter.tokens) :])
             return out
 
-    def _chunk(self) -> int:
-        """Prompt tokens one step may feed."""
-        return self.pacer.chunk if self.pacer is not None else self.prefill_step_size
-
     def _prefill(self) -> None:
-        chunk = self._rest[: self._chunk()]  # the caller leaves at least one token
+        size = self.pacer.chunk if self.pacer is not None else self.prefill_step_size
+        chunk = self._rest[: min(size, len(self._rest) - 1)]
         started = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=self.cache)
         mx.eval([c.state for c in self.cache])
@@ -145,15 +142,11 @@ class SingleSequence:
         mx.clear_cache()
 
     def _start(self) -> None:
-        """Feed what is left of the prompt (one chunk at most) and sample the
-        reply's first token from its last position. One pass, as mlx-lm's
-        generate_step does: on a backend where every call has a fixed cost,
-        feeding the last token on its own is one more call before the first
-        token."""
-        rest = mx.array(self._rest)
+        """Feed the prompt's last token and sample the reply's first."""
+        last = mx.array(self._rest)
         self.tokens += self._rest
         self._rest = []
-        self._next = self._sample(rest, self.model(rest[None], cache=self.cache)[0])
+        self._next = self._sample(last, self.model(last[None], cache=self.cache)[0])
         mx.async_eval(*self._next)
 
     def _sample(self, fed: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
