@@ -49,11 +49,6 @@ from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, 
 # Plain steps are timed afresh after this many drafted ones, so a gate that
 # keeps drafting notices when the machine's load (or the batch) changes.
 PROBE_EVERY = 256
-# Drafting goes on while verified steps return at least the plain steps'
-# tokens per second. No allowance for what a step costs downstream: at the
-# default stream interval (40 ms) several steps share one update, so fewer,
-# larger steps do not send fewer of them.
-DRAFT_MARGIN = 1.0
 # Columns of left padding every row has before they are dropped: a copy of
 # the batch's cache, so rarely.
 COMPACT_AT = 256
@@ -155,7 +150,10 @@ class BatchSpeculation:
         bucket = 1 << (size.bit_length() - 1)
         gate = self.gates.get(bucket)
         if gate is None:
-            gate = self.gates[bucket] = DraftGate(probe=PROBE_EVERY, margin=DRAFT_MARGIN)
+            # The gate's own margin (1.0): no allowance for what a step costs
+            # downstream, since at the default stream interval (40 ms) several
+            # steps share one update and fewer, larger steps send no fewer.
+            gate = self.gates[bucket] = DraftGate(probe=PROBE_EVERY)
         return gate
 
     def _follow(self, rows: DecodeRows) -> None:
