@@ -10,13 +10,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from worker import protocol
 from worker.logs import FORMATS
 
 from . import __version__, logs
-from .config import Settings, parse_duration
+from .config import ModelSpec, Settings, parse_duration
 
 ENV_PREFIX = "MLX_GATEWAY_"
 
@@ -171,6 +172,15 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         int,
         d.speculative_ngram,
     )
+    add(
+        p,
+        "--draft-model",
+        "[MODEL=]SPEC: a smaller model of the same vocabulary (any --model form) that "
+        "drafts for a request running alone, verified in one pass; MODEL= picks which "
+        "served model it drafts for (default: all); repeat",
+        repeat=True,
+    )
+    add(p, "--draft-tokens", "tokens a draft model drafts per step", int, d.draft_tokens)
     add(p, "--max-queue", "requests allowed to wait per model before 503", int, d.max_queue)
     add(p, "--queue-timeout", "seconds a request may wait for a worker", float, d.queue_timeout)
     add(p, "--request-timeout", "seconds a request may take in all", float, d.request_timeout)
@@ -556,6 +566,37 @@ def _placement(args: argparse.Namespace) -> dict:
     }
 
 
+def with_drafts(args: argparse.Namespace, specs: list[ModelSpec]) -> list[ModelSpec]:
+    """The served models with the draft models of --draft-model attached."""
+    from .checkpoints import resolve
+
+    items = list(args.draft_model or args.draft_model_env or [])
+    if not items:
+        return specs
+    if not 1 <= args.draft_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"--draft-tokens must be 1 to {MAX_SPECULATIVE_TOKENS}")
+    # A draft model drafts only for a request running alone.
+    for off, flag in (
+        (args.shard > 1, "--shard"),
+        (args.kv_bits is not None, "--kv-bits"),
+        (not args.single_sequence, "--no-single-sequence"),
+    ):
+        if off:
+            raise ValueError(
+                f"--draft-model drafts for a request running alone, which {flag} rules out"
+            )
+    names = [s.name for s in specs]
+    drafts: dict[str, str] = {}
+    for item in items:
+        targeted = "=" in item and not item.startswith(("/", "."))
+        draft = resolve(item, args.worker_python)
+        if targeted and draft.name not in names:
+            raise ValueError(f"--draft-model {item!r}: no served model is called {draft.name!r}")
+        for name in [draft.name] if targeted else names:
+            drafts[name] = draft.path
+    return [replace(s, draft_path=drafts.get(s.name)) for s in specs]
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -608,6 +649,11 @@ def serve(args: argparse.Namespace) -> int:
     if len(set(names)) != len(names):
         print(f"mlx-gateway: error: two models share a served name: {names}", file=sys.stderr)
         return 2
+    try:
+        specs = with_drafts(args, specs)
+    except (ValueError, ModelSourceError) as exc:
+        print(f"mlx-gateway: error: {exc}", file=sys.stderr)
+        return 2
     settings = Settings(
         models=specs,
         workers=args.workers,
@@ -623,6 +669,7 @@ def serve(args: argparse.Namespace) -> int:
         single_sequence=args.single_sequence,
         speculative_tokens=args.speculative_tokens,
         speculative_ngram=args.speculative_ngram,
+        draft_tokens=args.draft_tokens,
         max_queue=args.max_queue,
         queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout,

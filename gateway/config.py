@@ -29,6 +29,9 @@ def parse_duration(value: str | float | int) -> float:
 class ModelSpec:
     name: str  # the id clients send as `model`
     path: str  # a local directory holding the checkpoint
+    # A smaller model of the same vocabulary drafting for a request running
+    # alone (worker/draft_model.py); None: no draft model.
+    draft_path: str | None = None
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Settings:
     single_sequence: bool = True
     speculative_tokens: int = 0
     speculative_ngram: int = 3
+    draft_tokens: int = 3  # tokens a draft model (ModelSpec.draft_path) drafts per step
     max_queue: int = 256  # requests waiting per model before 503
     queue_timeout: float = 60.0
     request_timeout: float = 600.0

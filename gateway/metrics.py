@@ -135,6 +135,12 @@ class Metrics:
             "cache's (prompt_cache); quantized with --kv-bits.",
             (*WORKER, "kind"),
         )
+        self.worker_draft_tokens = gauge(
+            "worker_draft_tokens",
+            "Draft tokens of each worker since it started (--speculative-tokens, "
+            "--draft-model): proposed for verification, and accepted by the model.",
+            (*WORKER, "kind"),
+        )
         self.ttft_sum = 0.0  # over every model, see observe_ttft
         self.ttft_count = 0
         # Models loaded on demand (the model registry).

@@ -337,6 +337,9 @@ class Supervisor:
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
         }
+        if self.spec.draft_path is not None:
+            params["draft_path"] = self.spec.draft_path
+            params["draft_tokens"] = self.settings.draft_tokens
         if self.settings.kv_bits is not None:  # else the worker's default, full precision
             params["kv_bits"] = self.settings.kv_bits
             params["kv_group_size"] = self.settings.kv_group_size
@@ -453,6 +456,12 @@ class Supervisor:
         cached = (health.get("prompt_cache") or {}).get("bytes")
         if cached is not None:
             kv.labels(self.spec.name, self.id, "prompt_cache").set(cached)
+        decoder = health.get("decoder") or {}
+        for kind in ("proposed", "accepted"):
+            if kind in decoder:
+                self.metrics.worker_draft_tokens.labels(self.spec.name, self.id, kind).set(
+                    decoder[kind]
+                )
 
     async def _end(
         self,

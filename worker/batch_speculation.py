@@ -44,11 +44,16 @@ import mlx.core as mx
 
 from .kvquant import BatchQuantizedKVCache
 from .mlxlm import BatchKVCache, DecodeRows, greedy_sampler
-from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, sample_token, verify
+from .speculative import (
+    PROBE_EVERY,
+    DraftGate,
+    NgramDrafter,
+    Speculation,
+    accepted_prefix,
+    sample_token,
+    verify,
+)
 
-# Plain steps are timed afresh after this many drafted ones, so a gate that
-# keeps drafting notices when the machine's load (or the batch) changes.
-PROBE_EVERY = 256
 # Columns of left padding every row has before they are dropped: a copy of
 # the batch's cache, so rarely.
 COMPACT_AT = 256

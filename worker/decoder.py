@@ -193,7 +193,7 @@ class Decoder:
     @property
     def prompt_cache_nbytes(self) -> int:
         """Bytes of KV held for running requests, on either path."""
-        single = sum(c.nbytes for c in self._single.cache) if self._single is not None else 0
+        single = self._single.nbytes if self._single is not None else 0
         return self.batch.prompt_cache_nbytes + single
 
     def warm_up(self, token: int, fresh_cache) -> None:

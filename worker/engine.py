@@ -24,6 +24,7 @@ from . import kvquant, protocol
 from .constraints import Grammars
 from .decoder import Decoder
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
+from .draft_model import DEFAULT_DRAFT_TOKENS, ModelDrafter
 from .job import Job, merge_delta
 from .mlxlm import (
     BatchGenerator,
@@ -246,6 +247,7 @@ class Engine:
             else:
                 model, tokenizer, config = load(path, return_config=True)
             self._kv_options(params, model)
+            draft = self._draft_model(params, tokenizer)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
             if self.group is not None and not self.group.leader:
@@ -274,6 +276,8 @@ class Engine:
         self.speculation = Speculation(
             tokens=int(params.get("speculative_tokens") or 0),
             ngram=int(params.get("speculative_ngram") or DEFAULT_NGRAM),
+            draft_model=draft,
+            draft_tokens=int(params.get("draft_tokens") or DEFAULT_DRAFT_TOKENS),
         )
         eos = set(tokenizer.eos_token_ids)
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
@@ -326,6 +330,25 @@ class Engine:
         if bits is not None:
             kvquant.check_model(model, bits=bits, group_size=group_size)
         self.kv_bits, self.kv_group_size = bits, group_size
+
+    def _draft_model(self, params: dict, tokenizer: Any) -> Any:
+        """The draft model, when one is named: refused (ValueError) unless it
+        shares the model's vocabulary and its cache can take drafts back."""
+        path = params.get("draft_path")
+        if not path:
+            return None
+        if self.group is not None:
+            raise ValueError("a sharded worker cannot use a draft model")
+        draft, draft_tokenizer = load(path)
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"the draft model {path} does not share the model's vocabulary")
+        if not ModelDrafter.usable(draft):
+            raise ValueError(
+                f"the draft model {path} has a rotating or recurrent cache, "
+                "which cannot take back rejected drafts"
+            )
+        log.info("drafting with %s for a request running alone", path)
+        return draft
 
     def _fresh_cache(self) -> list | None:
         """A new request's empty KV cache: None lets mlx-lm make its own."""

@@ -14,7 +14,8 @@ Methods (gateway -> worker):
                  "memory_limit_mb"?: float, "prompt_cache_dir"?: str,
                  "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
                  "kv_group_size"?: int, "single_sequence"?: bool,
-                 "speculative_tokens"?: int, "speculative_ngram"?: int}
+                 "speculative_tokens"?: int, "speculative_ngram"?: int,
+                 "draft_path"?: str, "draft_tokens"?: int}
                 kv_bits: quantize the KV cache (the running batch's and the
                 prompt cache's) to this many bits, in groups of kv_group_size
                 values (default 64) along each head (worker/kvquant.py); one of
@@ -25,6 +26,10 @@ Methods (gateway -> worker):
                 speculative_tokens (default 0, off): tokens each request, alone
                 or in the batch (worker/batch_speculation.py), drafts per step
                 by prompt lookup, matching its last speculative_ngram (3).
+                draft_path: a smaller model of the same vocabulary that drafts
+                draft_tokens (3) per step for a request running alone
+                (worker/draft_model.py) instead of prompt lookup; a draft
+                model whose vocabulary differs fails the load, saying why.
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are

@@ -10,12 +10,12 @@ mid-reply: the KV cache of the prompt and of every token returned so far, and
 the next token, already sampled (the model computes it while the caller reads
 the previous one, as mlx-lm's generate_step does) but neither fed nor returned.
 
-With a drafter (speculative.py), a step whose context ends in a repeated
-n-gram feeds the pending token and the draft in one forward pass and keeps the
-drafts the model agrees with. The sampler and the processors are called once
-per returned token, in order, on the context that token follows, exactly as
-without speculation: a draft is accepted only when the sampled token equals
-it. So greedy and seeded output is the same token for token, and sampled
+With a drafter (speculative.py's prompt lookup, or draft_model.py's smaller
+model), a step with a draft feeds the pending token and the draft in one
+forward pass and keeps the drafts the model agrees with. The sampler and the
+processors are called once per returned token, in order, on the context that
+token follows, exactly as without speculation: a draft is accepted only when
+the sampled token equals it. So greedy and seeded output is the same token for token, and sampled
 output has the same distribution.
 """
 
@@ -27,9 +27,11 @@ from typing import Any
 
 import mlx.core as mx
 
+from .draft_model import ModelDrafter
 from .mlxlm import KVCache, TokenBuffer, generation_stream, greedy_sampler, make_prompt_cache
 from .pacing import ChunkPacer
 from .speculative import (
+    PROBE_EVERY,
     DraftGate,
     NgramDrafter,
     Speculation,
@@ -98,11 +100,13 @@ class SingleSequence:
         self.n = 0  # tokens returned
         self.finished = False
         self.drafter = None
-        self.gate = DraftGate()
-        if speculation is not None and speculation.enabled and _trimmable(self.cache):
-            self.drafter = NgramDrafter(
-                self.tokens + self._rest, ngram=speculation.ngram, max_draft=speculation.tokens
-            )
+        if speculation is not None and _trimmable(self.cache):
+            self.drafter = _drafter(speculation, self.tokens + self._rest)
+        # A draft model drafts at every step, so plain steps are taken on
+        # purpose now and then for the gate to compare (prompt lookup's
+        # steps without a match are plain already).
+        model_drafts = isinstance(self.drafter, ModelDrafter)
+        self.gate = DraftGate(probe=PROBE_EVERY if model_drafts else 0)
 
     # --- stepping ----------------------------------------------------------------
 
@@ -117,19 +121,32 @@ class SingleSequence:
                 self._start()
             if self.drafter is None:
                 return self._decode()
-            started = time.perf_counter()
-            out = self._speculate() if self.gate.allow() else None
-            kind = "plain" if out is None else "drafted"
-            if out is None:
-                out = self._decode()
-            self.gate.record(kind, len(out), time.perf_counter() - started)
+            if self._drafter_ready():
+                started = time.perf_counter()
+                out = self._speculate() if self.gate.allow() else None
+                kind = "plain" if out is None else "drafted"
+                if out is None:
+                    out = self._decode()
+                self.gate.record(kind, len(out), time.perf_counter() - started)
+            else:
+                out = self._decode()  # untimed: the draft model caught up instead
             # The drafter's context: the prompt and every token returned.
             self.drafter.add(self.tokens[len(self.drafter.tokens) :])
             return out
 
+    def _chunk(self) -> int:
+        return self.pacer.chunk if self.pacer is not None else self.prefill_step_size
+
+    def _drafter_ready(self) -> bool:
+        """Whether the drafter can draft this step: a draft model first
+        catches up on the context its cache lacks (a prompt served from the
+        prompt cache, a pause in drafting), a chunk a step."""
+        if isinstance(self.drafter, ModelDrafter):
+            return self.drafter.catch_up(self._chunk())
+        return True
+
     def _prefill(self) -> None:
-        size = self.pacer.chunk if self.pacer is not None else self.prefill_step_size
-        chunk = self._rest[: min(size, len(self._rest) - 1)]
+        chunk = self._rest[: min(self._chunk(), len(self._rest) - 1)]
         started = time.perf_counter()
         self.model(mx.array(chunk)[None], cache=self.cache)
         mx.eval([c.state for c in self.cache])
@@ -137,6 +154,9 @@ class SingleSequence:
             self.pacer.record(len(chunk), time.perf_counter() - started)
         self._rest = self._rest[len(chunk) :]
         self.tokens += chunk
+        if isinstance(self.drafter, ModelDrafter):
+            # The draft model keeps pace with the prompt, a chunk a step.
+            self.drafter.catch_up(len(chunk))
         if self._context is not None:
             self._context.update_and_fetch(mx.array(chunk))
         mx.clear_cache()
@@ -213,6 +233,12 @@ class SingleSequence:
         last.prompt_cache = self.detach()
         last.all_tokens = self.tokens
 
+    @property
+    def nbytes(self) -> int:
+        """KV bytes of this request: its cache's, and its draft model's."""
+        draft = self.drafter.nbytes if isinstance(self.drafter, ModelDrafter) else 0
+        return sum(c.nbytes for c in self.cache) + draft
+
     # --- leaving -----------------------------------------------------------------
 
     def detach(self) -> list:
@@ -263,6 +289,15 @@ def _verify_greedy(
     best = mx.argmax(logprobs, axis=-1)
     j = accepted_prefix(best.tolist(), draft)
     return [logprobs[i] for i in range(j)], (best[j : j + 1], logprobs[j])
+
+
+def _drafter(speculation: Speculation, context: list[int]) -> ModelDrafter | NgramDrafter | None:
+    """A draft model's drafter where one is loaded, else prompt lookup's if on."""
+    if speculation.draft_model is not None:
+        return ModelDrafter(speculation.draft_model, context, max_draft=speculation.draft_tokens)
+    if speculation.enabled:
+        return NgramDrafter(context, ngram=speculation.ngram, max_draft=speculation.tokens)
+    return None
 
 
 def _trimmable(cache: list) -> bool:

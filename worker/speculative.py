@@ -29,27 +29,48 @@ DEFAULT_NGRAM = 3
 
 @dataclass(frozen=True, slots=True)
 class Speculation:
-    """How to draft: at most `tokens` per step, matching the last `ngram` tokens."""
+    """How to draft: by prompt lookup, at most `tokens` per step matching the
+    last `ngram` tokens; and, for a request alone, from a draft model."""
 
     tokens: int = 0  # 0: off
     ngram: int = DEFAULT_NGRAM
+    # A smaller model of the same vocabulary that drafts `draft_tokens` per
+    # step for a request running alone (draft_model.py), instead of prompt lookup.
+    draft_model: Any = None
+    draft_tokens: int = 3
 
     @property
     def enabled(self) -> bool:
         return self.tokens > 0 and self.ngram > 0
 
 
-class NgramDrafter:
+class Drafter:
+    """What every drafter counts: its drafts' tokens and how many were kept.
+
+    A drafter holds the request's context (`tokens`, extended by `add` with
+    the tokens it returned) and offers `propose(limit)` tokens to verify."""
+
+    def __init__(self) -> None:
+        self.proposed = 0  # draft tokens offered for verification
+        self.accepted = 0  # of which the model agreed with
+        self.recent = 1.0  # share of recent drafts' tokens kept (a moving average)
+        self.waited = 0  # steps a batch held it back for a low `recent`
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        if proposed:
+            self.recent += 0.25 * (accepted / proposed - self.recent)
+
+
+class NgramDrafter(Drafter):
     def __init__(self, context: list[int], *, ngram: int, max_draft: int):
+        super().__init__()
         self.n = ngram
         self.k = max_draft
         self.tokens: list[int] = []
         # Each n-gram that has a successor -> where its latest successor is.
         self._after: dict[tuple[int, ...], int] = {}
-        self.proposed = 0  # draft tokens offered for verification
-        self.accepted = 0  # of which the model agreed with
-        self.recent = 1.0  # share of recent drafts' tokens kept (a moving average)
-        self.waited = 0  # steps a batch held it back for a low `recent`
         self.add(context)
 
     def add(self, tokens: list[int]) -> None:
@@ -78,14 +99,12 @@ class NgramDrafter:
             return []
         return self.tokens[at : at + k]
 
-    def record(self, proposed: int, accepted: int) -> None:
-        self.proposed += proposed
-        self.accepted += accepted
-        if proposed:
-            self.recent += 0.25 * (accepted / proposed - self.recent)
-
 
 MAX_BACKOFF = 16
+# Where every step could draft, plain steps are timed afresh after this many
+# drafted ones, so a gate that keeps drafting notices when the machine's load
+# (or the batch) changes.
+PROBE_EVERY = 256
 
 
 class DraftGate:

@@ -466,6 +466,45 @@ MUTANTS = [
         "            [(v, k[0] if k else lp), *zip(d, k, strict=False)]\n",
         ("tests/test_single_sequence.py::test_requests_in_the_batch_speculate_and_answer_alike",),
     ),
+    # --- a draft model -----------------------------------------------------------
+    Mutant(
+        "the draft model's cache keeps its rejected drafts",
+        "worker/draft_model.py",
+        "        if agreed < len(fed):\n",
+        "        if False:\n",
+        ("tests/test_draft_model.py::test_the_draft_cache_drops_rejected_tokens",),
+    ),
+    Mutant(
+        "the draft model feeds a whole chunk of the prompt at once, past the limit",
+        "worker/draft_model.py",
+        "            take = min(limit, missing)\n",
+        "            take = missing\n",
+        (
+            "tests/test_draft_model.py::"
+            "test_the_draft_model_catches_up_on_a_long_prompt_a_chunk_at_a_time",
+        ),
+    ),
+    Mutant(
+        "a draft model of another vocabulary is taken",
+        "worker/engine.py",
+        "        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():\n",
+        "        if False:\n",
+        ("tests/test_draft_model.py::test_a_draft_model_of_another_vocabulary_fails_the_load",),
+    ),
+    Mutant(
+        "a loaded draft model never drafts",
+        "worker/single.py",
+        "    if speculation.draft_model is not None:\n",
+        "    if False:\n",
+        ("tests/test_draft_model.py::test_a_gateway_drafts_with_a_draft_model_and_counts_it",),
+    ),
+    Mutant(
+        "the gateway does not pass the draft model to its workers",
+        "gateway/supervisor.py",
+        '            params["draft_path"] = self.spec.draft_path\n',
+        "            pass\n",
+        ("tests/test_draft_model.py::test_a_gateway_drafts_with_a_draft_model_and_counts_it",),
+    ),
     Mutant(
         "a memory-ceiling refusal counted as a busy worker",
         "gateway/pool.py",
