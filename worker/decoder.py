@@ -31,7 +31,7 @@ from .batch_speculation import BatchSpeculation
 from .mlxlm import BatchGenerator, intercept_decode
 from .pacing import ChunkPacer
 from .single import Response, SingleSequence
-from .speculative import Speculation
+from .speculative import PROBE_EVERY, DraftGate, Speculation
 
 
 class Decoder:
@@ -52,6 +52,12 @@ class Decoder:
         # Prefill chunks of the single path, sized to a short step (pacing.py).
         self.pacer = ChunkPacer(prefill_step_size)
         self.speculation = speculation
+        # A draft model drafts at every step, so plain steps are taken on
+        # purpose now and then for its gate to compare (prompt lookup's steps
+        # without a match are plain already); one gate for every request.
+        self.draft_model_gate = None
+        if speculation is not None and speculation.draft_model is not None:
+            self.draft_model_gate = DraftGate(probe=PROBE_EVERY)
         self._single: SingleSequence | None = None
         self._uids = 0
         self._outer: dict[int, int] = {}  # batch uid -> our uid
@@ -92,6 +98,7 @@ class Decoder:
                 prefill_step_size=self.prefill_step_size,
                 speculation=self.speculation,
                 pacer=self.pacer,
+                gate=self.draft_model_gate,
             )
             self.stats["single"] += 1
             self._uids += n
@@ -144,7 +151,7 @@ class Decoder:
         if single.drafter is not None:
             self.stats["proposed"] += single.drafter.proposed
             self.stats["accepted"] += single.drafter.accepted
-            self.stats["paused"] += single.gate.pauses
+            self.stats["paused"] += single.pauses
 
     def next(self) -> tuple[list, list]:
         """One step: (prompt progress, returned tokens), as BatchGenerator.next."""

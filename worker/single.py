@@ -31,7 +31,6 @@ from .draft_model import ModelDrafter
 from .mlxlm import KVCache, TokenBuffer, generation_stream, greedy_sampler, make_prompt_cache
 from .pacing import ChunkPacer
 from .speculative import (
-    PROBE_EVERY,
     DraftGate,
     NgramDrafter,
     Speculation,
@@ -82,6 +81,7 @@ class SingleSequence:
         prefill_step_size: int,
         speculation: Speculation | None = None,
         pacer: ChunkPacer | None = None,
+        gate: DraftGate | None = None,
     ):
         self.model = model
         self.uid = uid
@@ -102,11 +102,12 @@ class SingleSequence:
         self.drafter = None
         if speculation is not None and _trimmable(self.cache):
             self.drafter = _drafter(speculation, self.tokens + self._rest)
-        # A draft model drafts at every step, so plain steps are taken on
-        # purpose now and then for the gate to compare (prompt lookup's
-        # steps without a match are plain already).
-        model_drafts = isinstance(self.drafter, ModelDrafter)
-        self.gate = DraftGate(probe=PROBE_EVERY if model_drafts else 0)
+        # Whether prompt lookup pays depends on the request (does it copy?),
+        # so each has a gate of its own; whether a draft model pays depends
+        # on the pair of models and the machine, so the decoder passes one
+        # gate on from request to request.
+        self.gate = gate if gate is not None else DraftGate()
+        self._pauses = self.gate.pauses
 
     # --- stepping ----------------------------------------------------------------
 
@@ -121,15 +122,16 @@ class SingleSequence:
                 self._start()
             if self.drafter is None:
                 return self._decode()
-            if self._drafter_ready():
+            allowed = self.gate.allow()
+            if allowed and not self._drafter_ready():
+                out = self._decode()  # untimed: the draft model caught up instead
+            else:
                 started = time.perf_counter()
-                out = self._speculate() if self.gate.allow() else None
+                out = self._speculate() if allowed else None
                 kind = "plain" if out is None else "drafted"
                 if out is None:
                     out = self._decode()
                 self.gate.record(kind, len(out), time.perf_counter() - started)
-            else:
-                out = self._decode()  # untimed: the draft model caught up instead
             # The drafter's context: the prompt and every token returned.
             self.drafter.add(self.tokens[len(self.drafter.tokens) :])
             return out
@@ -154,8 +156,9 @@ class SingleSequence:
             self.pacer.record(len(chunk), time.perf_counter() - started)
         self._rest = self._rest[len(chunk) :]
         self.tokens += chunk
-        if isinstance(self.drafter, ModelDrafter):
-            # The draft model keeps pace with the prompt, a chunk a step.
+        if isinstance(self.drafter, ModelDrafter) and not self.gate.paused:
+            # The draft model keeps pace with the prompt, a chunk a step,
+            # unless drafting is paused (it catches up when drafting resumes).
             self.drafter.catch_up(len(chunk))
         if self._context is not None:
             self._context.update_and_fetch(mx.array(chunk))
@@ -232,6 +235,11 @@ class SingleSequence:
         self._next = None
         last.prompt_cache = self.detach()
         last.all_tokens = self.tokens
+
+    @property
+    def pauses(self) -> int:
+        """Times drafting was paused while this request ran."""
+        return self.gate.pauses - self._pauses
 
     @property
     def nbytes(self) -> int:
