@@ -2,7 +2,8 @@
 
 Code edits copy most of their prompt. Each request here holds a code block of
 about 300 tokens and asks for it back with one change. Two gateways serve the
-same model, one with `--speculative-tokens K`, one without; rounds alternate
+same model, one with `--speculative-tokens K` (or, with `--draft-model SPEC`,
+a draft model drafting K tokens), one without; rounds alternate
 between them at each concurrency, so a shared machine's drifts hit both alike.
 Reported per concurrency: the decode rate of one stream (tokens after the
 first over the time after the first, the median over requests), the ratio,
@@ -124,7 +125,7 @@ def _identical(urls: dict[str, str], concurrency: int, max_tokens: int) -> bool:
     return off == on
 
 
-def _gateway(path: str, port: int, spec: int, extra: str) -> object:
+def _gateway(path: str, port: int, drafting: list[str], extra: str) -> object:
     cmd = [
         sys.executable,
         "-m",
@@ -138,8 +139,7 @@ def _gateway(path: str, port: int, spec: int, extra: str) -> object:
         "warning",
         "--heartbeat-interval",
         "1",
-        "--speculative-tokens",
-        str(spec),
+        *drafting,
         *extra.split(),
     ]
     return start_server(cmd, f"http://127.0.0.1:{port}", "/health")
@@ -149,12 +149,16 @@ def run(args: argparse.Namespace) -> dict:
     from .checkpoints import resolve
 
     path = resolve(args.model_path).path
+    draft = resolve(args.draft_model).path if args.draft_model else None
+    on = ["--speculative-tokens", str(args.speculative)]
+    if draft is not None:
+        on = ["--draft-model", draft, "--draft-tokens", str(args.speculative)]
     urls = {}
     procs = []
     try:
-        for name, spec in (("off", 0), ("on", args.speculative)):
+        for name, drafting in (("off", []), ("on", on)):
             port = free_port()
-            procs.append(_gateway(path, port, spec, args.gateway_args))
+            procs.append(_gateway(path, port, drafting, args.gateway_args))
             urls[name] = f"http://127.0.0.1:{port}"
         # Greedy replies compared at each concurrency: alone, and in a batch.
         same = {c: _identical(urls, c, args.max_tokens) for c in args.concurrency}
@@ -191,6 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": path,
         "speculative_tokens": args.speculative,
+        "draft_model": draft,
         "identical": all(same.values()),
         "identical_at": same,
         "settings": {
@@ -205,8 +210,11 @@ def run(args: argparse.Namespace) -> dict:
 def print_result(result: dict) -> None:
     s = result["settings"]
     print(f"\nmodel: {result['model']}")
+    k = result["speculative_tokens"]
+    on = f"--draft-model {result['draft_model']} --draft-tokens {k}"
     print(
-        f"copy-heavy prompt, --speculative-tokens {result['speculative_tokens']} vs 0; "
+        f"copy-heavy prompt, {on if result['draft_model'] else f'--speculative-tokens {k}'} "
+        "vs none; "
         f"{s['rounds']} rounds x {s['requests']} requests, max_tokens {s['max_tokens']}, "
         "greedy; per-stream decode tok/s, medians"
     )
@@ -238,4 +246,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="copy-heavy scenario on --model-path: two gateways, --speculative-tokens K and "
         "0, per-stream decode tok/s, accepted drafts, greedy output compared",
+    )
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        metavar="SPEC",
+        help="with --speculative K: the drafting gateway drafts K tokens with this model "
+        "(--draft-model) instead of prompt lookup",
     )

@@ -155,3 +155,31 @@ def test_agent_replay_compares_with_mlx_lm_server_across_a_kill(tmp_path):
     # cache; mlx_lm.server starts again from nothing
     assert ours[2]["cached_tokens"] >= ours[1]["prompt_tokens"] - 1
     assert theirs[2]["cached_tokens"] == 0
+
+
+def test_speculation_scenario_compares_a_draft_model_with_none(tmp_path):
+    result = bench(
+        "--speculative",
+        "3",
+        "--draft-model",
+        "demo:small",
+        "--model-path",
+        "demo:tiny-endless",
+        "--concurrency",
+        "1",
+        "--requests",
+        "2",
+        "--max-tokens",
+        "24",
+        "--rounds",
+        "1",
+        env={"MLX_GATEWAY_CACHE_DIR": str(tmp_path)},
+    )
+    assert result["draft_model"] and result["identical"] is True
+    level = result["levels"]["1"]
+    assert level["off"][0] > 0 and level["on"][0] > 0
+    proposed, accepted, _, _ = level["drafts"]
+    # Another random model drafts: nearly every draft is rejected (where
+    # prompt lookup, on this model that repeats itself, would be kept), and
+    # the replies are still the same.
+    assert proposed > 0 and accepted < proposed / 2
