@@ -42,17 +42,10 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from . import speculative
 from .kvquant import BatchQuantizedKVCache
 from .mlxlm import BatchKVCache, DecodeRows, greedy_sampler
-from .speculative import (
-    PROBE_EVERY,
-    DraftGate,
-    NgramDrafter,
-    Speculation,
-    accepted_prefix,
-    sample_token,
-    verify,
-)
+from .speculative import DraftGate, NgramDrafter, Speculation, accepted_prefix, sample_token, verify
 
 # Columns of left padding every row has before they are dropped: a copy of
 # the batch's cache, so rarely.
@@ -158,7 +151,7 @@ class BatchSpeculation:
             # The gate's own margin (1.0): no allowance for what a step costs
             # downstream, since at the default stream interval (40 ms) several
             # steps share one update and fewer, larger steps send no fewer.
-            gate = self.gates[bucket] = DraftGate(probe=PROBE_EVERY)
+            gate = self.gates[bucket] = DraftGate(probe=speculative.PROBE_EVERY)
         return gate
 
     def _follow(self, rows: DecodeRows) -> None:
