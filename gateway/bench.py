@@ -794,6 +794,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"RPC round trip: p50 {rtt['p50'] * 1e6:.0f} us, p99 {rtt['p99'] * 1e6:.0f} us")
             print(f"token notifications through one pipe: {result['notifications_per_s']:,.0f}/s")
         return 0
+    if args.draft_model and args.speculative is None:
+        print("mlx-gateway bench: --draft-model needs --speculative K", file=sys.stderr)
+        return 2
     if args.speculative is not None:
         from . import bench_spec
 

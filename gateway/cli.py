@@ -566,6 +566,11 @@ def _placement(args: argparse.Namespace) -> dict:
     }
 
 
+def _names_a_model(item: str) -> bool:
+    """Whether a model argument starts with NAME= (as checkpoints.resolve reads it)."""
+    return "=" in item and not item.startswith(("/", "."))
+
+
 def with_drafts(args: argparse.Namespace, specs: list[ModelSpec]) -> list[ModelSpec]:
     """The served models with the draft models of --draft-model attached."""
     from .checkpoints import resolve
@@ -585,10 +590,13 @@ def with_drafts(args: argparse.Namespace, specs: list[ModelSpec]) -> list[ModelS
             raise ValueError(
                 f"--draft-model drafts for a request running alone, which {flag} rules out"
             )
+    if not specs:
+        raise ValueError("--draft-model drafts for the models of --model, and none is named")
     names = [s.name for s in specs]
     drafts: dict[str, str] = {}
-    for item in items:
-        targeted = "=" in item and not item.startswith(("/", "."))
+    # A draft for every model first, so one named for a model wins whatever the order.
+    for item in sorted(items, key=_names_a_model):
+        targeted = _names_a_model(item)
         draft = resolve(item, args.worker_python)
         if targeted and draft.name not in names:
             raise ValueError(f"--draft-model {item!r}: no served model is called {draft.name!r}")

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from gateway import cli
+from gateway.config import ModelSpec
 from worker import demo
 from worker.decoder import Decoder
 from worker.draft_model import TAIL, ModelDrafter
@@ -84,9 +86,15 @@ def test_a_second_request_takes_a_drafting_request_into_the_batch(models, case):
 def test_a_draft_never_runs_past_max_tokens(models):
     model, _, prompts = models
     (full,) = run(decoder(model, single=False), prompts[:1], CASES["greedy"])
-    for n in (1, 2, 5, 11):
-        (cut,) = run(decoder(model, model), prompts[:1], CASES["greedy"], max_tokens=n)
+    # The gate's first 4 steps are plain: from the fifth token on, drafts of
+    # 4 reach each of these limits.
+    for n in (6, 7, 9, 12):
+        dec = decoder(model, model)
+        (cut,) = run(
+            dec, prompts[:1], CASES["greedy"], max_tokens=n, check_cache=cache_matches_tokens
+        )
         assert cut == full[:n]
+        assert dec.stats["proposed"] > 0
 
 
 def caught_up(drafter: ModelDrafter) -> ModelDrafter:
@@ -132,17 +140,25 @@ def test_the_draft_model_catches_up_on_a_long_prompt_a_chunk_at_a_time(models):
 
 
 @pytest.fixture(scope="module")
-def pipes(tiny_model):
-    """Workers on the tiny model: every request in the batch, and alone with
-    the model itself as its draft."""
-    out = {"batch": WorkerPipe(), "draft": WorkerPipe()}
-    out["batch"].call("load_model", {"path": str(tiny_model), "single_sequence": False})
-    out["draft"].call(
+def batch_worker(tiny_model):
+    """A worker on the tiny model that keeps every request in the batch."""
+    pipe = WorkerPipe()
+    pipe.call("load_model", {"path": str(tiny_model), "single_sequence": False})
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture
+def draft_worker(tiny_model):
+    """A worker on the tiny model drafting with itself, new for each test: on
+    this CPU drafting does not pay, and the gate, which outlives requests,
+    soon pauses it."""
+    pipe = WorkerPipe()
+    pipe.call(
         "load_model", {"path": str(tiny_model), "draft_path": str(tiny_model), "draft_tokens": 4}
     )
-    yield out
-    for pipe in out.values():
-        pipe.close()
+    yield pipe
+    pipe.close()
 
 
 @pytest.mark.parametrize(
@@ -155,15 +171,15 @@ def pipes(tiny_model):
     ],
     ids=["greedy", "seeded-penalty", "logprobs", "grammar"],
 )
-def test_a_worker_with_a_draft_model_answers_alike(pipes, params):
+def test_a_worker_with_a_draft_model_answers_alike(batch_worker, draft_worker, params):
     def generate(pipe):
         rid = pipe.send("generate", {"prompt": "the river and the mountain", **params})
         return pipe.wait_response(rid, timeout=60)[0]["result"]
 
-    want, got = generate(pipes["batch"]), generate(pipes["draft"])
+    want, got = generate(batch_worker), generate(draft_worker)
     for key in ("text", "usage", "finish_reason", "logprobs"):
         assert got.get(key) == want.get(key), key
-    assert pipes["draft"].call("health")["decoder"]["proposed"] > 0
+    assert draft_worker.call("health")["decoder"]["proposed"] > 0  # this request drafted
 
 
 def test_a_draft_model_of_another_vocabulary_fails_the_load(tiny_model, tmp_path):
@@ -211,11 +227,23 @@ def test_a_gateway_drafts_with_a_draft_model_and_counts_it(start_gateway, tiny_m
         (("--kv-bits", "8"), "--kv-bits rules out"),
         (("--no-single-sequence",), "--no-single-sequence rules out"),
         (("--draft-model", "nobody=demo:tiny"), "no served model is called 'nobody'"),
+        (("--models-dir", "."), "none is named"),
     ],
 )
 def test_the_cli_refuses_a_draft_model_it_cannot_use(tiny_model, args, said):
-    cmd = [sys.executable, "-m", "gateway", "serve", "--model", str(tiny_model)]
-    cmd += ["--draft-model", str(tiny_model), *args]
+    cmd = [sys.executable, "-m", "gateway", "serve", "--draft-model", str(tiny_model), *args]
+    if "--models-dir" not in args:
+        cmd += ["--model", str(tiny_model)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert said in out.stderr
+
+
+def test_a_draft_named_for_a_model_wins_over_one_for_all(tiny_model, other_model):
+    specs = [ModelSpec("a", str(tiny_model)), ModelSpec("b", str(tiny_model))]
+    for order in ([f"a={other_model}", str(tiny_model)], [str(tiny_model), f"a={other_model}"]):
+        args = cli.build_parser().parse_args(
+            ["serve", *(x for item in order for x in ("--draft-model", item))]
+        )
+        drafts = {s.name: s.draft_path for s in cli.with_drafts(args, specs)}
+        assert drafts == {"a": str(other_model.resolve()), "b": str(tiny_model.resolve())}

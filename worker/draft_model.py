@@ -36,10 +36,13 @@ TAIL = 16
 
 
 class ModelDrafter(Drafter):
-    def __init__(self, model: Any, context: list[int], *, max_draft: int):
+    def __init__(self, model: Any, context: list[int], *, max_draft: int, vocab: int = 0):
         super().__init__()
         self.model = model
         self.k = max_draft
+        # The tokenizer's size: a draft model whose embedding is padded past
+        # it could choose a row that names no token of the served model.
+        self.vocab = vocab
         self.tokens = list(context)  # the request's final tokens
         self.cache = make_prompt_cache(model)
         self.fed: list[int] = []  # the tokens whose KV is in self.cache
@@ -59,14 +62,15 @@ class ModelDrafter(Drafter):
 
     def catch_up(self, limit: int) -> bool:
         """Feed at most `limit` tokens of the context the cache lacks; whether
-        what is left is short enough for the next draft's first pass."""
+        what is left is short enough for the next draft's first pass, once
+        the request's pending token joins the context."""
         self._rewind()
         missing = len(self.tokens) - 1 - len(self.fed)
-        if missing > TAIL:
+        if missing >= TAIL:
             take = min(limit, missing)
             self._feed(self.tokens[len(self.fed) : len(self.fed) + take])
             missing -= take
-        return missing <= TAIL
+        return missing < TAIL
 
     def propose(self, limit: int) -> list[int]:
         """Up to min(k, limit) greedy tokens of the draft model after the
@@ -78,17 +82,21 @@ class ModelDrafter(Drafter):
         start = self.tokens[len(self.fed) :]  # the tail since the last draft, at least one
         self.fed += start
         self.agreed = len(self.fed)
-        logits = self.model(mx.array(start)[None], cache=self.cache)[:, -1, :]
+        logits = self._last_logits(mx.array(start))
         drafted = []
         for i in range(k):
             token = mx.argmax(logits, axis=-1)
             drafted.append(token)
             if i + 1 < k:  # the last draft token is not fed: it may be rejected
-                logits = self.model(token[None], cache=self.cache)[:, -1, :]
+                logits = self._last_logits(token)
         mx.eval(drafted)
         draft = [int(t.item()) for t in drafted]
         self.fed += draft[:-1]
         return draft
+
+    def _last_logits(self, tokens: mx.array) -> mx.array:
+        logits = self.model(tokens[None], cache=self.cache)[:, -1, :]
+        return logits[:, : self.vocab] if 0 < self.vocab < logits.shape[-1] else logits
 
     def _rewind(self) -> None:
         """Trim the cache back to the longest prefix it shares with the context."""

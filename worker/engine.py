@@ -247,7 +247,7 @@ class Engine:
             else:
                 model, tokenizer, config = load(path, return_config=True)
             self._kv_options(params, model)
-            draft = self._draft_model(params, tokenizer)
+            draft = self._draft_model(params, model, tokenizer)
         except Exception as exc:  # a bad checkpoint must not kill the worker
             log.exception("loading %s failed", path)
             if self.group is not None and not self.group.leader:
@@ -278,6 +278,8 @@ class Engine:
             ngram=int(params.get("speculative_ngram") or DEFAULT_NGRAM),
             draft_model=draft,
             draft_tokens=int(params.get("draft_tokens") or DEFAULT_DRAFT_TOKENS),
+            # A draft model's padded rows past the tokenizer's are never proposed.
+            draft_vocab=len(tokenizer),
         )
         eos = set(tokenizer.eos_token_ids)
         context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
@@ -331,15 +333,23 @@ class Engine:
             kvquant.check_model(model, bits=bits, group_size=group_size)
         self.kv_bits, self.kv_group_size = bits, group_size
 
-    def _draft_model(self, params: dict, tokenizer: Any) -> Any:
+    def _draft_model(self, params: dict, model: Any, tokenizer: Any) -> Any:
         """The draft model, when one is named: refused (ValueError) unless it
-        shares the model's vocabulary and its cache can take drafts back."""
+        shares the model's vocabulary and both caches can take drafts back."""
         path = params.get("draft_path")
         if not path:
             return None
         if self.group is not None:
             raise ValueError("a sharded worker cannot use a draft model")
-        draft, draft_tokenizer = load(path)
+        if not ModelDrafter.usable(model):
+            raise ValueError(
+                "this model's cache is rotating or recurrent, so it cannot take back "
+                "rejected drafts: it cannot use a draft model"
+            )
+        try:
+            draft, draft_tokenizer = load(path)
+        except Exception as exc:
+            raise ValueError(f"cannot load the draft model {path}: {exc}") from exc
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"the draft model {path} does not share the model's vocabulary")
         if not ModelDrafter.usable(draft):

@@ -302,7 +302,12 @@ def _verify_greedy(
 def _drafter(speculation: Speculation, context: list[int]) -> ModelDrafter | NgramDrafter | None:
     """A draft model's drafter where one is loaded, else prompt lookup's if on."""
     if speculation.draft_model is not None:
-        return ModelDrafter(speculation.draft_model, context, max_draft=speculation.draft_tokens)
+        return ModelDrafter(
+            speculation.draft_model,
+            context,
+            max_draft=speculation.draft_tokens,
+            vocab=speculation.draft_vocab,
+        )
     if speculation.enabled:
         return NgramDrafter(context, ngram=speculation.ngram, max_draft=speculation.tokens)
     return None

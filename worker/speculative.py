@@ -38,6 +38,7 @@ class Speculation:
     # step for a request running alone (draft_model.py), instead of prompt lookup.
     draft_model: Any = None
     draft_tokens: int = 3
+    draft_vocab: int = 0  # draft tokens at or past this id are never proposed (0: any)
 
     @property
     def enabled(self) -> bool:
