@@ -122,6 +122,14 @@ def test_the_draft_cache_drops_rejected_tokens(models):
     assert all(c.offset == len(drafter.fed) for c in drafter.cache)
 
 
+def test_a_draft_model_never_proposes_rows_past_the_tokenizer(models):
+    # As if the draft's embedding were padded past a tokenizer of 5 tokens.
+    _, other, prompts = models
+    drafter = caught_up(ModelDrafter(other, list(prompts[0]), max_draft=4, vocab=5))
+    draft = drafter.propose(10)
+    assert len(draft) == 4 and all(t < 5 for t in draft)
+
+
 def test_the_draft_model_catches_up_on_a_long_prompt_a_chunk_at_a_time(models):
     model, _, prompts = models
     context = prompts[0] * 3

@@ -485,6 +485,20 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "a draft model proposes its padded vocabulary rows",
+        "worker/draft_model.py",
+        "        return logits[:, : self.vocab] if 0 < self.vocab < logits.shape[-1] else logits\n",
+        "        return logits\n",
+        ("tests/test_draft_model.py::test_a_draft_model_never_proposes_rows_past_the_tokenizer",),
+    ),
+    Mutant(
+        "a draft model for every model overrides one named for a model given before it",
+        "gateway/cli.py",
+        "    for item in sorted(items, key=_names_a_model):\n",
+        "    for item in items:\n",
+        ("tests/test_draft_model.py::test_a_draft_named_for_a_model_wins_over_one_for_all",),
+    ),
+    Mutant(
         "a draft model of another vocabulary is taken",
         "worker/engine.py",
         "        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():\n",
