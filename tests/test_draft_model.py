@@ -21,7 +21,7 @@ from gateway.config import ModelSpec
 from worker import demo
 from worker.decoder import Decoder
 from worker.draft_model import TAIL, ModelDrafter
-from worker.mlxlm import BatchGenerator, load
+from worker.mlxlm import BatchGenerator, StopSequences, load
 from worker.speculative import Speculation
 
 from .conftest import MODEL_NAME, ROOT
@@ -70,6 +70,24 @@ def test_a_draft_model_gives_the_tokens_of_the_batch(models, case, draft):
     if draft == "itself" and case == "greedy":
         # Its own greedy drafts: every one is kept.
         assert dec.stats["accepted"] == dec.stats["proposed"], dec.stats
+
+
+def test_health_counts_the_drafts_of_a_request_still_running(models):
+    model, _, prompts = models
+    dec = decoder(model, model)
+    dec.insert(
+        [prompts[0]],
+        max_tokens=[200],
+        caches=[None],
+        all_tokens=[[]],
+        samplers=[None],
+        logits_processors=[[]],
+        stop_sequences=[StopSequences()],
+    )
+    for _ in range(40):  # prompt chunks, the gate's plain steps, then drafts
+        dec.next()
+    assert dec._single is not None and dec.stats["proposed"] == 0  # still running
+    assert dec.live_stats()["proposed"] > 0
 
 
 @pytest.mark.parametrize("case", ["greedy", "seeded"])

@@ -148,10 +148,16 @@ class Decoder:
         self.stats["handed_over"] += 1
 
     def _end_single(self, single: SingleSequence) -> None:
-        if single.drafter is not None:
-            self.stats["proposed"] += single.drafter.proposed
-            self.stats["accepted"] += single.drafter.accepted
-            self.stats["paused"] += single.pauses
+        _add_drafts(self.stats, single)
+
+    def live_stats(self) -> dict[str, int]:
+        """The counts, with those of a request still running alone (a long
+        reply drafts for minutes); plain reads, safe from another thread."""
+        stats = dict(self.stats)
+        single = self._single
+        if single is not None:
+            _add_drafts(stats, single)
+        return stats
 
     def next(self) -> tuple[list, list]:
         """One step: (prompt progress, returned tokens), as BatchGenerator.next."""
@@ -232,3 +238,10 @@ class Decoder:
 
     def close(self) -> None:
         self.batch.close()
+
+
+def _add_drafts(stats: dict[str, int], single: SingleSequence) -> None:
+    if single.drafter is not None:
+        stats["proposed"] += single.drafter.proposed
+        stats["accepted"] += single.drafter.accepted
+        stats["paused"] += single.pauses

@@ -158,7 +158,7 @@ class Engine:
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             # Requests that ran alone, were handed to the batch, and their
             # speculation's drafted and accepted tokens (decoder.py).
-            "decoder": dict(self._generator.stats) if self._generator is not None else {},
+            "decoder": self._generator.live_stats() if self._generator is not None else {},
             "prompt_cache": {
                 **self.cache_stats,
                 "entries": len(self.prompt_cache) if self.prompt_cache is not None else 0,

@@ -499,6 +499,13 @@ MUTANTS = [
         ("tests/test_draft_model.py::test_a_draft_named_for_a_model_wins_over_one_for_all",),
     ),
     Mutant(
+        "health counts a request's drafts only once it ends",
+        "worker/decoder.py",
+        "        if single is not None:\n            _add_drafts(stats, single)\n",
+        "",
+        ("tests/test_draft_model.py::test_health_counts_the_drafts_of_a_request_still_running",),
+    ),
+    Mutant(
         "a draft model of another vocabulary is taken",
         "worker/engine.py",
         "        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():\n",
