@@ -25,10 +25,9 @@ from typing import Any
 
 import mlx.core as mx
 
-from .mlxlm import KVCache, make_prompt_cache
-from .speculative import Drafter
+from .mlxlm import make_prompt_cache
+from .speculative import Drafter, takes_drafts_back
 
-DEFAULT_DRAFT_TOKENS = 3  # mlx-lm's own default for a draft model
 # Context tokens the draft cache may lack and still draft: they are fed in
 # the draft's first pass. More (a long prompt, a pause in drafting) are fed
 # by catch_up, a chunk at a time, before drafting resumes.
@@ -50,15 +49,11 @@ class ModelDrafter(Drafter):
 
     @staticmethod
     def usable(model: Any) -> bool:
-        """Whether a draft's rejected tokens can be taken back exactly: plain
-        KV caches only (not rotating or recurrent ones)."""
-        return all(type(c) is KVCache for c in make_prompt_cache(model))
+        """Whether a model's cache can take rejected drafts back."""
+        return takes_drafts_back(make_prompt_cache(model))
 
     def add(self, tokens: list[int]) -> None:
         self.tokens.extend(tokens)
-
-    def has_match(self) -> bool:
-        return True
 
     def catch_up(self, limit: int) -> bool:
         """Feed at most `limit` tokens of the context the cache lacks; whether

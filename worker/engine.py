@@ -24,7 +24,7 @@ from . import kvquant, protocol
 from .constraints import Grammars
 from .decoder import Decoder
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
-from .draft_model import DEFAULT_DRAFT_TOKENS, ModelDrafter
+from .draft_model import ModelDrafter
 from .job import Job, merge_delta
 from .mlxlm import (
     BatchGenerator,
@@ -40,7 +40,7 @@ from .pacing import PrefillPacer
 from .prompt_bound import max_token_bytes
 from .protocol import RequestId
 from .sampling import make_sampler
-from .speculative import DEFAULT_NGRAM, Speculation
+from .speculative import DEFAULT_DRAFT_TOKENS, DEFAULT_NGRAM, Speculation
 
 log = logging.getLogger("worker.engine")
 

@@ -15,8 +15,8 @@ model), a step with a draft feeds the pending token and the draft in one
 forward pass and keeps the drafts the model agrees with. The sampler and the
 processors are called once per returned token, in order, on the context that
 token follows, exactly as without speculation: a draft is accepted only when
-the sampled token equals it. So greedy and seeded output is the same token for token, and sampled
-output has the same distribution.
+the sampled token equals it. So greedy and seeded output is the same token for
+token, and sampled output has the same distribution.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .speculative import (
     Speculation,
     accepted_prefix,
     sample_token,
+    takes_drafts_back,
     verify,
 )
 
@@ -100,7 +101,7 @@ class SingleSequence:
         self.n = 0  # tokens returned
         self.finished = False
         self.drafter = None
-        if speculation is not None and _trimmable(self.cache):
+        if speculation is not None and takes_drafts_back(self.cache):
             self.drafter = _drafter(speculation, self.tokens + self._rest)
         # Whether prompt lookup pays depends on the request (does it copy?),
         # so each has a gate of its own; whether a draft model pays depends
@@ -311,12 +312,6 @@ def _drafter(speculation: Speculation, context: list[int]) -> ModelDrafter | Ngr
     if speculation.enabled:
         return NgramDrafter(context, ngram=speculation.ngram, max_draft=speculation.tokens)
     return None
-
-
-def _trimmable(cache: list) -> bool:
-    # Plain KV caches only: a rotating or recurrent cache cannot take back
-    # the rejected drafts exactly.
-    return all(type(c) is KVCache for c in cache)
 
 
 def _compact(c: Any) -> Any:

@@ -24,7 +24,10 @@ from typing import Any
 
 import mlx.core as mx
 
+from .mlxlm import KVCache
+
 DEFAULT_NGRAM = 3
+DEFAULT_DRAFT_TOKENS = 3  # mlx-lm's own default for a draft model
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,12 +40,18 @@ class Speculation:
     # A smaller model of the same vocabulary that drafts `draft_tokens` per
     # step for a request running alone (draft_model.py), instead of prompt lookup.
     draft_model: Any = None
-    draft_tokens: int = 3
+    draft_tokens: int = DEFAULT_DRAFT_TOKENS
     draft_vocab: int = 0  # draft tokens at or past this id are never proposed (0: any)
 
     @property
     def enabled(self) -> bool:
         return self.tokens > 0 and self.ngram > 0
+
+
+def takes_drafts_back(cache: list) -> bool:
+    """Whether a request's cache can drop rejected drafts exactly: plain KV
+    caches only (not rotating or recurrent ones)."""
+    return all(type(c) is KVCache for c in cache)
 
 
 class Drafter:
