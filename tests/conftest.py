@@ -193,16 +193,6 @@ def gateway(tiny_model, tmp_path_factory) -> Iterator[Gateway]:
 
 
 @pytest.fixture
-def worker(tiny_model) -> Iterator[WorkerPipe]:
-    """A `python -m worker` process with the tiny model loaded."""
-    pipe = WorkerPipe()
-    result = pipe.call("load_model", {"path": str(tiny_model), "name": MODEL_NAME})
-    assert result["model"] == MODEL_NAME
-    yield pipe
-    pipe.close()
-
-
-@pytest.fixture
 def raw_worker() -> Iterator[WorkerPipe]:
     """A `python -m worker` process with no model loaded."""
     pipe = WorkerPipe()

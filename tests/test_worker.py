@@ -6,12 +6,34 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from worker import protocol
 
+from .conftest import MODEL_NAME
 from .helpers import ROOT, WorkerPipe, deltas_for
 
 MESSAGES = [{"role": "user", "content": "tell me about the river and the mountain"}]
+
+
+@pytest.fixture(scope="module")
+def shared_worker(tiny_model) -> Iterator[WorkerPipe]:
+    pipe = WorkerPipe()
+    assert pipe.call("load_model", {"path": str(tiny_model), "name": MODEL_NAME})["model"]
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture
+def worker(shared_worker) -> Iterator[WorkerPipe]:
+    """One worker for the tests that leave it as they found it (a process
+    start and a model load each is most of this file's time); each must
+    leave it alive and idle."""
+    yield shared_worker
+    assert shared_worker.proc.poll() is None, "a test ended the shared worker"
+    assert shared_worker.call("health")["active"] == 0
 
 
 def test_health_before_and_after_load(raw_worker, tiny_model):
@@ -205,7 +227,9 @@ def test_pipelined_requests_are_answered_by_id(worker):
     assert seen == set(ids)
 
 
-def test_shutdown_answers_then_exits(worker):
+def test_shutdown_answers_then_exits(tiny_model):
+    worker = WorkerPipe()
+    worker.call("load_model", {"path": str(tiny_model)})
     frame, _ = worker.wait_response(worker.send("shutdown"))
     assert frame["result"] == {"ok": True}
     assert worker.proc.wait(10) == 0

@@ -20,7 +20,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import kvquant, protocol
+from . import commands, kvquant, protocol
+from .commands import Command
 from .constraints import Grammars
 from .decoder import Decoder
 from .diskcache import DEFAULT_DISK_BYTES, DiskPromptCache, model_fingerprint
@@ -125,7 +126,7 @@ class Engine:
 
     # --- called from the reader thread -----------------------------------------
 
-    def submit(self, command: tuple) -> None:
+    def submit(self, command: Command) -> None:
         self._inbox.put(command)
 
     def pending(self) -> int:
@@ -179,63 +180,66 @@ class Engine:
                 self._step()
 
     def _drain(self, block: bool) -> bool:
-        """Apply queued commands; False once the engine must stop."""
-        commands = self._take(block)
+        """Apply the queued commands; False once the engine must stop."""
+        turn = self._take(block)
         if self.group is not None:
             # Every turn, even an empty one: the other ranks step with us.
             if self.group.leader:
-                idle = not commands and not self._jobs
-                self.group.share([_wire(c) for c in commands], idle=idle)
+                idle = not turn and not self._jobs
+                self.group.share([c.wire() for c in turn], idle=idle)
             else:
-                commands = [self._unwire(c) for c in self.group.share()]
-        return self._apply(commands) if commands else True
+                turn = [self._unwire(c) for c in self.group.share()]
+        return self._apply(turn) if turn else True
 
-    def _take(self, block: bool) -> list[tuple]:
+    def _take(self, block: bool) -> list[Command]:
         """The commands queued now, waiting up to half a second for one if asked."""
         if self.group is not None and not self.group.leader:
             return []  # a follower's commands come from rank 0
-        commands = []
+        turn: list[Command] = []
         try:
-            commands.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
+            turn.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
             while True:
-                commands.append(self._inbox.get_nowait())
+                turn.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
-        return commands
+        return turn
 
-    def _unwire(self, command: list) -> tuple:
+    def _unwire(self, data: list) -> Command:
         """A follower's copy of one of rank 0's commands."""
-        if command[0] != "generate":
-            return tuple(command)
         from .requests import prepare
 
-        try:
-            return ("generate", prepare(self.loaded, command[1], command[2]))
-        except Exception as exc:  # rank 0 accepted it: the ranks disagree
-            from .group import lost
+        def follow(request_id: RequestId, params: dict) -> Job:
+            try:
+                return prepare(self.loaded, request_id, params)
+            except Exception as exc:  # rank 0 accepted it: the ranks disagree
+                from .group import lost
 
-            lost(f"cannot follow request {command[1]!r}: {exc}")
-            raise
+                lost(f"cannot follow request {request_id!r}: {exc}")
+                raise
 
-    def _apply(self, commands: list[tuple]) -> bool:
+        return commands.unwire(data, follow)
+
+    def _apply(self, turn: list[Command]) -> bool:
+        """Apply one turn's commands, each by its name; False once the engine
+        must stop. Requests join the batch together, after the turn's cancels."""
         new_jobs: list[Job] = []
         keep_going = True
-        for command in commands:
-            kind = command[0]
-            if kind == "generate":
-                new_jobs.append(command[1])
-            elif kind == "cancel":
-                self._cancel(command[1], command[2], new_jobs)
-            elif kind == "load":
-                self._load(command[1], command[2])
-            elif kind == "shutdown":
-                self._shutdown(command[1], new_jobs)
-                keep_going = False
-            elif kind == "stop":
-                keep_going = False
+        for command in turn:
+            keep_going = getattr(self, f"_on_{command.name}")(command, new_jobs) and keep_going
         if keep_going and new_jobs:
             self._insert(new_jobs)
         return keep_going
+
+    def _on_generate(self, command: commands.Generate, new_jobs: list[Job]) -> bool:
+        new_jobs.append(command.job)
+        return True
+
+    def _on_load(self, command: commands.Load, new_jobs: list[Job]) -> bool:
+        self._load(command.rpc_id, command.params)
+        return True
+
+    def _on_stop(self, command: commands.Stop, new_jobs: list[Job]) -> bool:
+        return False
 
     def _load(self, rpc_id: RequestId, params: dict) -> None:
         path = params["path"]
@@ -682,7 +686,8 @@ class Engine:
         self._jobs.pop(job.uid, None)
         self._by_request.pop(job.request_id, None)
 
-    def _cancel(self, rpc_id: RequestId, target: RequestId, pending: list[Job]) -> None:
+    def _on_cancel(self, command: commands.Cancel, pending: list[Job]) -> bool:
+        rpc_id, target = command.rpc_id, command.target
         job = self._by_request.get(target)
         if job is None:
             job = next((j for j in pending if j.request_id == target), None)
@@ -700,8 +705,9 @@ class Engine:
                 )
             )
         self._send(protocol.result_response(rpc_id, {"cancelled": job is not None}))
+        return True
 
-    def _shutdown(self, rpc_id: RequestId, pending: list[Job]) -> None:
+    def _on_shutdown(self, command: commands.Shutdown, pending: list[Job]) -> bool:
         self.state = "stopping"
         for job in [*self._jobs.values(), *pending]:
             self._send(
@@ -711,7 +717,8 @@ class Engine:
             )
         self._jobs.clear()
         self._by_request.clear()
-        self._send(protocol.result_response(rpc_id, {"ok": True}))
+        self._send(protocol.result_response(command.rpc_id, {"ok": True}))
+        return False
 
     def _fail_all(self, exc: Exception) -> None:
         """The step raised: fail what was running and start from a clean batch."""
@@ -755,14 +762,6 @@ def _log_job(job: Job, level: int, message: str, **fields: object) -> None:
             **fields,
         },
     )
-
-
-def _wire(command: tuple) -> list:
-    """A command as rank 0 shares it: a new request as its raw params."""
-    if command[0] == "generate":
-        job = command[1]
-        return ["generate", job.request_id, job.source]
-    return list(command)
 
 
 def _logprob_entry(piece: bytes, logprob: float) -> dict:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import logs, protocol, requests
+from . import commands, logs, protocol, requests
 from .engine import Engine
 from .job import Job
 from .protocol import RequestId, RPCError
@@ -98,7 +98,7 @@ class Preparer:
                 self._cancelled.add(target)
                 self.writer.send(protocol.result_response(rpc_id, {"cancelled": True}))
                 return
-            self.engine.submit(("cancel", rpc_id, target))
+            self.engine.submit(commands.Cancel(rpc_id, target))
 
     def _run(self) -> None:
         while True:
@@ -121,7 +121,7 @@ class Preparer:
                         request_id, protocol.CANCELLED, "request cancelled"
                     )
                 if job is not None:
-                    self.engine.submit(("generate", job))
+                    self.engine.submit(commands.Generate(job))
             if error is not None:
                 self.writer.send(error)
 
@@ -193,7 +193,7 @@ class Dispatcher:
             if line.strip():
                 self.handle(line)
         log.info("stdin closed; exiting")
-        self.engine.submit(("stop",))
+        self.engine.submit(commands.Stop())
 
     def handle(self, line: bytes) -> None:
         try:
@@ -233,10 +233,10 @@ class Dispatcher:
             self.writer.send(protocol.result_response(msg.id, result))
 
     def dispatch(self, msg: protocol.Request) -> Any:
-        """Return a result to send now, or None when the engine will answer."""
-        method, params = msg.method, msg.params
-        if method == protocol.HEALTH:
-            return self.engine.snapshot()
+        """Route a request to its `handle_<method>`; return a result to send
+        now, or None when the engine will answer."""
+        if msg.method == protocol.HEALTH:
+            return self.engine.snapshot()  # to anyone, even as a notification
         if msg.id is None:
             return None  # the only notifications we honour need no answer
         group = self.engine.group
@@ -244,35 +244,38 @@ class Dispatcher:
             raise RPCError(
                 protocol.INVALID_REQUEST, f"rank {group.rank} follows rank 0; talk to rank 0"
             )
-        if method == protocol.GENERATE:
-            self.admit()
-            self.preparer.submit(msg.id, params)
-            return None
-        if method == protocol.COUNT_TOKENS:
-            loaded = self.engine.loaded
-            if loaded is None or self.engine.state != "ready":
-                raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
-            # Templating and tokenizing: the preparer's work, never this thread's.
-            self.preparer.submit(msg.id, params, count=True)
-            return None
-        if method == protocol.CANCEL:
-            target = params.get("request_id")
-            if not isinstance(target, (int, str)) or isinstance(target, bool):
-                raise RPCError(protocol.INVALID_PARAMS, "cancel needs a request_id")
-            self.preparer.cancel(msg.id, target)
-            return None
-        if method == protocol.LOAD_MODEL:
-            if not isinstance(params.get("path"), str):
-                raise RPCError(protocol.INVALID_PARAMS, "load_model needs a path")
-            if self.engine.state != "empty":
-                raise RPCError(protocol.INVALID_REQUEST, f"a model is already {self.engine.state}")
-            self.engine.state = "loading"
-            self.engine.submit(("load", msg.id, params))
-            return None
-        if method == protocol.SHUTDOWN:
-            self.engine.submit(("shutdown", msg.id))
-            return None
-        raise RPCError(protocol.METHOD_NOT_FOUND, f"unknown method {method!r}")
+        handler = getattr(self, f"handle_{msg.method}", None)
+        if handler is None:
+            raise RPCError(protocol.METHOD_NOT_FOUND, f"unknown method {msg.method!r}")
+        return handler(msg.id, msg.params)
+
+    def handle_generate(self, rpc_id: RequestId, params: dict) -> None:
+        self.admit()
+        self.preparer.submit(rpc_id, params)
+
+    def handle_count_tokens(self, rpc_id: RequestId, params: dict) -> None:
+        loaded = self.engine.loaded
+        if loaded is None or self.engine.state != "ready":
+            raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
+        # Templating and tokenizing: the preparer's work, never this thread's.
+        self.preparer.submit(rpc_id, params, count=True)
+
+    def handle_cancel(self, rpc_id: RequestId, params: dict) -> None:
+        target = params.get("request_id")
+        if not isinstance(target, (int, str)) or isinstance(target, bool):
+            raise RPCError(protocol.INVALID_PARAMS, "cancel needs a request_id")
+        self.preparer.cancel(rpc_id, target)
+
+    def handle_load_model(self, rpc_id: RequestId, params: dict) -> None:
+        if not isinstance(params.get("path"), str):
+            raise RPCError(protocol.INVALID_PARAMS, "load_model needs a path")
+        if self.engine.state != "empty":
+            raise RPCError(protocol.INVALID_REQUEST, f"a model is already {self.engine.state}")
+        self.engine.state = "loading"
+        self.engine.submit(commands.Load(rpc_id, params))
+
+    def handle_shutdown(self, rpc_id: RequestId, params: dict) -> None:
+        self.engine.submit(commands.Shutdown(rpc_id))
 
     def admit(self) -> None:
         """Refuse a request the worker cannot take now (cheap checks only)."""

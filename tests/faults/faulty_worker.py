@@ -187,8 +187,8 @@ elif FAULT == "deaf":
             command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
         except Exception:
             return True
-        if command[0] in ("shutdown", "stop"):
-            sys.stderr.write(f"fault: ignoring {command[0]}\n")
+        if command.name in ("shutdown", "stop"):
+            sys.stderr.write(f"fault: ignoring {command.name}\n")
             sys.stderr.flush()
             return True
         self._inbox.put(command)
