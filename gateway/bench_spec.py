@@ -4,7 +4,8 @@ Code edits copy most of their prompt. Each request here holds a code block of
 about 300 tokens and asks for it back with one change. Two gateways serve the
 same model, one with `--speculative-tokens K` (or, with `--draft-model SPEC`,
 a draft model drafting K tokens), one without; rounds alternate
-between them at each concurrency, so a shared machine's drifts hit both alike.
+between them at each concurrency, the one to go first swapping every round,
+so a shared machine's drifts hit both alike.
 Reported per concurrency: the decode rate of one stream (tokens after the
 first over the time after the first, the median over requests), the ratio,
 the share of drafted tokens the model accepted, the verification passes run
@@ -163,12 +164,15 @@ def run(args: argparse.Namespace) -> dict:
         # Greedy replies compared at each concurrency: alone, and in a batch.
         same = {c: _identical(urls, c, args.max_tokens) for c in args.concurrency}
         levels: dict[int, dict] = {}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
+            # Each round swaps which gateway goes first: the one measured
+            # second may find the machine warmer or busier.
+            order = list(urls.items())[:: -1 if round_ % 2 else 1]
             for c in args.concurrency:
                 level = levels.setdefault(
                     c, {"off": [], "on": [], "drafts": [0] * len(DRAFT_COUNTS)}
                 )
-                for name, url in urls.items():
+                for name, url in order:
                     before = _drafts(url)
                     _, outcomes = asyncio.run(
                         run_level(
@@ -184,8 +188,10 @@ def run(args: argparse.Namespace) -> dict:
                         )
                     )
                     level[name].append(_decode_rate(outcomes))
+                    # A heartbeat brings the workers' counts; either gateway
+                    # waits as long, so neither starts on the other's heels.
+                    time.sleep(1.5)
                     if name == "on":
-                        time.sleep(1.5)  # a heartbeat brings the workers' counts
                         after = _drafts(url)
                         for i, (a, b) in enumerate(zip(after, before, strict=True)):
                             level["drafts"][i] += a - b
