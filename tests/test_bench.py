@@ -169,8 +169,10 @@ def test_speculation_scenario_compares_a_draft_model_with_none(tmp_path):
         "1",
         "--requests",
         "2",
+        # Long enough for the measured leg to outlast the drafting pause the
+        # greedy comparison before it ends in (64 steps, the first verdict).
         "--max-tokens",
-        "24",
+        "40",
         "--rounds",
         "1",
         env={"MLX_GATEWAY_CACHE_DIR": str(tmp_path)},
