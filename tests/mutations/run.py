@@ -371,6 +371,20 @@ MUTANTS = [
         '    return ENV_PREFIX + flag.lstrip("-").upper()',
         ("tests/test_cli.py",),
     ),
+    Mutant(
+        "a stopping engine still starts the requests of its last turn",
+        "worker/engine.py",
+        "        if keep_going and new_jobs:",
+        "        if new_jobs:",
+        ("tests/test_commands.py",),
+    ),
+    Mutant(
+        "a sharded worker's followers get a request's prepared job, not its params",
+        "worker/commands.py",
+        "        return [self.name, self.job.request_id, self.job.source]",
+        "        return [self.name, self.job.request_id, self.job.params]",
+        ("tests/test_commands.py",),
+    ),
     # --- many models ------------------------------------------------------------
     Mutant(
         "a busy model evicted",
