@@ -2,7 +2,8 @@
 
 It loads the model and steps mlx-lm's BatchGenerator, so every running
 request advances in the same decode step (continuous batching). Requests,
-cancels and the model to load arrive through a queue from the stdin reader;
+cancels and the model to load arrive through a queue from the stdin reader,
+as commands (commands.py) applied between steps by `_on_<name>`;
 after each step the engine writes one `tokens` notification with every
 streaming request's delta, then the final responses of those that finished.
 """
