@@ -136,3 +136,13 @@ def test_a_turn_applies_cancels_before_its_requests_join_and_stops_after_it():
     assert orjson.loads(sent[-1])["result"] == {"cancelled": True}
     assert engine._apply([commands.Generate(first), commands.Stop()]) is False
     assert inserted == [second]  # a stopping engine starts nothing
+    # Every request is answered once, before or after the shutdown in its turn.
+    sent.clear()
+    late = job(3)
+    turn = [commands.Generate(first), commands.Shutdown(11), commands.Generate(late)]
+    assert engine._apply(turn) is False
+    frames = [orjson.loads(f) for f in sent]
+    refused = [f["id"] for f in frames if f.get("error", {}).get("code") == protocol.SHUTTING_DOWN]
+    assert sorted(refused) == [1, 3]
+    assert any(f.get("id") == 11 and f.get("result") == {"ok": True} for f in frames)
+    assert inserted == [second]

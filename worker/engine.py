@@ -227,7 +227,9 @@ class Engine:
         keep_going = True
         for command in turn:
             keep_going = getattr(self, f"_on_{command.name}")(command, new_jobs) and keep_going
-        if keep_going and new_jobs:
+        if not keep_going:
+            self._refuse(new_jobs)  # prepared just after the engine was told to stop
+        elif new_jobs:
             self._insert(new_jobs)
         return keep_going
 
@@ -710,16 +712,20 @@ class Engine:
 
     def _on_shutdown(self, command: commands.Shutdown, pending: list[Job]) -> bool:
         self.state = "stopping"
-        for job in [*self._jobs.values(), *pending]:
+        self._refuse([*self._jobs.values(), *pending])
+        pending.clear()
+        self._jobs.clear()
+        self._by_request.clear()
+        self._send(protocol.result_response(command.rpc_id, {"ok": True}))
+        return False
+
+    def _refuse(self, jobs: list[Job]) -> None:
+        for job in jobs:
             self._send(
                 protocol.error_response(
                     job.request_id, protocol.SHUTTING_DOWN, "worker is shutting down"
                 )
             )
-        self._jobs.clear()
-        self._by_request.clear()
-        self._send(protocol.result_response(command.rpc_id, {"ok": True}))
-        return False
 
     def _fail_all(self, exc: Exception) -> None:
         """The step raised: fail what was running and start from a clean batch."""
