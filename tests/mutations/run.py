@@ -374,8 +374,15 @@ MUTANTS = [
     Mutant(
         "a stopping engine still starts the requests of its last turn",
         "worker/engine.py",
-        "        if keep_going and new_jobs:",
-        "        if new_jobs:",
+        "        elif new_jobs:\n            self._insert(new_jobs)",
+        "        if new_jobs:\n            self._insert(new_jobs)",
+        ("tests/test_commands.py",),
+    ),
+    Mutant(
+        "a request prepared just after a shutdown is never answered",
+        "worker/engine.py",
+        "            self._refuse(new_jobs)  # prepared just after the engine was told to stop",
+        "            pass",
         ("tests/test_commands.py",),
     ),
     Mutant(
