@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import queue
+import select
+import threading
 
 import orjson
 import pytest
@@ -15,6 +17,8 @@ from worker import commands, protocol
 from worker.engine import Engine
 from worker.job import Job
 from worker.server import Dispatcher, FrameWriter
+
+from .helpers import wait_until
 
 SERVED = (
     protocol.LOAD_MODEL,
@@ -36,6 +40,12 @@ class Frames:
     def call(self, method: str, params: dict | None = None, rpc_id: int = 1) -> dict:
         frame = {"jsonrpc": "2.0", "method": method, "params": params or {}, "id": rpc_id}
         self.dispatcher.handle(orjson.dumps(frame))
+        return self.read()
+
+    def read(self, timeout: float = 10) -> dict:
+        """The next frame written (each comes in one write)."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        assert ready, f"no frame within {timeout} s"
         return orjson.loads(os.read(self._read, 1 << 16).splitlines()[0])
 
     def queued(self) -> list[commands.Command]:
@@ -146,3 +156,28 @@ def test_a_turn_applies_cancels_before_its_requests_join_and_stops_after_it():
     assert sorted(refused) == [1, 3]
     assert any(f.get("id") == 11 and f.get("result") == {"ok": True} for f in frames)
     assert inserted == [second]
+
+
+def test_a_request_cancelled_while_it_waits_to_be_prepared_never_reaches_the_engine(
+    frames, monkeypatch
+):
+    from worker import server
+
+    release = threading.Event()
+
+    def prepare(loaded, request_id, params):
+        release.wait(10)  # the first request holds the preparer
+        return job(request_id)
+
+    monkeypatch.setattr(server.requests, "prepare", prepare)
+    frames.engine.loaded, frames.engine.state = object(), "ready"
+    preparer = frames.dispatcher.preparer
+    preparer.submit(1, {})
+    preparer.submit(2, {})
+    preparer.cancel(99, 2)
+    assert frames.read() == {"jsonrpc": "2.0", "id": 99, "result": {"cancelled": True}}
+    release.set()
+    refused = frames.read()
+    assert refused["id"] == 2 and refused["error"]["code"] == protocol.CANCELLED
+    wait_until(lambda: len(preparer) == 0, 10, "the preparer to finish")
+    assert [c.job.request_id for c in frames.queued()] == [1]

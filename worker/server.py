@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from . import commands, logs, protocol, requests
@@ -86,11 +87,18 @@ class Preparer:
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request_id: RequestId, params: dict, count: bool = False) -> None:
-        """Queue a `generate` (or, with count, a `count_tokens`) request."""
+    def submit(self, request_id: RequestId, params: dict) -> None:
+        """Queue a `generate` request."""
+        self._put(request_id, partial(self._generate, request_id, params))
+
+    def count(self, request_id: RequestId, params: dict) -> None:
+        """Queue a `count_tokens` request."""
+        self._put(request_id, partial(self._count, request_id, params))
+
+    def _put(self, request_id: RequestId, work: Callable[[], None]) -> None:
         with self._lock:
             self._waiting.add(request_id)
-        self._queue.put((request_id, params, count))
+        self._queue.put(work)
 
     def cancel(self, rpc_id: RequestId, target: RequestId) -> None:
         with self._lock:
@@ -102,28 +110,25 @@ class Preparer:
 
     def _run(self) -> None:
         while True:
-            request_id, params, count = self._queue.get()
-            if count:
-                self._count(request_id, params)
-                continue
-            job = error = None
-            if request_id not in self._cancelled:
-                try:
-                    job = self._prepare(request_id, params)
-                except RPCError as exc:
-                    error = protocol.error_response(request_id, exc.code, exc.message, exc.data)
-            with self._lock:
-                self._waiting.discard(request_id)
-                if request_id in self._cancelled:
-                    self._cancelled.discard(request_id)
-                    job = None
-                    error = protocol.error_response(
-                        request_id, protocol.CANCELLED, "request cancelled"
-                    )
-                if job is not None:
-                    self.engine.submit(commands.Generate(job))
-            if error is not None:
-                self.writer.send(error)
+            self._queue.get()()
+
+    def _generate(self, request_id: RequestId, params: dict) -> None:
+        job = error = None
+        if request_id not in self._cancelled:
+            try:
+                job = self._prepare(request_id, params)
+            except RPCError as exc:
+                error = protocol.error_response(request_id, exc.code, exc.message, exc.data)
+        with self._lock:
+            self._waiting.discard(request_id)
+            if request_id in self._cancelled:
+                self._cancelled.discard(request_id)
+                job = None
+                error = protocol.error_response(request_id, protocol.CANCELLED, "request cancelled")
+            if job is not None:
+                self.engine.submit(commands.Generate(job))
+        if error is not None:
+            self.writer.send(error)
 
     def _count(self, request_id: RequestId, params: dict) -> None:
         try:
@@ -258,7 +263,7 @@ class Dispatcher:
         if loaded is None or self.engine.state != "ready":
             raise RPCError(protocol.MODEL_NOT_LOADED, "no model is loaded")
         # Templating and tokenizing: the preparer's work, never this thread's.
-        self.preparer.submit(rpc_id, params, count=True)
+        self.preparer.count(rpc_id, params)
 
     def handle_cancel(self, rpc_id: RequestId, params: dict) -> None:
         target = params.get("request_id")

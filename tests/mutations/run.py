@@ -386,6 +386,13 @@ MUTANTS = [
         ("tests/test_commands.py",),
     ),
     Mutant(
+        "a request cancelled while it waits to be prepared is neither answered nor dropped",
+        "worker/server.py",
+        "            if request_id in self._cancelled:",
+        "            if False:",
+        ("tests/test_commands.py",),
+    ),
+    Mutant(
         "a sharded worker's followers get a request's prepared job, not its params",
         "worker/commands.py",
         "        return [self.name, self.job.request_id, self.job.source]",
