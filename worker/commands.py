@@ -8,8 +8,9 @@ a JSON list headed by the name: `wire()` writes it, `unwire()` reads it back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .protocol import RequestId
 
@@ -74,7 +75,7 @@ class Stop(Command):
 _PLAIN = {cls.name: cls for cls in (Cancel, Load, Shutdown, Stop)}
 
 
-def unwire(data: list, prepare: Any) -> Command:
+def unwire(data: list, prepare: Callable[[RequestId, dict], Job]) -> Command:
     """A command from its wire form; `prepare(request_id, params)` makes the
     job of a `generate`."""
     name, *args = data
