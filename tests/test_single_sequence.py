@@ -180,6 +180,55 @@ def test_the_gate_stops_drafting_while_verified_steps_are_slower():
     assert gate.allow()
 
 
+class _Watched:
+    """A pending token that notes when it is read (its value waits for its pass)."""
+
+    def __init__(self, token, log):
+        self.token, self.log = token, log
+
+    def item(self):
+        self.log.append("read")
+        return self.token.item()
+
+    def __getitem__(self, index):
+        return self.token[index]
+
+
+def test_a_step_with_nothing_to_draft_queues_the_next_pass_before_reading(tiny):
+    """Prompt lookup must not cost a reply that does not copy: reading the
+    pending token before the next pass is queued leaves the model idle while
+    Python builds that pass. A context whose last n-gram is new has nothing
+    to draft, so such a step runs pipelined, as without speculation."""
+    model, _, _ = tiny
+    log: list[str] = []
+
+    def watched_model(*args, **kwargs):
+        log.append("pass")
+        return model(*args, **kwargs)
+
+    dec = decoder(model, single=True, spec=4)
+    dec.insert(
+        [list(range(10, 30))],  # no n-gram twice: nothing to look up
+        max_tokens=[8],
+        caches=[None],
+        all_tokens=[[]],
+        samplers=[make_sampler(CASES["greedy"])],
+        logits_processors=[[]],
+        stop_sequences=[StopSequences()],
+    )
+    while not dec.next()[1]:  # prefill, then the first token
+        pass
+    single = dec._single
+    assert single is not None and single.drafter is not None
+    assert not single.drafter.has_match()
+    single.model = watched_model
+    token, logprobs = single._next
+    single._next = (_Watched(token, log), logprobs)
+    (response,) = dec.next()[1]
+    assert response.token == token.item()
+    assert log == ["pass", "read"]
+
+
 # --- real workers ------------------------------------------------------------------
 
 

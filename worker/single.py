@@ -190,6 +190,12 @@ class SingleSequence:
 
     def _speculate(self) -> list[Response] | None:
         """Verify a draft in one forward pass; None when there is no draft."""
+        if isinstance(self.drafter, NgramDrafter) and not self.drafter.has_match():
+            # Reading the pending token waits for its pass, and the plain step
+            # that follows would then build the next pass with the model idle:
+            # where the context is not copying (the last n-gram is new), the
+            # plain step runs at once, pipelined, as without speculation.
+            return None
         token, logprobs = self._next
         value = int(token.item())
         # Tokens past max_tokens would be thrown away: draft no further.

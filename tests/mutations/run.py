@@ -548,6 +548,16 @@ MUTANTS = [
         ("tests/test_draft_model.py::test_a_gateway_drafts_with_a_draft_model_and_counts_it",),
     ),
     Mutant(
+        "a request alone with nothing to draft waits for its token before the next pass",
+        "worker/single.py",
+        "        if isinstance(self.drafter, NgramDrafter) and not self.drafter.has_match():\n",
+        "        if False:\n",
+        (
+            "tests/test_single_sequence.py::"
+            "test_a_step_with_nothing_to_draft_queues_the_next_pass_before_reading",
+        ),
+    ),
+    Mutant(
         "the gateway does not pass the draft model to its workers",
         "gateway/supervisor.py",
         '            params["draft_path"] = self.spec.draft_path\n',
