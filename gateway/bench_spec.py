@@ -226,7 +226,7 @@ def print_result(result: dict) -> None:
     )
     print(f"greedy replies identical with speculation on and off: {result['identical']}")
     header = f"{'conc':>5} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} {'accepted':>9}"
-    print(f"\n{header} {'identical':>9} {'batch passes':>12} {'pauses':>6}")
+    print(f"\n{header} {'round on/off':>12} {'identical':>9} {'batch passes':>12} {'pauses':>6}")
     for c, level in result["levels"].items():
         off = statistics.median(v for v in level["off"] if v is not None)
         on = statistics.median(v for v in level["on"] if v is not None)
@@ -234,9 +234,16 @@ def print_result(result: dict) -> None:
         share = f"{accepted / proposed:.0%}" if proposed else "-"
         same = "yes" if result["identical_at"].get(c) else "NO"
         print(
-            f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9} {same:>9} "
-            f"{passes:>12} {pauses:>6}"
+            f"{c:>5} {off:>10.1f} {on:>10.1f} {on / off:>7.2f} {share:>9} "
+            f"{_spread(level):>12} {same:>9} {passes:>12} {pauses:>6}"
         )
+
+
+def _spread(level: dict) -> str:
+    """The lowest and highest on/off ratio of one round (the two gateways
+    measured back to back): how far one round's figure can be trusted."""
+    ratios = [on / off for off, on in zip(level["off"], level["on"], strict=True) if off and on]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
 
 
 def main(args: argparse.Namespace) -> int:
