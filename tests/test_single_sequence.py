@@ -84,6 +84,20 @@ def run(dec, prompts, params, *, max_tokens=48, second_at=None, check_cache=None
     return [out[uid] for uid in sorted(out)]
 
 
+def insert_greedy(dec, prompt: list[int], *, max_tokens: int) -> int:
+    """Start one greedy request with no processors; its uid."""
+    (uid,) = dec.insert(
+        [prompt],
+        max_tokens=[max_tokens],
+        caches=[None],
+        all_tokens=[[]],
+        samplers=[make_sampler(CASES["greedy"])],
+        logits_processors=[[]],
+        stop_sequences=[StopSequences()],
+    )
+    return uid
+
+
 def cache_matches_tokens(r):
     # What goes into the prompt cache: KV of exactly the tokens it is filed under.
     assert r.prompt_cache is not None
@@ -137,15 +151,7 @@ def test_a_draft_never_runs_past_max_tokens(tiny):
 def test_removing_a_request_running_alone_returns_its_cache(tiny):
     model, _, prompts = tiny
     dec = decoder(model, single=True, spec=4)
-    (uid,) = dec.insert(
-        [prompts[0]],
-        max_tokens=[100],
-        caches=[None],
-        all_tokens=[[]],
-        samplers=[make_sampler(CASES["greedy"])],
-        logits_processors=[[]],
-        stop_sequences=[StopSequences()],
-    )
+    uid = insert_greedy(dec, prompts[0], max_tokens=100)
     returned = []
     while len(returned) < 10:
         returned += [r.token for r in dec.next()[1]]
@@ -207,15 +213,7 @@ def test_a_step_with_nothing_to_draft_queues_the_next_pass_before_reading(tiny):
         return model(*args, **kwargs)
 
     dec = decoder(model, single=True, spec=4)
-    dec.insert(
-        [list(range(10, 30))],  # no n-gram twice: nothing to look up
-        max_tokens=[8],
-        caches=[None],
-        all_tokens=[[]],
-        samplers=[make_sampler(CASES["greedy"])],
-        logits_processors=[[]],
-        stop_sequences=[StopSequences()],
-    )
+    insert_greedy(dec, list(range(10, 30)), max_tokens=8)  # no n-gram twice: nothing to look up
     while not dec.next()[1]:  # prefill, then the first token
         pass
     single = dec._single
