@@ -185,3 +185,23 @@ def test_speculation_scenario_compares_a_draft_model_with_none(tmp_path):
     # prompt lookup, on this model that repeats itself, would be kept), and
     # the replies are still the same.
     assert proposed > 0 and accepted < proposed / 2
+
+
+def test_speculation_table_shows_the_range_of_one_round(capsys):
+    from gateway.bench_spec import print_result
+
+    # Paired rounds: 70 -> 77 (1.10x), 80 -> 72 (0.90x), a failed leg left out.
+    level = {"off": [70.0, 80.0, None], "on": [77.0, 72.0, 60.0], "drafts": [10, 10, 3, 1]}
+    print_result(
+        {
+            "model": "m",
+            "speculative_tokens": 4,
+            "draft_model": None,
+            "identical": True,
+            "identical_at": {16: True},
+            "settings": {"requests": 16, "max_tokens": 128, "rounds": 3},
+            "levels": {16: level},
+        }
+    )
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "16" and row[5] == "0.90-1.10"
