@@ -35,22 +35,24 @@ class SharedWorker:
     def reset(self) -> str | None:
         """What a test left behind, if anything; the worker is then replaced,
         so one failing test does not fail those after it."""
-        problem = None
-        if self.pipe.proc.poll() is not None:
-            problem = "a test ended the shared worker"
-        else:
-            try:
-                active = self.pipe.call("health", timeout=10)["active"]
-            except Exception as exc:
-                active, problem = 0, f"health failed: {exc}"
-            if active:
-                problem = f"{active} requests left running"
-            elif problem is None and (self.pipe._stash or not self.pipe.frames.empty()):
-                problem = "frames left unread"
+        problem = self._leftover()
         if problem is not None:
             self.pipe.close()
             self.pipe = self._start()
         return problem
+
+    def _leftover(self) -> str | None:
+        if self.pipe.proc.poll() is not None:
+            return "a test ended the shared worker"
+        try:
+            active = self.pipe.call("health", timeout=10)["active"]
+        except Exception as exc:
+            return f"health failed: {exc}"
+        if active:
+            return f"{active} requests left running"
+        if self.pipe._stash or not self.pipe.frames.empty():
+            return "frames left unread"
+        return None
 
 
 @pytest.fixture(scope="module")
