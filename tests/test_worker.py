@@ -45,11 +45,12 @@ class SharedWorker:
         if self.pipe.proc.poll() is not None:
             return "a test ended the shared worker"
         try:
-            active = self.pipe.call("health", timeout=10)["active"]
+            health = self.pipe.call("health", timeout=10)
         except Exception as exc:
             return f"health failed: {exc}"
-        if active:
-            return f"{active} requests left running"
+        # A request still being prepared is queued, not yet active.
+        if left := health["active"] + health["queued"]:
+            return f"{left} requests left running"
         if self.pipe._stash or not self.pipe.frames.empty():
             return "frames left unread"
         return None
