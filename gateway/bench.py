@@ -34,6 +34,10 @@ from typing import Any
 import httpx
 import orjson
 
+# Before anything here imports mlx: the engine leg runs on the BLAS the
+# workers get (worker/cpublas.py), and mlx_lm.server is given it too.
+from worker import cpublas
+
 # --- load generation -----------------------------------------------------------------
 
 # Byte patterns instead of JSON parsing, for any server's spacing style.
@@ -336,18 +340,22 @@ def engine_limit(
     max_tokens: int,
     prompt_tokens: int,
     mask_eos: bool,
+    float_weights: str = "auto",
 ) -> dict:
     """Output tokens/s of mlx-lm alone, counted like the HTTP runs (tokens over
     wall time, prefill included): for one stream the faster of stream_generate
     and a one-sequence BatchGenerator, for several a closed-loop
-    BatchGenerator. Runs in this process."""
+    BatchGenerator. Runs in this process, with the model's weights as a
+    worker given `float_weights` runs them (worker/float_weights.py)."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_logits_processors
 
+    from worker import float_weights as widen
     from worker.mlxlm import BatchGenerator
 
     model, tokenizer = load(model_path)
+    widen.apply(model, float_weights)
     prompts = Prompts(prompt_tokens, 0)
     # What the HTTP runs send, when the model can end a reply by itself.
     bias = {t: -100.0 for t in tokenizer.eos_token_ids} if mask_eos else None
@@ -445,7 +453,7 @@ def start_server(cmd: list[str], url: str, ready_path: str) -> subprocess.Popen:
         cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **same_blas()},
     )
     try:
         wait_ready(url, proc, ready_path)
@@ -453,6 +461,17 @@ def start_server(cmd: list[str], url: str, ready_path: str) -> subprocess.Popen:
         proc.kill()
         raise
     return proc
+
+
+def same_blas() -> dict[str, str]:
+    """Environment that gives a server which does not import the worker
+    (mlx_lm.server) the BLAS this process loaded, so a comparison measures
+    the servers rather than their BLAS."""
+    library = cpublas.library_name()
+    if library is None:
+        return {}
+    preload = os.environ.get("LD_PRELOAD")
+    return {"LD_PRELOAD": f"{library} {preload}" if preload else library}
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -490,9 +509,20 @@ def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: 
         str(args.max_tokens),
         str(args.prompt_tokens),
         str(int(mask_eos)),
+        float_weights_mode(args.gateway_args.split()),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def float_weights_mode(gateway_args: list[str]) -> str:
+    """The --float-weights the compared gateway runs with."""
+    for i, arg in enumerate(gateway_args):
+        if arg.startswith("--float-weights="):
+            return arg.split("=", 1)[1]
+        if arg == "--float-weights" and i + 1 < len(gateway_args):
+            return gateway_args[i + 1]
+    return os.environ.get("MLX_GATEWAY_FLOAT_WEIGHTS", "auto")
 
 
 @dataclass
@@ -830,5 +860,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--engine":
-    _, _, path, conc, reqs, toks, prompt, mask = sys.argv
-    print(json.dumps(engine_limit(path, int(conc), int(reqs), int(toks), int(prompt), mask == "1")))
+    _, _, path, conc, reqs, toks, prompt, mask, widen = sys.argv
+    limit = engine_limit(path, int(conc), int(reqs), int(toks), int(prompt), mask == "1", widen)
+    print(json.dumps(limit))

@@ -327,6 +327,17 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add(
         p,
+        "--float-weights",
+        "run a quantized model's weights as float32: 'auto' on the CPU with a fast "
+        "BLAS (OpenBLAS on Linux, Accelerate on macOS) when they fit in 2 GiB, where "
+        "prompts and batches run several times faster; 'always'; 'never'. Greedy "
+        "output may differ slightly from the quantized kernels'",
+        str,
+        d.float_weights,
+        choices=protocol.FLOAT_WEIGHTS,
+    )
+    add(
+        p,
         "--api-key",
         "require this API key (Authorization: Bearer KEY); repeat for several",
         repeat=True,
@@ -612,13 +623,17 @@ def serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .checkpoints import ModelSourceError, resolve
 
-    if args.log_format not in FORMATS:
-        print(
-            f"mlx-gateway: error: --log-format must be one of {', '.join(FORMATS)}, "
-            f"not {args.log_format!r}",
-            file=sys.stderr,
-        )
-        return 2
+    for flag, value, choices in (
+        ("--float-weights", args.float_weights, protocol.FLOAT_WEIGHTS),
+        ("--log-format", args.log_format, FORMATS),
+    ):
+        # argparse checks choices on the command line only, not from the environment.
+        if value not in choices:
+            print(
+                f"mlx-gateway: error: {flag} must be one of {', '.join(choices)}, not {value!r}",
+                file=sys.stderr,
+            )
+            return 2
     logs.setup(args.log_level, args.log_format)
     models_dirs = list(args.models_dir or args.models_dir_env or [])
     on_demand = bool(models_dirs or args.models_hf_cache)
@@ -704,6 +719,7 @@ def serve(args: argparse.Namespace) -> int:
         memory_limit_mb=args.memory_limit_mb,
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
+        float_weights=args.float_weights,
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),

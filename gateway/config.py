@@ -98,6 +98,9 @@ class Settings:
     # Quantized KV cache (None: full precision): bits and values per group.
     kv_bits: int | None = None
     kv_group_size: int = 64
+    # A quantized model's weights as float32: "auto" (on the CPU with a fast
+    # BLAS, when they fit), "always" or "never" (worker/float_weights.py).
+    float_weights: str = "auto"
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     protect_metrics: bool = False
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers

@@ -155,6 +155,8 @@ class Supervisor:
             "decoder": (self.health.get("decoder") or {}) if self.ready else {},
             # The KV cache's format (kv_bits, or full precision) and the running batch's bytes.
             "kv": (self.health.get("kv") or {}) if self.ready else {},
+            # The device, the BLAS under MLX's CPU backend, float32 bytes of widened weights.
+            "backend": (self.health.get("backend") or {}) if self.ready else {},
         }
 
     def _group_info(self) -> dict:
@@ -336,6 +338,7 @@ class Supervisor:
             "prompt_cache_disk_bytes": self.settings.prompt_cache_disk_bytes,
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
+            "float_weights": self.settings.float_weights,
         }
         if self.spec.draft_path is not None:
             params["draft_path"] = self.spec.draft_path

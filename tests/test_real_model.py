@@ -23,8 +23,10 @@ import jsonschema
 import pytest
 
 from gateway import builtin, checkpoints
+from worker import cpublas
 
 from .conftest import ROOT, Gateway
+from .helpers import wait_until
 
 NAME = "smollm2"
 GREEDY_PROMPTS = [
@@ -57,7 +59,21 @@ def gw(smollm2, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(smollm2):
-    """mlx-lm's own model and tokenizer, in this process."""
+    """mlx-lm's own model and tokenizer, in this process, with the weights as
+    the worker runs them by default: on the CPU with a fast BLAS, widened to
+    float32 (worker/float_weights.py; see the `never` test below)."""
+    from mlx_lm import load
+
+    from worker import float_weights
+
+    model, tokenizer = load(str(smollm2))
+    float_weights.apply(model, "auto")
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def quantized_reference(smollm2):
+    """mlx-lm's own model, its weights left quantized."""
     from mlx_lm import load
 
     return load(str(smollm2))
@@ -165,6 +181,42 @@ def test_the_chat_template_is_the_models_own_and_the_reply_ends_at_end_of_turn(g
     assert reply["usage"]["completion_tokens"] < 40
     assert "<|im_end|>" not in choice["message"]["content"]
     assert "green" in choice["message"]["content"].lower()
+
+
+def backend(gw: Gateway) -> dict:
+    """The worker's report of what its model runs on, once a heartbeat has
+    brought it."""
+
+    def reported() -> dict:
+        (worker,) = gw.client.get("/health").json()["workers"]
+        return worker["backend"]
+
+    return wait_until(reported, timeout=30, what="the worker's backend in /health")
+
+
+def test_the_worker_reports_what_its_weights_run_on(gw):
+    backend_ = backend(gw)
+    assert backend_["device"] == "cpu" and backend_["blas"] == cpublas.active
+    # 135M weights widened: about 513 MiB, where the BLAS makes that pay.
+    assert (backend_["float_weights_bytes"] > 500 << 20) is cpublas.fast()
+
+
+def test_float_weights_never_serves_the_quantized_kernels_token_for_token(
+    smollm2, quantized_reference, tmp_path
+):
+    gw = Gateway(smollm2, "--float-weights", "never", name=NAME, log=tmp_path / "gw.log")
+    try:
+        gw.client.timeout = httpx.Timeout(300)
+        gw.wait_ready(timeout=300)
+        assert backend(gw)["float_weights_bytes"] == 0
+        prompt = user(GREEDY_PROMPTS[0])
+        _, text, logprobs = mlx_lm_greedy(quantized_reference, prompt, max_tokens=8)
+        reply = chat(gw, prompt, max_tokens=8, logprobs=True)
+    finally:
+        gw.stop_and_check()
+    assert reply["choices"][0]["message"]["content"] == text
+    got = [e["logprob"] for e in reply["choices"][0]["logprobs"]["content"]]
+    assert got == pytest.approx(logprobs, abs=1e-4)
 
 
 def test_the_capital_of_france_is_paris(gw):

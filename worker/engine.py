@@ -21,7 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import commands, kvquant, protocol
+from . import commands, cpublas, float_weights, kvquant, protocol
 from .commands import Command
 from .constraints import Grammars
 from .decoder import Decoder
@@ -124,6 +124,10 @@ class Engine:
         self.kv_bits: int | None = None
         self.kv_group_size = kvquant.DEFAULT_GROUP_SIZE
         self.kv_bytes = 0  # KV of the running batch, as of the last memory update
+        # Quantized weights widened to float32 on the CPU (float_weights.py).
+        self.float_weights = "auto"
+        self.float_weights_bytes = 0
+        self.device: str | None = None  # "cpu" or "gpu", once a model is loaded
 
     # --- called from the reader thread -----------------------------------------
 
@@ -156,6 +160,13 @@ class Engine:
                 "bits": self.kv_bits,
                 "group_size": self.kv_group_size if self.kv_bits else None,
                 "bytes": self.kv_bytes,
+            },
+            # What the model runs on: the device, the BLAS under MLX's CPU
+            # backend (cpublas.py) and the float32 bytes of widened weights.
+            "backend": {
+                "device": self.device,
+                "blas": cpublas.active,
+                "float_weights_bytes": self.float_weights_bytes,
             },
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             # Requests that ran alone, were handed to the batch, and their
@@ -253,6 +264,7 @@ class Engine:
                 model, tokenizer, config = self.group.load(path)
             else:
                 model, tokenizer, config = load(path, return_config=True)
+            self._widen(params, model, path)
             self._kv_options(params, model)
             draft = self._draft_model(params, model, tokenizer)
         except Exception as exc:  # a bad checkpoint must not kill the worker
@@ -329,6 +341,21 @@ class Engine:
             )
         )
 
+    def _widen(self, params: dict, model: Any, path: str) -> None:
+        """Run a quantized model's weights as float32 where that is faster
+        (float_weights.py); float_weights picks "auto", "always" or "never"."""
+        self.float_weights = params.get("float_weights") or "auto"
+        self.device = "cpu" if mx.default_device() == mx.cpu else "gpu"
+        widened = float_weights.apply(model, self.float_weights)
+        self.float_weights_bytes = widened
+        if widened:
+            log.info(
+                "running %s's quantized weights as float32 (%d MB) on %s BLAS",
+                path,
+                widened // MB,
+                cpublas.active,
+            )
+
     def _kv_options(self, params: dict, model: Any) -> None:
         """Quantized KV, when asked for: refused (ValueError) for options or
         models it cannot run with, rather than silently left off."""
@@ -357,6 +384,7 @@ class Engine:
             draft, draft_tokenizer = load(path)
         except Exception as exc:
             raise ValueError(f"cannot load the draft model {path}: {exc}") from exc
+        float_weights.apply(draft, self.float_weights)
         if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"the draft model {path} does not share the model's vocabulary")
         if not ModelDrafter.usable(draft):

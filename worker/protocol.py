@@ -15,7 +15,7 @@ Methods (gateway -> worker):
                  "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
                  "kv_group_size"?: int, "single_sequence"?: bool,
                  "speculative_tokens"?: int, "speculative_ngram"?: int,
-                 "draft_path"?: str, "draft_tokens"?: int}
+                 "draft_path"?: str, "draft_tokens"?: int, "float_weights"?: str}
                 kv_bits: quantize the KV cache (the running batch's and the
                 prompt cache's) to this many bits, in groups of kv_group_size
                 values (default 64) along each head (worker/kvquant.py); one of
@@ -30,6 +30,10 @@ Methods (gateway -> worker):
                 draft_tokens (3) per step for a request running alone
                 (worker/draft_model.py) instead of prompt lookup; a draft
                 model whose vocabulary differs fails the load, saying why.
+                float_weights (one of FLOAT_WEIGHTS, default "auto"): run a
+                quantized model's (and draft model's) weights as float32;
+                "auto" does so on the CPU with a fast BLAS when they fit
+                (worker/float_weights.py).
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are
@@ -142,6 +146,9 @@ RequestId = int | str
 KV_BITS = (4, 8)
 KV_GROUP_SIZES = (32, 64, 128)
 DEFAULT_KV_GROUP_SIZE = 64
+
+# What load_model's float_weights accepts (worker/float_weights.py).
+FLOAT_WEIGHTS = ("auto", "always", "never")
 
 # `generate`'s param naming the HTTP request it serves, for log lines only.
 # Not `request_id`: that names a JSON-RPC id (in `cancel` and `tokens`).
