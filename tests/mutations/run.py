@@ -571,6 +571,41 @@ MUTANTS = [
         '    return "worker_memory" if exc.code == OUT_OF_MEMORY else "worker_busy"\n',
         (f"{ROBUST}::test_workers_at_their_memory_ceiling_make_a_clean_503",),
     ),
+    # --- the CPU: its BLAS and float32 weights ---------------------------------
+    Mutant(
+        "OpenBLAS loaded where MLX cannot see it",
+        "worker/cpublas.py",
+        "            library = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)\n",
+        "            library = ctypes.CDLL(name)\n",
+        ("tests/test_float_weights.py::test_importing_the_worker_first_puts_mlx_on_openblas",),
+    ),
+    Mutant(
+        "widened weights lose their bias",
+        "worker/float_weights.py",
+        '    layer = nn.Linear(columns, rows, bias="bias" in module)\n',
+        "    layer = nn.Linear(columns, rows, bias=False)\n",
+        (
+            "tests/test_float_weights.py::"
+            "test_always_widens_every_quantized_layer_to_its_exact_float32_weights",
+        ),
+    ),
+    Mutant(
+        "auto widens without a fast BLAS",
+        "worker/float_weights.py",
+        "    return on_cpu and fast_blas and nbytes <= AUTO_MAX_BYTES\n",
+        "    return on_cpu and nbytes <= AUTO_MAX_BYTES\n",
+        ("tests/test_float_weights.py::test_auto_widens_on_the_cpu_with_a_fast_blas_when_it_fits",),
+    ),
+    Mutant(
+        "the gateway does not pass --float-weights to its workers",
+        "gateway/supervisor.py",
+        '            "float_weights": self.settings.float_weights,\n',
+        "",
+        (
+            "tests/test_real_model.py::"
+            "test_float_weights_never_serves_the_quantized_kernels_token_for_token",
+        ),
+    ),
 ]
 
 
