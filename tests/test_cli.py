@@ -64,6 +64,33 @@ def test_every_serve_flag_is_in_the_readme_configuration_table():
         assert f"`{action.option_strings[0]}`" in table, action.option_strings[0]
 
 
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("MLX_GATEWAY_LOG_FORMAT", "xml", "--log-format must be one of text, json"),
+        (
+            "MLX_GATEWAY_FLOAT_WEIGHTS",
+            "fast",
+            "--float-weights must be one of auto, always, never, not 'fast'",
+        ),
+    ],
+)
+def test_a_bad_choice_from_the_environment_is_a_clear_error(var, value, message):
+    """argparse checks choices on the command line only; serve checks the
+    environment's before it starts anything."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--model", "demo:tiny"],
+        cwd=ROOT,
+        env={**os.environ, var: value},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_environment_sets_defaults_and_flags_win():
     args = parse(
         env={

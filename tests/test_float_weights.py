@@ -8,7 +8,6 @@ covered by tests/test_real_model.py, whose model is quantized.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -156,17 +155,3 @@ def test_too_late_after_mlx_keeps_the_bundled_blas_and_says_so(openblas):
     active, value, logged = probe("mlx-first")
     assert (active, value) == ("bundled", 0.0)
     assert "mlx was imported first" in logged
-
-
-def test_a_bad_float_weights_from_the_environment_is_a_clear_error():
-    out = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--model", "demo:tiny"],
-        cwd=ROOT,
-        env={**os.environ, "MLX_GATEWAY_FLOAT_WEIGHTS": "fast"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 2
-    assert "--float-weights must be one of auto, always, never, not 'fast'" in out.stderr
-    assert "Traceback" not in out.stderr

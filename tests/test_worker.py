@@ -333,14 +333,13 @@ def test_required_tool_calls_stream_their_arguments_as_generated(worker):
 
 
 def test_a_forced_call_cut_by_max_tokens_is_still_a_call(worker):
-    frame, _ = worker.wait_response(
-        worker.send(
-            "generate",
-            # Enough tokens to name the function (the tiny model spells JSON
-            # out a character at a time), too few to finish its arguments.
-            {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "max_tokens": 60},
-        )
-    )
+    forced = {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "seed": 3}
+    whole, _ = worker.wait_response(worker.send("generate", {**forced, "max_tokens": 400}))
+    assert whole["result"]["finish_reason"] == "tool_calls"
+    # A few tokens short of the whole call: the name came first (the tiny
+    # model spells JSON out a character at a time), the arguments are cut.
+    short = whole["result"]["usage"]["completion_tokens"] - 3
+    frame, _ = worker.wait_response(worker.send("generate", {**forced, "max_tokens": short}))
     result = frame["result"]
     assert result["finish_reason"] == "length"
     assert result["text"] == ""  # not the raw JSON fragment
