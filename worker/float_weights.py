@@ -91,7 +91,7 @@ def _widen(module: Any) -> nn.Module:
         layer.weight = weight
         return layer
     rows, columns = weight.shape
-    layer = nn.Linear(columns, rows, bias="bias" in module)
+    layer = nn.Linear(columns, rows, bias=False)
     layer.weight = weight
     if "bias" in module:
         layer.bias = module.bias

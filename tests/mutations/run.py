@@ -582,8 +582,8 @@ MUTANTS = [
     Mutant(
         "widened weights lose their bias",
         "worker/float_weights.py",
-        '    layer = nn.Linear(columns, rows, bias="bias" in module)\n',
-        "    layer = nn.Linear(columns, rows, bias=False)\n",
+        "        layer.bias = module.bias\n",
+        "        pass\n",
         (
             "tests/test_float_weights.py::"
             "test_always_widens_every_quantized_layer_to_its_exact_float32_weights",
