@@ -8,7 +8,7 @@ import itertools
 import json
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from worker import protocol
@@ -36,6 +36,11 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     st.lists(st.integers(0, 10**4), max_size=10),
     st.integers(8, 400),
 )
+# The cap's edges, which random lines reach only now and then: a frame of
+# exactly the cap passes, one byte more is refused, whole or cut.
+@example(lines=[b"x" * 8], tail=b"", cuts=[], cap=8)
+@example(lines=[b"x" * 9], tail=b"", cuts=[], cap=8)
+@example(lines=[b"ab", b"x" * 9], tail=b"", cuts=[4, 7], cap=8)
 def test_frame_buffer_on_arbitrary_chunks(lines, tail, cuts, cap):
     """Frames come out whole and in order however the stream is cut; a
     refusal happens exactly when a frame is over the cap or cut off."""
