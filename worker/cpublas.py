@@ -33,15 +33,14 @@ OPENBLAS_NAMES = ("libopenblas.so.0", "libopenblas.so")
 # What MLX's float matmuls run on in this process: "accelerate" (macOS),
 # "openblas" or a loaded library's path, or "bundled" (the wheel's own).
 active = "bundled"
-_library: ctypes.CDLL | None = None
-_name: str | None = None  # the name it was loaded by
+_name: str | None = None  # the name the loaded BLAS was found by
 
 
 def preload() -> str:
     """Load the BLAS MLX_GATEWAY_BLAS asks for into the global symbol scope,
     once and before MLX; returns what MLX's float matmuls will run on."""
-    global active, _library, _name
-    if _library is not None or active != "bundled":
+    global active, _name
+    if active != "bundled":
         return active
     if sys.platform == "darwin":
         active = "accelerate"
@@ -62,7 +61,7 @@ def preload() -> str:
         if not hasattr(library, "cblas_sgemm"):
             log.warning("%s: %s has no cblas_sgemm; keeping the bundled BLAS", ENV, name)
             continue
-        _library, _name = library, name
+        _name = name
         active = "openblas" if choice == "auto" else name
         return active
     if choice != "auto":
