@@ -22,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 
 from . import commands, cpublas, float_weights, kvquant, protocol
+from .burst import Burst
 from .commands import Command
 from .constraints import Grammars
 from .decoder import Decoder
@@ -115,6 +116,7 @@ class Engine:
         self.group = None
         # Requests still being prepared (templated, tokenized) off this thread.
         self.preparing: Callable[[], int] = lambda: 0
+        self.burst = Burst()  # whether an idle engine waits for more to start together
         self.log_requests = False  # one info line per request that ends
         # A request running alone skips the batch (decoder.py), and may
         # speculate there; both set at load.
@@ -204,7 +206,8 @@ class Engine:
         return self._apply(turn) if turn else True
 
     def _take(self, block: bool) -> list[Command]:
-        """The commands queued now, waiting up to half a second for one if asked."""
+        """The commands queued now, waiting up to half a second for one if asked;
+        an idle engine also waits briefly for the rest of a burst."""
         if self.group is not None and not self.group.leader:
             return []  # a follower's commands come from rank 0
         turn: list[Command] = []
@@ -214,7 +217,22 @@ class Engine:
                 turn.append(self._inbox.get_nowait())
         except queue.Empty:
             pass
+        if not self._jobs:
+            self._gather(turn)
         return turn
+
+    def _gather(self, turn: list[Command]) -> None:
+        """Add to `turn` the rest of its burst, still on its way (burst.py)."""
+        deadline = time.monotonic() + self.burst.wait_s()
+        while True:
+            starts = sum(1 for c in turn if c.name == "generate")
+            left = deadline - time.monotonic()
+            if not starts or left <= 0 or self.burst.expected(starts, self.preparing()) <= starts:
+                return
+            try:
+                turn.append(self._inbox.get(timeout=left))
+            except queue.Empty:
+                return
 
     def _unwire(self, data: list) -> Command:
         """A follower's copy of one of rank 0's commands."""
@@ -513,6 +531,7 @@ class Engine:
         return cache, rest
 
     def _insert(self, jobs: list[Job]) -> None:
+        self.burst.started(len(jobs))
         reused = [self._reuse(j) for j in jobs]
         try:
             uids = self._generator.insert(
@@ -536,6 +555,7 @@ class Engine:
             self._by_request[job.request_id] = job
 
     def _step(self) -> None:
+        started = time.perf_counter()
         try:
             _, responses = self._generator.next()
         except Exception as exc:
@@ -547,6 +567,7 @@ class Engine:
             self._fail_all(exc)
             return
         self._pacer.update()
+        self.burst.stepped(time.perf_counter() - started)
         self.steps += 1
         self.last_step_at = time.monotonic()
         if self.steps % 64 == 0:
@@ -626,6 +647,7 @@ class Engine:
 
     def _end_finished(self, finished: dict[Job, Any]) -> None:
         """Answer the requests that ended, keeping their caches for reuse."""
+        self.burst.ended(len(finished))
         # A stop string ends a job the generator still holds.
         early = [job.uid for job, r in finished.items() if r.finish_reason is None]
         caches = self._generator.remove(early, return_prompt_caches=True) if early else {}

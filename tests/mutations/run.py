@@ -606,6 +606,24 @@ MUTANTS = [
             "test_float_weights_never_serves_the_quantized_kernels_token_for_token",
         ),
     ),
+    # --- starting a burst together ----------------------------------------------
+    Mutant(
+        "an idle engine starts a burst's first request alone",
+        "worker/engine.py",
+        "        if not self._jobs:\n            self._gather(turn)\n",
+        "",
+        (
+            "tests/test_burst.py::test_clients_answered_together_are_waited_for_and_start_together",
+            "tests/test_burst.py::test_requests_still_being_tokenized_are_waited_for",
+        ),
+    ),
+    Mutant(
+        "a client that came back is awaited again",
+        "worker/engine.py",
+        "        self.burst.started(len(jobs))\n",
+        "",
+        ("tests/test_burst.py::test_the_clients_that_came_back_are_not_awaited_again",),
+    ),
 ]
 
 
