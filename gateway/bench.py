@@ -341,15 +341,17 @@ def engine_limit(
     prompt_tokens: int,
     mask_eos: bool,
     float_weights: str = "auto",
+    temperature: float = 0.0,
 ) -> dict:
     """Output tokens/s of mlx-lm alone, counted like the HTTP runs (tokens over
     wall time, prefill included): for one stream the faster of stream_generate
     and a one-sequence BatchGenerator, for several a closed-loop
     BatchGenerator. Runs in this process, with the model's weights as a
-    worker given `float_weights` runs them (worker/float_weights.py)."""
+    worker given `float_weights` runs them (worker/float_weights.py). Above
+    temperature 0 every row shares one sampler: mlx-lm's batch at its best."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
-    from mlx_lm.sample_utils import make_logits_processors
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     from worker import float_weights as widen
     from worker.mlxlm import BatchGenerator
@@ -366,6 +368,8 @@ def engine_limit(
     def processors() -> list:
         return make_logits_processors(bias) if bias else []
 
+    sampler = make_sampler(temp=temperature)
+
     result: dict[str, Any] = {"concurrency": concurrency}
     if concurrency == 1:
         rates, firsts = [], []
@@ -377,6 +381,7 @@ def engine_limit(
                 tokenizer,
                 prompt_ids(),  # templating counts: the servers do it too
                 max_tokens=max_tokens,
+                sampler=sampler,
                 logits_processors=processors(),
             ):
                 if not tokens:
@@ -391,6 +396,7 @@ def engine_limit(
         max_tokens=max_tokens,
         completion_batch_size=max(32, concurrency),
         prefill_step_size=512,
+        sampler=sampler,
     )
     inserted = done = tokens = 0
 
@@ -510,6 +516,7 @@ def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: 
         str(args.prompt_tokens),
         str(int(mask_eos)),
         float_weights_mode(args.gateway_args.split()),
+        str(args.temperature),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -601,6 +608,7 @@ def compare(args: argparse.Namespace) -> dict:
     # token masked, so every server generates exactly max_tokens.
     mask_eos = "endless" not in (args.model_path or "")
     extra = {"logit_bias": eos_bias(path)} if mask_eos else {}
+    extra["temperature"] = args.temperature
     batch = max(32, max(args.concurrency))
     runs: dict[str, dict[int, list]] = {"engine": {}, "gateway": {}, "mlx_lm_server": {}}
     with side_by_side(path, batch, args.gateway_args.split()) as (gateway, server):
@@ -621,6 +629,7 @@ def compare(args: argparse.Namespace) -> dict:
             "prompt_tokens": args.prompt_tokens,
             "concurrency": args.concurrency,
             "rounds": args.rounds,
+            "temperature": args.temperature,
         },
         "runs": runs,
     }
@@ -635,10 +644,11 @@ def _median(runs: list[dict], key: str, sub: str | None = None) -> float | None:
 def print_compare(results: dict) -> None:
     s = results["settings"]
     ending = "end token masked" if results["masked"] else "a model that never ends a reply"
+    sampling = f"temperature {s['temperature']:g}" if s.get("temperature") else "greedy"
     print(f"\nmodel: {results['model']}")
     print(
         f"{s['rounds']} rounds x {s['requests']} requests per level, max_tokens "
-        f"{s['max_tokens']}, {s['prompt_tokens']}-word prompts, greedy, {ending}; medians"
+        f"{s['max_tokens']}, {s['prompt_tokens']}-word prompts, {sampling}, {ending}; medians"
     )
     print(
         f"\n{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'mlx_lm.server':>14} "
@@ -779,6 +789,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="ask for exactly max_tokens (vLLM's extension; this gateway has it)",
     )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="every request's sampling temperature (default 0: greedy)",
+    )
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument(
@@ -851,6 +867,7 @@ def main(args: argparse.Namespace) -> int:
 
         return bench_agent.run(args, model)
     extra = {"ignore_eos": True} if args.ignore_eos else {}
+    extra["temperature"] = args.temperature
     reports = sweep(args, args.url, model, extra)
     if args.json:
         print(json.dumps([asdict(r) for r in reports], indent=2))
@@ -860,6 +877,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--engine":
-    _, _, path, conc, reqs, toks, prompt, mask, widen = sys.argv
-    limit = engine_limit(path, int(conc), int(reqs), int(toks), int(prompt), mask == "1", widen)
+    _, _, path, conc, reqs, toks, prompt, mask, widen, temp = sys.argv
+    limit = engine_limit(
+        path, int(conc), int(reqs), int(toks), int(prompt), mask == "1", widen, float(temp)
+    )
     print(json.dumps(limit))

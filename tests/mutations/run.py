@@ -624,6 +624,24 @@ MUTANTS = [
         "",
         ("tests/test_burst.py::test_the_clients_that_came_back_are_not_awaited_again",),
     ),
+    # --- sampling ----------------------------------------------------------------
+    Mutant(
+        "unseeded requests each get a sampler of their own (rows sampled one by one)",
+        "worker/sampling.py",
+        "    if params.seed is not None:\n        return _sampler(params)\n",
+        "    if True:\n        return _sampler(params)\n",
+        ("tests/test_sampling.py::test_unseeded_requests_with_the_same_settings_share_a_sampler",),
+    ),
+    Mutant(
+        "seeded requests share a sampler (and a random stream)",
+        "worker/sampling.py",
+        "    if params.seed is not None:\n        return _sampler(params)\n",
+        "",
+        (
+            "tests/test_sampling.py::test_a_seeded_request_has_a_sampler_of_its_own",
+            "tests/test_worker.py::test_seed_reproduces_output_even_when_batched",
+        ),
+    ),
 ]
 
 
