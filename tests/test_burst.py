@@ -170,3 +170,10 @@ def submit_later_each(e: Engine, ids: range, every_s: float) -> threading.Thread
     t = threading.Thread(target=run)
     t.start()
     return t
+
+
+def test_answered_clients_are_forgotten_as_they_age_even_when_none_comes_back():
+    b = Burst(echo_s=0.25)
+    for i in range(100):
+        b.ended(10, now=i * 1.0)
+    assert len(b._answered) == 10

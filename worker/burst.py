@@ -41,6 +41,7 @@ class Burst:
     def ended(self, n: int, now: float | None = None) -> None:
         """`n` requests were answered."""
         now = time.monotonic() if now is None else now
+        self._forget_before(now - self.echo_s)
         self._answered.extend([now] * n)
 
     def started(self, n: int) -> None:
@@ -52,9 +53,12 @@ class Burst:
         """How many requests to start together, given `in_hand` ready and
         `preparing` still being tokenized."""
         now = time.monotonic() if now is None else now
-        while self._answered and now - self._answered[0] > self.echo_s:
-            self._answered.popleft()
+        self._forget_before(now - self.echo_s)
         return max(in_hand + preparing, len(self._answered))
+
+    def _forget_before(self, moment: float) -> None:
+        while self._answered and self._answered[0] < moment:
+            self._answered.popleft()
 
     def wait_s(self) -> float:
         """The longest to wait for them: starting apart costs about a step."""
