@@ -372,6 +372,11 @@ class Supervisor:
             return "load_failed"
         info = load.result()
         self.loaded = info
+        # One heartbeat before the worker is called ready, so /health shows
+        # its figures (backend, memory) from the start; a worker that fails
+        # it is caught by the watch that follows.
+        with contextlib.suppress(TimeoutError, WorkerGone):
+            self._observe(await self._heartbeat(client))
         self.log.info(
             "pid %s loaded %s in %.2fs",
             self.pid,

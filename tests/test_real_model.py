@@ -26,7 +26,6 @@ from gateway import builtin, checkpoints
 from worker import cpublas
 
 from .conftest import ROOT, Gateway
-from .helpers import wait_until
 
 NAME = "smollm2"
 GREEDY_PROMPTS = [
@@ -184,14 +183,11 @@ def test_the_chat_template_is_the_models_own_and_the_reply_ends_at_end_of_turn(g
 
 
 def backend(gw: Gateway) -> dict:
-    """The worker's report of what its model runs on, once a heartbeat has
-    brought it."""
-
-    def reported() -> dict:
-        (worker,) = gw.client.get("/health").json()["workers"]
-        return worker["backend"]
-
-    return wait_until(reported, timeout=30, what="the worker's backend in /health")
+    """The worker's report of what its model runs on: there from the moment
+    the worker is ready (a heartbeat is taken before)."""
+    (worker,) = gw.client.get("/health").json()["workers"]
+    assert worker["state"] == "ready"
+    return worker["backend"]
 
 
 def test_the_worker_reports_what_its_weights_run_on(gw):
