@@ -642,6 +642,16 @@ MUTANTS = [
             "tests/test_worker.py::test_seed_reproduces_output_even_when_batched",
         ),
     ),
+    Mutant(
+        "a worker is called ready before its first heartbeat",
+        "gateway/supervisor.py",
+        "            self._observe(await self._heartbeat(client))\n",
+        "            pass\n",
+        (
+            "tests/test_real_model.py::"
+            "test_float_weights_never_serves_the_quantized_kernels_token_for_token",
+        ),
+    ),
 ]
 
 
