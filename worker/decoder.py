@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .batch_speculation import BatchSpeculation
-from .mlxlm import BatchGenerator, intercept_decode
+from .mlxlm import BatchGenerator, group_sampling, intercept_decode
 from .pacing import ChunkPacer
 from .single import Response, SingleSequence
 from .speculative import PROBE_EVERY, DraftGate, Speculation
@@ -47,6 +47,7 @@ class Decoder:
     ):
         self.batch = batch
         self.model = model
+        group_sampling(batch)  # a batch mixing sampling settings samples a group at a time
         self.single_enabled = single
         self.prefill_step_size = prefill_step_size
         # Prefill chunks of the single path, sized to a short step (pacing.py).

@@ -62,6 +62,7 @@ __all__ = [
     "dynamic_roll",
     "generation_stream",
     "greedy_sampler",
+    "group_sampling",
     "hf_tokenizer",
     "intercept_decode",
     "load",
@@ -268,3 +269,47 @@ def intercept_decode(generator: BatchGenerator, step) -> None:
     plain = batch.next
     rows = DecodeRows(batch)
     batch.next = lambda: step(rows, plain)
+
+
+class GroupedSampler:
+    """Samples a batch in one call per distinct sampler, each over its rows
+    together, and returns the tokens in row order. A sampler sees exactly
+    the rows it would have seen one by one (a seeded one, its own row, once
+    a step), so what each row draws does not change."""
+
+    def __init__(self, samplers: list):
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for row, sampler in enumerate(samplers):
+            groups.setdefault(id(sampler), (sampler, []))[1].append(row)
+        self.groups = list(groups.values())
+        order = [row for _, rows in self.groups for row in rows]
+        self.inverse = mx.array(sorted(range(len(order)), key=order.__getitem__))
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        parts = [sampler(logprobs[mx.array(rows)]) for sampler, rows in self.groups]
+        return mx.concatenate(parts, axis=0)[self.inverse]
+
+
+def group_sampling(generator: BatchGenerator) -> None:
+    """Make `generator`'s decode steps sample its rows a group per sampler.
+    mlx-lm samples a batch in one call when every row shares one sampler
+    object, and row by row otherwise: a batch mixing two settings (greedy and
+    sampled, two temperatures, a seeded request) paid one call per row. For
+    the length of each step the rows' samplers are replaced by one
+    GroupedSampler, the same object for every row, then put back (rows join
+    and leave between steps)."""
+    batch = generator._generation_batch
+    step = batch._step
+
+    def grouped_step():
+        samplers = batch.samplers
+        if not samplers or all(s is samplers[0] for s in samplers):
+            return step()
+        grouped = GroupedSampler([batch.fallback_sampler if s is None else s for s in samplers])
+        batch.samplers = [grouped] * len(samplers)
+        try:
+            return step()
+        finally:
+            batch.samplers = samplers
+
+    batch._step = grouped_step

@@ -652,6 +652,36 @@ MUTANTS = [
             "test_float_weights_never_serves_the_quantized_kernels_token_for_token",
         ),
     ),
+    Mutant(
+        "a batch mixing samplers is sampled row by row",
+        "worker/mlxlm.py",
+        "        batch.samplers = [grouped] * len(samplers)\n",
+        "        pass\n",
+        (
+            "tests/test_sampling.py::"
+            "test_a_mixed_batch_samples_a_group_at_a_time_and_draws_what_rows_alone_draw",
+        ),
+    ),
+    Mutant(
+        "grouped samples come back in group order, not row order",
+        "worker/mlxlm.py",
+        "        return mx.concatenate(parts, axis=0)[self.inverse]\n",
+        "        return mx.concatenate(parts, axis=0)\n",
+        (
+            "tests/test_sampling.py::"
+            "test_a_grouped_call_samples_each_row_with_its_own_sampler_in_row_order",
+        ),
+    ),
+    Mutant(
+        "the rows' own samplers are not put back after a grouped step",
+        "worker/mlxlm.py",
+        "        finally:\n            batch.samplers = samplers\n",
+        "        finally:\n            pass\n",
+        (
+            "tests/test_sampling.py::"
+            "test_rows_leaving_a_mixed_batch_leave_the_others_their_own_samplers",
+        ),
+    ),
 ]
 
 
