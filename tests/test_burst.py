@@ -8,6 +8,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from worker import commands
 from worker.burst import Burst
 from worker.engine import Engine
@@ -28,15 +30,27 @@ def engine(limit_s: float) -> Engine:
     return e
 
 
-def submit_later(e: Engine, ids: range, after_s: float) -> threading.Thread:
+def submit_later(e: Engine, ids: range, after_s: float = 0, every_s: float = 0) -> threading.Thread:
+    """Submit `ids` from another thread: after `after_s`, `every_s` apart."""
+
     def run():
         time.sleep(after_s)
         for i in ids:
+            time.sleep(every_s)
             e.submit(generate(i))
 
     t = threading.Thread(target=run)
     t.start()
     return t
+
+
+def take(e: Engine, later: threading.Thread) -> tuple[list, float]:
+    """One turn's request ids, and how long taking it took, while `later` submits."""
+    began = time.monotonic()
+    turn = e._take(block=True)
+    waited = time.monotonic() - began
+    later.join()
+    return started(turn), waited
 
 
 def started(turn: list) -> list:
@@ -47,13 +61,9 @@ def test_clients_answered_together_are_waited_for_and_start_together():
     e = engine(limit_s=10)
     e.burst.ended(3)  # three replies just went out
     e.submit(generate(1))
-    later = submit_later(e, range(2, 4), after_s=0.2)
-    began = time.monotonic()
-    turn = e._take(block=True)
-    later.join()
-    assert started(turn) == [1, 2, 3]
-    # It returned once all three were in, long before its bound.
-    assert time.monotonic() - began < 5
+    turn, waited = take(e, submit_later(e, range(2, 4), after_s=0.2))
+    assert turn == [1, 2, 3]
+    assert waited < 5  # it returned once all three were in, long before its bound
 
 
 def test_requests_still_being_tokenized_are_waited_for():
@@ -77,12 +87,8 @@ def test_requests_still_being_tokenized_are_waited_for():
 def test_a_lone_request_starts_at_once():
     e = engine(limit_s=10)
     e.submit(generate(1))
-    later = submit_later(e, range(2, 3), after_s=0.5)
-    began = time.monotonic()
-    turn = e._take(block=True)
-    waited = time.monotonic() - began
-    later.join()
-    assert started(turn) == [1]
+    turn, waited = take(e, submit_later(e, range(2, 3), after_s=0.5))
+    assert turn == [1]
     assert waited < 0.4
     assert started(e._take(block=False)) == [2]  # the next turn's
 
@@ -103,9 +109,7 @@ def test_a_busy_engine_does_not_wait():
     e.burst.ended(4)
     e._jobs[0] = object()  # something is decoding: arrivals join between steps
     e.submit(generate(1))
-    began = time.monotonic()
-    assert started(e._take(block=False)) == [1]
-    assert time.monotonic() - began < 1
+    assert take(e, submit_later(e, range(0))) == ([1], pytest.approx(0, abs=1))
 
 
 def test_each_start_answers_one_returning_client():
@@ -140,12 +144,8 @@ def test_a_trickle_past_the_bound_is_cut_at_the_bound():
     e = engine(limit_s=0.3)
     e.burst.ended(20)
     e.submit(generate(0))
-    later = submit_later_each(e, range(1, 20), every_s=0.05)
-    began = time.monotonic()
-    turn = e._take(block=True)
-    waited = time.monotonic() - began
-    later.join()
-    assert 1 < len(started(turn)) < 20
+    turn, waited = take(e, submit_later(e, range(1, 20), every_s=0.05))
+    assert 1 < len(turn) < 20
     assert waited < 3
 
 
@@ -156,20 +156,7 @@ def test_the_clients_that_came_back_are_not_awaited_again():
     e.submit(generate(2))
     e._apply(e._take(block=True))  # both started (no model here: answered with an error)
     e.submit(generate(3))
-    began = time.monotonic()
-    assert started(e._take(block=True)) == [3]
-    assert time.monotonic() - began < 5
-
-
-def submit_later_each(e: Engine, ids: range, every_s: float) -> threading.Thread:
-    def run():
-        for i in ids:
-            time.sleep(every_s)
-            e.submit(generate(i))
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
+    assert take(e, submit_later(e, range(0))) == ([3], pytest.approx(0, abs=5))
 
 
 def test_answered_clients_are_forgotten_as_they_age_even_when_none_comes_back():
