@@ -48,6 +48,19 @@ def test_load_generator_against_the_gateway(gateway):
         assert level["server_rss_mb"]["peak"] > 0
 
 
+def test_the_temperature_asked_for_is_the_one_sent(gateway):
+    def level(temperature: str) -> dict:
+        args = ("--concurrency", "2", "--requests", "4", "--max-tokens", "4", "--no-warmup")
+        (out,) = bench("--url", gateway.url, *args, "--temperature", temperature)
+        return out
+
+    sampled = level("1.5")
+    assert sampled["completed"] == 4 and sampled["failed"] == 0
+    # Out of the API's range (0 to 2): refused, so it was sent, not left at 0.
+    refused = level("9")
+    assert refused["completed"] == 0 and refused["failed"] == 4
+
+
 def test_shared_prefix_runs_report_the_prompt_cache(gateway):
     (level,) = bench(
         "--url",
