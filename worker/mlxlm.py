@@ -278,15 +278,22 @@ class GroupedSampler:
     a step), so what each row draws does not change."""
 
     def __init__(self, samplers: list):
+        self.samplers = samplers  # the rows' own, in row order
         groups: dict[int, tuple[Any, list[int]]] = {}
         for row, sampler in enumerate(samplers):
             groups.setdefault(id(sampler), (sampler, []))[1].append(row)
-        self.groups = list(groups.values())
-        order = [row for _, rows in self.groups for row in rows]
+        self.groups = [(sampler, mx.array(rows)) for sampler, rows in groups.values()]
+        order = [row for _, rows in groups.values() for row in rows]
         self.inverse = mx.array(sorted(range(len(order)), key=order.__getitem__))
 
+    def serves(self, samplers: list) -> bool:
+        """Whether this grouping is the one for rows holding `samplers`."""
+        return len(samplers) == len(self.samplers) and all(
+            a is b for a, b in zip(samplers, self.samplers, strict=True)
+        )
+
     def __call__(self, logprobs: mx.array) -> mx.array:
-        parts = [sampler(logprobs[mx.array(rows)]) for sampler, rows in self.groups]
+        parts = [sampler(logprobs[rows]) for sampler, rows in self.groups]
         return mx.concatenate(parts, axis=0)[self.inverse]
 
 
@@ -297,15 +304,20 @@ def group_sampling(generator: BatchGenerator) -> None:
     sampled, two temperatures, a seeded request) paid one call per row. For
     the length of each step the rows' samplers are replaced by one
     GroupedSampler, the same object for every row, then put back (rows join
-    and leave between steps)."""
+    and leave between steps). The grouping is kept while the rows' samplers
+    stay the same, so a steady batch builds it once."""
     batch = generator._generation_batch
     step = batch._step
+    grouped: GroupedSampler | None = None
 
     def grouped_step():
+        nonlocal grouped
         samplers = batch.samplers
         if not samplers or all(s is samplers[0] for s in samplers):
             return step()
-        grouped = GroupedSampler([batch.fallback_sampler if s is None else s for s in samplers])
+        own = [batch.fallback_sampler if s is None else s for s in samplers]
+        if grouped is None or not grouped.serves(own):
+            grouped = GroupedSampler(own)
         batch.samplers = [grouped] * len(samplers)
         try:
             return step()
