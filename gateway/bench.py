@@ -56,6 +56,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     gaps: list[float] = field(default_factory=list)
+    done: bool = False  # the stream's closing `[DONE]` arrived
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -148,7 +149,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
                 events = (pending + data).split(b"\n\n")
                 pending = events.pop()
                 for event in events:
-                    if event.startswith(b"event: error") or b'"error"' in event[:20]:
+                    if event.startswith(b"data: [DONE]"):
+                        outcome.done = True
+                    elif event.startswith(b"event: error") or b'"error"' in event[:20]:
                         outcome.error = event.decode(errors="replace")[:200]
                     elif USAGE.search(event):
                         usage = orjson.loads(event[event.index(b"{") :])["usage"]
@@ -165,7 +168,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
     except httpx.HTTPError as exc:
         return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}")
     outcome.latency = time.perf_counter() - started
-    outcome.ok = outcome.error is None and outcome.ttft is not None
+    # A sampled reply may end before any visible text (an end-of-sequence
+    # first): it completed all the same, with no time to first token.
+    outcome.ok = outcome.error is None and (outcome.ttft is not None or outcome.done)
     return outcome
 
 

@@ -85,7 +85,7 @@ def _decode_rate(outcomes: list) -> float | None:
     rates = [
         (o.tokens - 1) / (o.latency - o.ttft)
         for o in outcomes
-        if o.ok and o.tokens > 1 and o.latency > o.ttft
+        if o.ok and o.tokens > 1 and o.ttft is not None and o.latency > o.ttft
     ]
     return statistics.median(rates) if rates else None
 

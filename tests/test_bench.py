@@ -218,3 +218,39 @@ def test_speculation_table_shows_the_range_of_one_round(capsys):
     )
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "16" and row[5] == "0.90-1.10"
+
+
+def _stream_outcome(*events: bytes):
+    """What `one_request` makes of a stream of these SSE events."""
+    import asyncio
+
+    import httpx
+
+    from gateway.bench import one_request
+
+    async def body():
+        for event in events:
+            yield event + b"\n\n"
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body())
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as client:
+            return await one_request(client, "http://bench.test/v1/chat/completions", {})
+
+    return asyncio.run(run())
+
+
+USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'
+
+
+def test_a_reply_ending_before_any_text_is_complete_not_failed():
+    # A sampled request can draw end-of-sequence first: nothing visible,
+    # a usage chunk and [DONE]. It completed; it has no time to first token.
+    outcome = _stream_outcome(USAGE_ONLY, b"data: [DONE]")
+    assert outcome.ok and outcome.ttft is None and outcome.tokens == 1
+    # Cut off before [DONE], with no text: that one did fail.
+    assert not _stream_outcome(USAGE_ONLY).ok
+    text = b'data: {"choices":[{"delta":{"content":"Hi"}}]}'
+    assert _stream_outcome(text, USAGE_ONLY, b"data: [DONE]").ttft is not None
