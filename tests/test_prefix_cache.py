@@ -176,3 +176,41 @@ def test_conversations_stick_to_the_worker_that_holds_their_prefix(two_workers):
         samples[("mlx_gateway_prefix_cache_hits_total", None)]
         > 0.8 * samples[("mlx_gateway_prefix_cache_queries_total", None)] * 2 / 3
     )
+
+
+def test_kept_caches_hold_only_their_own_rows(tiny_model):
+    """A finished row's cache is cut out of the batch's KV arrays; kept as a
+    lazy slice it would hold the whole batch's KV alive, far past what the
+    prompt cache counts. What the worker holds after a batch has ended is
+    what its prompt cache says it holds."""
+    worker = WorkerPipe()
+    try:
+        worker.call("load_model", {"path": str(tiny_model)})
+        before = worker.call("health")["memory"]["active_memory_mb"]
+        # Rows ending at different steps: each is cut from a batch that
+        # still runs (and whose arrays are then replaced).
+        ids = [
+            worker.send(
+                "generate",
+                {
+                    "messages": [{"role": "user", "content": f"{i} {SYSTEM}"}],
+                    "max_tokens": 4 + 6 * i,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            )
+            for i in range(8)
+        ]
+        for id in ids:
+            frame, _ = worker.wait_response(id, timeout=120)
+            assert "result" in frame
+        # One more request: its end reads the memory again, once the copies
+        # of the kept caches are done.
+        ask(worker, "and the forest")
+        health = worker.call("health")
+        kept_mb = health["prompt_cache"]["bytes"] / 2**20
+        assert health["prompt_cache"]["entries"] >= 8
+        grown = health["memory"]["active_memory_mb"] - before
+        assert grown < 1.5 * kept_mb + 1, (grown, kept_mb)
+    finally:
+        worker.close()

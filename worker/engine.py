@@ -651,7 +651,7 @@ class Engine:
         # A stop string ends a job the generator still holds.
         early = [job.uid for job, r in finished.items() if r.finish_reason is None]
         caches = self._generator.remove(early, return_prompt_caches=True) if early else {}
-        self._update_memory()
+        self._update_memory()  # for the answers
         now = time.perf_counter()
         for job, r in finished.items():
             if r.prompt_cache is not None:
@@ -660,12 +660,21 @@ class Engine:
                 cache, tokens = caches.get(job.uid, (None, None))
             self._finish(job, now, cache)
             if cache and tokens and self.prompt_cache is not None:
-                # Kept for later requests that share a prefix (a system
-                # prompt, the turns of a conversation).
-                self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
-                if self.disk_cache is not None:
-                    kept = kvquant.portable(cache) if self.kv_bits else cache
-                    self.disk_cache.offer(job.cache_key, tokens, kept)
+                self._keep(job, tokens, cache)
+        self._update_memory()  # and again with the kept caches in it
+
+    def _keep(self, job: Job, tokens: list[int], cache: list) -> None:
+        """Keep a finished request's cache for later requests that share a
+        prefix (a system prompt, the turns of a conversation)."""
+        # A row's cache comes out of the batch as a lazy slice of the whole
+        # batch's KV arrays; kept unevaluated it would hold every row's KV
+        # alive (the cache's byte count sees only the row's), so it is
+        # copied out now, off the engine thread's critical path.
+        mx.async_eval([c.state for c in cache])
+        self.prompt_cache.insert_cache(job.cache_key, list(tokens), cache)
+        if self.disk_cache is not None:
+            kept = kvquant.portable(cache) if self.kv_bits else cache
+            self.disk_cache.offer(job.cache_key, tokens, kept)
 
     def _fail_grammar(self, job: Job, response: Any) -> None:
         """A constrained reply whose grammar failed: an error, never a cut reply."""
