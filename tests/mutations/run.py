@@ -682,6 +682,20 @@ MUTANTS = [
             "test_rows_leaving_a_mixed_batch_leave_the_others_their_own_samplers",
         ),
     ),
+    Mutant(
+        "a kept prompt cache stays a lazy slice of the batch's KV",
+        "worker/engine.py",
+        "        mx.async_eval([c.state for c in cache])\n",
+        "        pass\n",
+        ("tests/test_prefix_cache.py::test_kept_caches_hold_only_their_own_rows",),
+    ),
+    Mutant(
+        "a reply ending before any text counts as failed in the bench",
+        "gateway/bench.py",
+        "(outcome.ttft is not None or outcome.done)",
+        "outcome.ttft is not None",
+        ("tests/test_bench.py::test_a_reply_ending_before_any_text_is_complete_not_failed",),
+    ),
 ]
 
 
