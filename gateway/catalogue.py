@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checkpoints
+from . import checkpoints, weights
 
 log = logging.getLogger("gateway.catalogue")
 
@@ -34,6 +34,8 @@ class Entry:
     source: str  # handed to checkpoints.resolve at load time
     size_bytes: int  # on disk
     format: str  # "mlx" (a model directory) or the file suffix without its dot
+    # Its quantized layers, which a worker on the CPU widens (weights.py).
+    quantized: weights.Quantized = field(default_factory=weights.Quantized)
 
 
 def size_on_disk(path: Path) -> int:
@@ -60,7 +62,8 @@ def _is_model_file(path: Path) -> bool:
 
 def _entry(name: str, path: Path) -> Entry:
     kind = "mlx" if path.is_dir() else path.suffix.lower().lstrip(".")
-    return Entry(name, str(path.resolve()), size_on_disk(path), kind)
+    quantized = weights.quantized_layers(path) if path.is_dir() else weights.Quantized()
+    return Entry(name, str(path.resolve()), size_on_disk(path), kind, quantized)
 
 
 def scan_dir(root: Path) -> list[Entry]:

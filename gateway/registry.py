@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from . import catalogue, checkpoints, eviction
+from . import catalogue, checkpoints, eviction, weights
 from .config import ModelSpec, Settings
 from .metrics import Metrics
 from .pool import ModelPool, ModelUnavailable, Overloaded, Pool
@@ -121,6 +121,8 @@ class Model:
     last_error: str | None = None
     error: Exception | None = None  # why the last load failed
     weights_bytes: int | None = None  # as its workers measured once loaded
+    # Its quantized layers, for what its weights take before it has loaded.
+    quantized: weights.Quantized = field(default_factory=weights.Quantized)
     failures: int = 0  # failed loads in a row
     retry_at: float = 0.0  # monotonic: before this, requests get the last failure at once
     loads: int = 0
@@ -154,6 +156,7 @@ class Registry:
                 pool=pool.models[spec.name],
                 status=Status.LOADED,
                 reserved=True,
+                quantized=_quantized(spec.path),
             )
             self._hook(self.models[spec.name])
         if settings.models_dirs or settings.models_hf_cache:
@@ -211,6 +214,7 @@ class Registry:
                     entry.size_bytes,
                     entry.format,
                     pinned=entry.name in self.settings.pins,
+                    quantized=entry.quantized,
                 )
             elif not known.startup and known.status is Status.UNLOADED:
                 known.source, known.size_bytes, known.format = (
@@ -218,6 +222,7 @@ class Registry:
                     entry.size_bytes,
                     entry.format,
                 )
+                known.quantized = entry.quantized
         # Models that left the catalogue go when nothing holds them.
         for name in [n for n, m in self.models.items() if not m.startup]:
             model = self.models[name]
@@ -553,11 +558,14 @@ class Registry:
     def usage(self, model: Model) -> int:
         """Bytes the model holds or will hold, all its workers together: its
         weights (as its workers measured them once loaded, else their size
-        on disk) plus each worker's KV budget (--prompt-cache-bytes), or what
-        the workers report holding, if more."""
+        on disk, quantized layers widened where the workers widen them:
+        weights.py) plus each worker's KV budget (--prompt-cache-bytes), or
+        what the workers report holding, if more."""
         workers = model.pool.workers if model.pool is not None else []
-        weights = model.weights_bytes or model.size_bytes
-        estimate = self.settings.workers * (weights + self.settings.prompt_cache_bytes)
+        held = model.weights_bytes or model.quantized.in_memory(
+            model.size_bytes, mode=self.settings.float_weights, backend=self._backend()
+        )
+        estimate = self.settings.workers * (held + self.settings.prompt_cache_bytes)
         reported = 0
         for w in workers:
             memory = (w.health.get("memory") or {}) if w.ready else {}
@@ -565,6 +573,16 @@ class Registry:
                 (memory.get("active_memory_mb", 0) + memory.get("cache_memory_mb", 0)) * MB
             )
         return max(estimate, reported)
+
+    def _backend(self) -> dict | None:
+        """What the workers run models on ({"device", "blas"}), as the first
+        ready one reports it; None before any has."""
+        for pool in self.pool.models.values():
+            for worker in pool.workers:
+                backend = worker.health.get("backend") if worker.ready else None
+                if backend and backend.get("device"):
+                    return backend
+        return None
 
     def residents(self, exclude: Model | None = None) -> list[eviction.Resident]:
         out = []
@@ -671,6 +689,12 @@ def _load_result(error: Exception) -> str:
     if isinstance(error, NoRoom):
         return "no_room"
     return "failed"
+
+
+def _quantized(path: str) -> weights.Quantized:
+    from pathlib import Path
+
+    return weights.quantized_layers(Path(path)) if Path(path).is_dir() else weights.Quantized()
 
 
 def _disk_size(path: str) -> int:

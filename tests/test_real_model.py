@@ -197,6 +197,17 @@ def test_the_worker_reports_what_its_weights_run_on(gw):
     assert (backend_["float_weights_bytes"] > 500 << 20) is cpublas.fast()
 
 
+def test_the_gateway_knows_the_widened_size_before_loading(gw, smollm2):
+    """What the registry budgets an unloaded model by (gateway/weights.py):
+    the float32 bytes the worker made, read from the checkpoint's headers."""
+    from gateway import weights
+
+    quantized = weights.quantized_layers(smollm2)
+    made = backend(gw)["float_weights_bytes"]
+    assert quantized.float32_bytes == (made or quantized.float32_bytes) > 500 << 20
+    assert quantized.disk_bytes < 100 << 20  # 4-bit layers and 8-bit embeddings
+
+
 def test_float_weights_never_serves_the_quantized_kernels_token_for_token(
     smollm2, quantized_reference, tmp_path
 ):

@@ -5,6 +5,8 @@ can be counted and timed by the test itself."""
 from __future__ import annotations
 
 import asyncio
+import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ class FakeSupervisor:
     starts: list[str] = []  # model names, in start order
     gate: dict[str, asyncio.Event] = {}  # a model's loads wait for its event
     fail: set[str] = set()  # models whose load crashes
+    backend: dict | None = None  # what a loaded worker says it runs on
 
     def __init__(self, worker_id, spec, settings, metrics, on_change=lambda: None, **_kw):
         self.id = worker_id
@@ -62,6 +65,8 @@ class FakeSupervisor:
             return
         self.pid = 4242
         self.loaded = {"memory": {"active_memory_mb": 1.0}}
+        if FakeSupervisor.backend is not None:
+            self.health = {"backend": FakeSupervisor.backend}
         self._set(State.READY)
 
     async def stop(self) -> None:
@@ -94,6 +99,7 @@ def fake_supervisors(monkeypatch):
     FakeSupervisor.starts = []
     FakeSupervisor.gate = {}
     FakeSupervisor.fail = set()
+    FakeSupervisor.backend = None
 
 
 def registry(models_dir: Path, **kw) -> Registry:
@@ -323,6 +329,67 @@ def test_a_model_added_to_the_directory_is_found_after_a_miss(models_dir, monkey
         await reg._rescan
         _, worker = await use(reg, "new")
         assert worker.ready and reg.models["new"].size_bytes == 2
+        await reg.stop()
+
+    run(go())
+
+
+def quantized_checkpoint(path: Path, rows: int = 1024, columns: int = 1024) -> Path:
+    """A 4-bit checkpoint of one layer (groups of 64) whose weights take 4 MB
+    as float32: its header says so, its data is zeros."""
+    packed, groups = columns * 4 // 32, columns // 64
+    tensors, offset = {}, 0
+    for part, dtype, shape, size in (
+        ("weight", "U32", [rows, packed], 4 * rows * packed),
+        ("scales", "F16", [rows, groups], 2 * rows * groups),
+        ("biases", "F16", [rows, groups], 2 * rows * groups),
+    ):
+        end = offset + size
+        tensors[f"model.layers.0.mlp.up_proj.{part}"] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"quantization": {"bits": 4, "group_size": 64}}))
+    header = json.dumps(tensors).encode()
+    data = struct.pack("<Q", len(header)) + header + bytes(offset)
+    (path / "model.safetensors").write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("float_weights", "backend", "fits"),
+    [
+        ("always", None, False),
+        ("never", None, True),
+        ("auto", {"device": "cpu", "blas": "openblas"}, False),
+        ("auto", {"device": "gpu", "blas": None}, True),
+    ],
+)
+def test_a_quantized_model_is_budgeted_as_its_workers_will_hold_it(
+    models_dir, float_weights, backend, fits
+):
+    """Under 0.6 MB on disk, 4 MB once a worker on the CPU widens it to
+    float32: a 3 MB budget (1 MB of it each worker's prompt cache) has room
+    for it only where it stays quantized."""
+    quantized_checkpoint(models_dir / "q4")
+    FakeSupervisor.backend = backend
+
+    async def go():
+        reg = registry(models_dir, memory_budget_mb=3, float_weights=float_weights)
+        reg.start()
+        pool, worker = await use(reg, "a")  # a worker loaded a model, and said what it runs on
+        pool.release(worker)
+        if fits:
+            await use(reg, "q4")
+            assert reg.models["q4"].status is Status.LOADED
+        else:
+            with pytest.raises(ModelTooLarge) as info:
+                await asyncio.wait_for(use(reg, "q4"), 10)
+            assert "needs about 5 MB" in str(info.value)
+            assert "q4" not in FakeSupervisor.starts
         await reg.stop()
 
     run(go())

@@ -29,8 +29,7 @@ from mlx.utils import tree_unflatten
 from . import cpublas, protocol
 
 MODES = protocol.FLOAT_WEIGHTS
-# The most float32 weight bytes "auto" makes: a 500M-parameter model.
-AUTO_MAX_BYTES = 2 << 30
+AUTO_MAX_BYTES = protocol.FLOAT_WEIGHTS_AUTO_MAX_BYTES
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

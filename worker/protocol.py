@@ -149,6 +149,9 @@ DEFAULT_KV_GROUP_SIZE = 64
 
 # What load_model's float_weights accepts (worker/float_weights.py).
 FLOAT_WEIGHTS = ("auto", "always", "never")
+# The most float32 weight bytes "auto" makes: a 500M-parameter model. The
+# gateway budgets memory by it before a model loads (gateway/weights.py).
+FLOAT_WEIGHTS_AUTO_MAX_BYTES = 2 << 30
 
 # `generate`'s param naming the HTTP request it serves, for log lines only.
 # Not `request_id`: that names a JSON-RPC id (in `cancel` and `tokens`).

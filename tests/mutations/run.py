@@ -696,6 +696,28 @@ MUTANTS = [
         "outcome.ttft is not None",
         ("tests/test_bench.py::test_a_reply_ending_before_any_text_is_complete_not_failed",),
     ),
+    Mutant(
+        "an unloaded quantized model is budgeted by its size on disk",
+        "gateway/registry.py",
+        "        held = model.weights_bytes or model.quantized.in_memory(\n",
+        "        held = model.weights_bytes or model.size_bytes or model.quantized.in_memory(\n",
+        (f"{REGISTRY}::test_a_quantized_model_is_budgeted_as_its_workers_will_hold_it",),
+    ),
+    Mutant(
+        "a layer's own quantization width is ignored",
+        "gateway/weights.py",
+        '            return int(own["bits"])\n',
+        '            return int(quant["bits"])\n',
+        ("tests/test_weights.py::test_the_widened_size_is_what_the_worker_widens",),
+    ),
+    Mutant(
+        "the workers' reported backend is ignored",
+        "gateway/registry.py",
+        '                if backend and backend.get("device"):\n'
+        "                    return backend\n",
+        "                pass\n",
+        (f"{REGISTRY}::test_a_quantized_model_is_budgeted_as_its_workers_will_hold_it",),
+    ),
 ]
 
 
