@@ -62,8 +62,16 @@ def _is_model_file(path: Path) -> bool:
 
 def _entry(name: str, path: Path) -> Entry:
     kind = "mlx" if path.is_dir() else path.suffix.lower().lstrip(".")
-    quantized = weights.quantized_layers(path) if path.is_dir() else weights.Quantized()
-    return Entry(name, str(path.resolve()), size_on_disk(path), kind, quantized)
+    return Entry(name, str(path.resolve()), size_on_disk(path), kind, quantized_layers(path))
+
+
+def quantized_layers(path: Path) -> weights.Quantized:
+    """What of a model directory or file a worker may widen (weights.py)."""
+    if path.is_dir():
+        return weights.quantized_layers(path)
+    if path.suffix.lower() == ".gguf":
+        return weights.gguf_quantized_layers(path)
+    return weights.Quantized()
 
 
 def scan_dir(root: Path) -> list[Entry]:

@@ -35,6 +35,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import catalogue, checkpoints, eviction, weights
 from .config import ModelSpec, Settings
@@ -156,7 +157,7 @@ class Registry:
                 pool=pool.models[spec.name],
                 status=Status.LOADED,
                 reserved=True,
-                quantized=_quantized(spec.path),
+                quantized=catalogue.quantized_layers(Path(spec.path)),
             )
             self._hook(self.models[spec.name])
         if settings.models_dirs or settings.models_hf_cache:
@@ -689,12 +690,6 @@ def _load_result(error: Exception) -> str:
     if isinstance(error, NoRoom):
         return "no_room"
     return "failed"
-
-
-def _quantized(path: str) -> weights.Quantized:
-    from pathlib import Path
-
-    return weights.quantized_layers(Path(path)) if Path(path).is_dir() else weights.Quantized()
 
 
 def _disk_size(path: str) -> int:

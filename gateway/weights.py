@@ -6,9 +6,10 @@ widens a quantized model's weights to float32 (worker/float_weights.py):
 4-bit weights then take about six times their size on disk, so a budget that
 counted the files would admit a model that does not fit. Here the widened
 size is worked out from the checkpoint's safetensors headers (shapes and byte
-ranges, no tensor data) and its config's quantization, layer by layer as the
-worker widens them: quantized linear and embedding weights (two dimensions);
-a mixture of experts' stacked weights stay quantized.
+ranges, no tensor data) and its config's quantization, or a GGUF file's
+tensor infos, layer by layer as the worker widens them: quantized linear and
+embedding weights (two dimensions); a mixture of experts' stacked weights
+stay quantized.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker import gguf
 from worker.protocol import FLOAT_WEIGHTS_AUTO_MAX_BYTES
 
 log = logging.getLogger("gateway.weights")
@@ -80,6 +82,23 @@ def quantized_layers(model_dir: Path) -> Quantized:
             if entry is not None:
                 start, end = entry["data_offsets"]
                 disk += end - start
+    return Quantized(disk, wide)
+
+
+def gguf_quantized_layers(path: Path) -> Quantized:
+    """The same for a GGUF file, from its tensor infos: the worker converts it
+    to MLX's quantization (worker/gguf.py), so its quantized matrices widen
+    like any checkpoint's."""
+    try:
+        infos = gguf.tensor_infos(path)
+    except (OSError, ValueError, struct.error) as exc:
+        log.debug("%s: cannot read the GGUF header: %s", path, exc)
+        return Quantized()
+    disk = wide = 0
+    for info in infos:
+        if len(info.dims) == 2 and info.ggml_type not in gguf.FLOAT_TENSOR_TYPES:
+            disk += info.nbytes
+            wide += 4 * info.dims[0] * info.dims[1]
     return Quantized(disk, wide)
 
 

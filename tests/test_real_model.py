@@ -206,6 +206,10 @@ def test_the_gateway_knows_the_widened_size_before_loading(gw, smollm2):
     made = backend(gw)["float_weights_bytes"]
     assert quantized.float32_bytes == (made or quantized.float32_bytes) > 500 << 20
     assert quantized.disk_bytes < 100 << 20  # 4-bit layers and 8-bit embeddings
+    # And from the GGUF file it was converted from, before any conversion.
+    in_file = weights.gguf_quantized_layers(builtin.gguf_path())
+    assert in_file.float32_bytes == quantized.float32_bytes
+    assert in_file.disk_bytes < 100 << 20
 
 
 def test_float_weights_never_serves_the_quantized_kernels_token_for_token(
@@ -429,8 +433,11 @@ def _convert(gguf: Path, out: Path) -> subprocess.CompletedProcess:
 def test_unquantized_gguf_files_load_as_they_are(dtype, tmp_path):
     import mlx.core as mx
 
+    from gateway.weights import Quantized, gguf_quantized_layers
+
     weights, meta = _small_llama(dtype)
     mx.save_gguf(str(tmp_path / "m.gguf"), weights, meta)
+    assert gguf_quantized_layers(tmp_path / "m.gguf") == Quantized()  # nothing to widen
     out = _convert(tmp_path / "m.gguf", tmp_path / "out")
     assert out.returncode == 0, out.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())

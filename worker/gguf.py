@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,52 @@ def _header_file_type(path: Path) -> int | None:
     except (OSError, struct.error, ValueError):
         return None
     return None
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dims: tuple[int, ...]
+    ggml_type: int  # ggml's tensor type: 0 F32, 1 F16, 30 BF16, the others quantized
+    nbytes: int  # in the file, alignment padding included
+
+
+FLOAT_TENSOR_TYPES = {0, 1, 30}  # F32, F16, BF16
+
+
+def tensor_infos(path: Path) -> list[TensorInfo]:
+    """The file's tensors as its header describes them, read without MLX
+    (for the gateway, which budgets a model before converting it)."""
+    import struct
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path.name}: not a GGUF file")
+        _version, n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        alignment = 32
+        for _ in range(n_kv):
+            (klen,) = struct.unpack("<Q", f.read(8))
+            key = f.read(klen).decode("utf-8", "replace")
+            (vtype,) = struct.unpack("<I", f.read(4))
+            value = _skip_value(f, vtype)
+            if key == "general.alignment" and value:
+                alignment = value
+        raw = []
+        for _ in range(n_tensors):
+            (nlen,) = struct.unpack("<Q", f.read(8))
+            name = f.read(nlen).decode("utf-8", "replace")
+            (ndims,) = struct.unpack("<I", f.read(4))
+            dims = struct.unpack(f"<{ndims}Q", f.read(8 * ndims))
+            ggml_type, offset = struct.unpack("<IQ", f.read(12))
+            raw.append((offset, name, dims, ggml_type))
+        data_start = -(-f.tell() // alignment) * alignment
+    data_size = path.stat().st_size - data_start
+    raw.sort()
+    ends = [offset for offset, *_ in raw[1:]] + [data_size]
+    return [
+        TensorInfo(name, dims, ggml_type, end - offset)
+        for (offset, name, dims, ggml_type), end in zip(raw, ends, strict=True)
+    ]
 
 
 def _skip_value(f, vtype: int):

@@ -718,6 +718,13 @@ MUTANTS = [
         "                pass\n",
         (f"{REGISTRY}::test_a_quantized_model_is_budgeted_as_its_workers_will_hold_it",),
     ),
+    Mutant(
+        "a GGUF file's float matrices are counted as widened",
+        "gateway/weights.py",
+        "        if len(info.dims) == 2 and info.ggml_type not in gguf.FLOAT_TENSOR_TYPES:\n",
+        "        if len(info.dims) == 2:\n",
+        ("tests/test_real_model.py::test_unquantized_gguf_files_load_as_they_are",),
+    ),
 ]
 
 
