@@ -27,6 +27,10 @@ from worker.protocol import FLOAT_WEIGHTS_AUTO_MAX_BYTES
 log = logging.getLogger("gateway.weights")
 
 HEADER_MAX = 100 << 20  # a safetensors header past this is not one
+# What a damaged or foreign checkpoint raises while its headers are read.
+UNREADABLE = (
+    OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError, struct.error
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,13 @@ def quantized_layers(model_dir: Path) -> Quantized:
         tensors: dict[str, dict] = {}
         for file in sorted(model_dir.glob("*.safetensors")):
             tensors.update(safetensors_header(file))
-    except (OSError, ValueError, struct.error) as exc:
+        return _sizes(tensors, quant)
+    except UNREADABLE as exc:
         log.debug("%s: cannot read the checkpoint's headers: %s", model_dir, exc)
         return Quantized()
+
+
+def _sizes(tensors: dict[str, dict], quant: dict) -> Quantized:
     disk = wide = 0
     for name, info in tensors.items():
         layer = name.removesuffix(".weight")
@@ -91,7 +99,7 @@ def gguf_quantized_layers(path: Path) -> Quantized:
     like any checkpoint's."""
     try:
         infos = gguf.tensor_infos(path)
-    except (OSError, ValueError, struct.error) as exc:
+    except UNREADABLE as exc:
         log.debug("%s: cannot read the GGUF header: %s", path, exc)
         return Quantized()
     disk = wide = 0

@@ -4,6 +4,7 @@ widening (worker/float_weights.py) of real mlx-lm checkpoints."""
 
 from __future__ import annotations
 
+import struct
 import sys
 
 import pytest
@@ -53,10 +54,40 @@ def test_a_float_checkpoint_has_nothing_to_widen(tiny_model):
     assert quantized.in_memory(123, mode="always", backend=None) == 123
 
 
-def test_unreadable_headers_leave_the_disk_size(tmp_path):
+def safetensors(path, header: bytes) -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\xff" * 8,  # says 18 EB follow
+        b"{not json",
+        b'{"a.weight": {"dtype": "U32"}, "a.scales": {}}',  # no shape
+        b'{"a.weight": {"shape": [4, 4], "data_offsets": "?"}, "a.scales": {}}',
+        b"[]",
+    ],
+    ids=["huge", "not-json", "no-shape", "bad-offsets", "a-list"],
+)
+def test_a_damaged_checkpoint_leaves_the_disk_size(tmp_path, header):
     (tmp_path / "config.json").write_text('{"quantization": {"bits": 4, "group_size": 32}}')
-    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 16)  # a header of 18 EB
+    if header.startswith(b"\xff"):
+        (tmp_path / "model.safetensors").write_bytes(header)
+    else:
+        safetensors(tmp_path / "model.safetensors", header)
     assert weights.quantized_layers(tmp_path) == weights.Quantized()
+
+
+@pytest.mark.timeout(20)
+def test_a_damaged_gguf_file_is_read_at_once_and_leaves_the_disk_size(tmp_path):
+    # One metadata entry: an array of 2**60 bytes, in a file of 50. Read item by
+    # item, that header would keep the catalogue's scan busy for good.
+    entry = struct.pack("<Q", 3) + b"key" + struct.pack("<IIQ", 9, 0, 2**60)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + entry)
+    assert weights.gguf_quantized_layers(path) == weights.Quantized()
+    path.write_bytes(b"GGUF\0")  # cut short
+    assert weights.gguf_quantized_layers(path) == weights.Quantized()
 
 
 @pytest.mark.parametrize(

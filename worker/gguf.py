@@ -252,6 +252,10 @@ def _skip_value(f, vtype: int):
         return None
     if vtype == 9:  # array
         (item, n) = struct.unpack("<IQ", f.read(12))
+        if item in sizes:
+            # At once: a corrupt count must not read past the end item by item.
+            f.seek(n * sizes[item], 1)
+            return None
         for _ in range(n):
             _skip_value(f, item)
         return None

@@ -725,6 +725,15 @@ MUTANTS = [
         "        if len(info.dims) == 2:\n",
         ("tests/test_real_model.py::test_unquantized_gguf_files_load_as_they_are",),
     ),
+    Mutant(
+        "a GGUF array of fixed-size items is skipped item by item",
+        "worker/gguf.py",
+        "        if item in sizes:\n",
+        "        if False:\n",
+        (
+            "tests/test_weights.py::test_a_damaged_gguf_file_is_read_at_once_and_leaves_the_disk_size",
+        ),
+    ),
 ]
 
 
