@@ -18,6 +18,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -62,7 +63,13 @@ def _is_model_file(path: Path) -> bool:
 
 def _entry(name: str, path: Path) -> Entry:
     kind = "mlx" if path.is_dir() else path.suffix.lower().lstrip(".")
-    return Entry(name, str(path.resolve()), size_on_disk(path), kind, quantized_layers(path))
+    size = size_on_disk(path)
+    try:
+        modified = path.stat().st_mtime_ns
+    except OSError:
+        modified = 0
+    quantized = _quantized(str(path.resolve()), modified, size)
+    return Entry(name, str(path.resolve()), size, kind, quantized)
 
 
 def quantized_layers(path: Path) -> weights.Quantized:
@@ -72,6 +79,14 @@ def quantized_layers(path: Path) -> weights.Quantized:
     if path.suffix.lower() == ".gguf":
         return weights.gguf_quantized_layers(path)
     return weights.Quantized()
+
+
+@functools.lru_cache(maxsize=4096)
+def _quantized(path: str, modified: int, size: int) -> weights.Quantized:
+    """quantized_layers, read again only for a model that changed: the
+    catalogue is scanned every few seconds, and a GGUF file's header takes
+    about 90 ms to walk."""
+    return quantized_layers(Path(path))
 
 
 def scan_dir(root: Path) -> list[Entry]:

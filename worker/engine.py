@@ -651,17 +651,19 @@ class Engine:
         # A stop string ends a job the generator still holds.
         early = [job.uid for job, r in finished.items() if r.finish_reason is None]
         caches = self._generator.remove(early, return_prompt_caches=True) if early else {}
-        self._update_memory()  # for the answers
-        now = time.perf_counter()
+        ended = []
         for job, r in finished.items():
             if r.prompt_cache is not None:
                 cache, tokens = r.prompt_cache, r.all_tokens
             else:
                 cache, tokens = caches.get(job.uid, (None, None))
-            self._finish(job, now, cache)
             if cache and tokens and self.prompt_cache is not None:
                 self._keep(job, tokens, cache)
-        self._update_memory()  # and again with the kept caches in it
+            ended.append((job, cache))
+        self._update_memory()  # for the answers, with the kept caches in it
+        now = time.perf_counter()
+        for job, cache in ended:
+            self._finish(job, now, cache)
 
     def _keep(self, job: Job, tokens: list[int], cache: list) -> None:
         """Keep a finished request's cache for later requests that share a
