@@ -347,22 +347,26 @@ def engine_limit(
     mask_eos: bool,
     float_weights: str = "auto",
     temperature: float = 0.0,
+    blas_threads: str | int = "auto",
 ) -> dict:
     """Output tokens/s of mlx-lm alone, counted like the HTTP runs (tokens over
     wall time, prefill included): for one stream the faster of stream_generate
     and a one-sequence BatchGenerator, for several a closed-loop
     BatchGenerator. Runs in this process, with the model's weights as a
-    worker given `float_weights` runs them (worker/float_weights.py). Above
+    worker given `float_weights` runs them (worker/float_weights.py), on the
+    BLAS threads a worker given `blas_threads` runs (worker/blas_threads.py). Above
     temperature 0 every row shares one sampler: mlx-lm's batch at its best."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+    from worker import blas_threads as threads
     from worker import float_weights as widen
     from worker.mlxlm import BatchGenerator
 
     model, tokenizer = load(model_path)
     widen.apply(model, float_weights)
+    chosen = threads.configure(model, blas_threads, on_cpu=mx.default_device() == mx.cpu)
     prompts = Prompts(prompt_tokens, 0)
     # What the HTTP runs send, when the model can end a reply by itself.
     bias = {t: -100.0 for t in tokenizer.eos_token_ids} if mask_eos else None
@@ -375,7 +379,7 @@ def engine_limit(
 
     sampler = make_sampler(temp=temperature)
 
-    result: dict[str, Any] = {"concurrency": concurrency}
+    result: dict[str, Any] = {"concurrency": concurrency, "blas_threads": chosen}
     if concurrency == 1:
         rates, firsts = [], []
         for _ in range(min(requests, 8)):
@@ -459,12 +463,14 @@ def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 180
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def start_server(cmd: list[str], url: str, ready_path: str) -> subprocess.Popen:
+def start_server(
+    cmd: list[str], url: str, ready_path: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **same_blas()},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **same_blas(), **(env or {})},
     )
     try:
         wait_ready(url, proc, ready_path)
@@ -507,8 +513,15 @@ def eos_bias(model_path: str) -> dict[str, float]:
     return {str(i): -100.0 for i in ids if i is not None}
 
 
-def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: bool) -> dict:
-    """engine_limit in a fresh process, so it has the machine to itself."""
+def engine_run(
+    path: str,
+    args: argparse.Namespace,
+    concurrency: int,
+    mask_eos: bool,
+    blas_threads: int | None = None,
+) -> dict:
+    """engine_limit in a fresh process, so it has the machine to itself, on
+    `blas_threads` (None: as the compared gateway's option says)."""
     cmd = [
         sys.executable,
         "-m",
@@ -520,21 +533,37 @@ def engine_run(path: str, args: argparse.Namespace, concurrency: int, mask_eos: 
         str(args.max_tokens),
         str(args.prompt_tokens),
         str(int(mask_eos)),
-        float_weights_mode(args.gateway_args.split()),
+        gateway_option(args.gateway_args.split(), "--float-weights", "auto"),
         str(args.temperature),
+        str(blas_threads or gateway_option(args.gateway_args.split(), "--blas-threads", "auto")),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def float_weights_mode(gateway_args: list[str]) -> str:
-    """The --float-weights the compared gateway runs with."""
+def gateway_option(gateway_args: list[str], flag: str, default: str) -> str:
+    """The value of `flag` the compared gateway runs with: from its
+    arguments, else its environment variable, else `default`."""
     for i, arg in enumerate(gateway_args):
-        if arg.startswith("--float-weights="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
-        if arg == "--float-weights" and i + 1 < len(gateway_args):
+        if arg == flag and i + 1 < len(gateway_args):
             return gateway_args[i + 1]
-    return os.environ.get("MLX_GATEWAY_FLOAT_WEIGHTS", "auto")
+    return os.environ.get("MLX_GATEWAY_" + flag[2:].upper().replace("-", "_"), default)
+
+
+def serving_blas_threads(url: str) -> int | None:
+    """The BLAS threads the gateway's first worker settled on at load, or
+    None where it has no such setting (worker/blas_threads.py)."""
+    try:
+        health = httpx.get(url + "/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    for worker in health.get("workers", []):
+        threads = (worker.get("backend") or {}).get("blas_threads")
+        if threads:
+            return int(threads)
+    return None
 
 
 @dataclass
@@ -544,10 +573,12 @@ class Server:
     cmd: list[str]
     url: str
     ready_path: str
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    blas_threads: int | None = None  # what its worker settled on (a gateway's)
 
     def start(self) -> Server:
-        self.proc = start_server(self.cmd, self.url, self.ready_path)
+        self.proc = start_server(self.cmd, self.url, self.ready_path, self.env)
         return self
 
     def stop(self) -> None:
@@ -584,6 +615,9 @@ def side_by_side(path: str, batch: int, gateway_args: list[str]):
         gw_url,
         "/health",
     ).start()
+    # All three run their matmuls on the threads the gateway's worker chose.
+    threads = serving_blas_threads(gw_url)
+    gateway.blas_threads = threads
     server = Server(
         [
             *(sys.executable, "-m", "mlx_lm", "server", "--model", path),
@@ -592,6 +626,7 @@ def side_by_side(path: str, batch: int, gateway_args: list[str]):
         ],
         srv_url,
         "/v1/models",
+        {"OPENBLAS_NUM_THREADS": str(threads)} if threads else {},
     )
     try:
         server.start()
@@ -620,7 +655,9 @@ def compare(args: argparse.Namespace) -> dict:
         for _ in range(args.rounds):
             for c in args.concurrency:
                 one = argparse.Namespace(**{**vars(args), "concurrency": [c]})
-                runs["engine"].setdefault(c, []).append(engine_run(path, args, c, mask_eos))
+                runs["engine"].setdefault(c, []).append(
+                    engine_run(path, args, c, mask_eos, gateway.blas_threads)
+                )
                 gw = sweep(one, gateway.url, "bench", extra)[0]
                 runs["gateway"].setdefault(c, []).append(asdict(gw))
                 srv = sweep(one, server.url, path, extra)[0]
@@ -635,6 +672,7 @@ def compare(args: argparse.Namespace) -> dict:
             "concurrency": args.concurrency,
             "rounds": args.rounds,
             "temperature": args.temperature,
+            "blas_threads": gateway.blas_threads,
         },
         "runs": runs,
     }
@@ -655,6 +693,8 @@ def print_compare(results: dict) -> None:
         f"{s['rounds']} rounds x {s['requests']} requests per level, max_tokens "
         f"{s['max_tokens']}, {s['prompt_tokens']}-word prompts, {sampling}, {ending}; medians"
     )
+    if s.get("blas_threads"):
+        print(f"all three on {s['blas_threads']} BLAS thread(s), as the gateway's worker chose")
     print(
         f"\n{'conc':>5} {'engine tok/s':>13} {'gateway tok/s':>14} {'mlx_lm.server':>14} "
         f"{'gw/engine':>10} {'gw/server':>10} {'engine ttft':>12} {'gw ttft p50':>12} "
@@ -882,8 +922,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--engine":
-    _, _, path, conc, reqs, toks, prompt, mask, widen, temp = sys.argv
+    _, _, path, conc, reqs, toks, prompt, mask, widen, temp, threads = sys.argv
     limit = engine_limit(
-        path, int(conc), int(reqs), int(toks), int(prompt), mask == "1", widen, float(temp)
+        path,
+        int(conc),
+        int(reqs),
+        int(toks),
+        int(prompt),
+        mask == "1",
+        widen,
+        float(temp),
+        threads if threads == "auto" else int(threads),
     )
     print(json.dumps(limit))

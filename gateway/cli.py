@@ -30,6 +30,20 @@ def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def blas_threads(raw: str) -> str | int:
+    """--blas-threads: "auto" or a count of at least 1."""
+    text = raw.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a count of at least 1, not {raw!r}")
+    return count
+
+
 def _from_env(parser: argparse.ArgumentParser, var: str, raw: str, type: Callable) -> Any:
     """A flag's value from its environment variable, or exit 2 saying which
     variable is wrong (as a bad flag would)."""
@@ -335,6 +349,16 @@ def serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         str,
         d.float_weights,
         choices=protocol.FLOAT_WEIGHTS,
+    )
+    add(
+        p,
+        "--blas-threads",
+        "threads OpenBLAS runs a CPU worker's matmuls on: 'auto' times a decode step "
+        "at load and takes more than one thread only where they are clearly faster "
+        "(they compete for the cores with the gateway and its clients); or a count. "
+        "No effect with Accelerate (macOS) or on a GPU",
+        blas_threads,
+        d.blas_threads,
     )
     add(
         p,
@@ -720,6 +744,7 @@ def serve(args: argparse.Namespace) -> int:
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
         float_weights=args.float_weights,
+        blas_threads=args.blas_threads,
         api_keys=keys,
         protect_metrics=args.protect_metrics,
         cors_origins=list(args.cors_origin or args.cors_origin_env or []),

@@ -101,6 +101,9 @@ class Settings:
     # A quantized model's weights as float32: "auto" (on the CPU with a fast
     # BLAS, when they fit), "always" or "never" (worker/float_weights.py).
     float_weights: str = "auto"
+    # Threads of OpenBLAS under a CPU worker's matmuls: "auto" (timed at
+    # load, worker/blas_threads.py) or a count.
+    blas_threads: str | int = "auto"
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     protect_metrics: bool = False
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers

@@ -88,6 +88,9 @@ class Supervisor:
         self.failure: str | None = None
         self.ready_since: float | None = None
         self.health: dict = {}  # the worker's last heartbeat answer
+        # The BLAS threads a worker here timed at load (worker/blas_threads.py):
+        # its replacements are given the count instead of timing it again.
+        self.measured_blas_threads: int | None = None
         self.loaded: dict = {}  # the worker's answer to load_model (load time, memory)
         self.probing = False  # a half-open start after the circuit opened
         self._host_down = False  # ssh could not reach the host on the last try
@@ -339,6 +342,7 @@ class Supervisor:
             "stream_interval_ms": self.settings.stream_interval_ms,
             "memory_limit_mb": self.settings.memory_limit_mb,
             "float_weights": self.settings.float_weights,
+            "blas_threads": self.measured_blas_threads or self.settings.blas_threads,
         }
         if self.spec.draft_path is not None:
             params["draft_path"] = self.spec.draft_path
@@ -452,6 +456,9 @@ class Supervisor:
     def _observe(self, health: dict) -> None:
         """Keep the worker's own figures from its heartbeat answer."""
         self.health = health
+        threads = (health.get("backend") or {}).get("blas_threads")
+        if threads and self.settings.blas_threads == "auto":
+            self.measured_blas_threads = threads
         gauge = self.metrics.worker_memory
         for kind in ("active", "peak", "cache"):
             mb = (health.get("memory") or {}).get(f"{kind}_memory_mb")

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+from worker import cpublas
+
 from .conftest import ROOT
 
 
@@ -103,6 +105,7 @@ def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
         "16",
         "--rounds",
         "1",
+        "--gateway-args=--blas-threads 3",
         env={"MLX_GATEWAY_CACHE_DIR": str(tmp_path)},
     )
     runs = result["runs"]
@@ -110,6 +113,9 @@ def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
     (ours,) = runs["gateway"]["2"]
     (theirs,) = runs["mlx_lm_server"]["2"]
     assert engine["output_tokens_per_s"] > 0
+    # mlx-lm alone runs on the BLAS threads the gateway's worker runs on.
+    threads = 3 if cpublas.initial_threads() else None
+    assert result["settings"]["blas_threads"] == engine["blas_threads"] == threads
     assert ours["completed"] == 4 and ours["output_tokens"] == 32
     assert theirs["completed"] == 4 and theirs["output_tokens"] == 32
 

@@ -31,7 +31,11 @@ def serve_actions():
 
 
 # Flags whose values are checked by a type of their own: a valid sample each.
-TYPED_SAMPLES = {"--log-format": ("json", "json"), "--keep-alive": ("90s", 90.0)}
+TYPED_SAMPLES = {
+    "--log-format": ("json", "json"),
+    "--keep-alive": ("90s", 90.0),
+    "--blas-threads": ("3", 3),
+}
 
 
 def test_every_serve_flag_has_an_environment_variable():

@@ -34,12 +34,14 @@ OPENBLAS_NAMES = ("libopenblas.so.0", "libopenblas.so")
 # "openblas" or a loaded library's path, or "bundled" (the wheel's own).
 active = "bundled"
 _name: str | None = None  # the name the loaded BLAS was found by
+_library: ctypes.CDLL | None = None
+_initial_threads: int | None = None  # the BLAS's own thread count, as loaded
 
 
 def preload() -> str:
     """Load the BLAS MLX_GATEWAY_BLAS asks for into the global symbol scope,
     once and before MLX; returns what MLX's float matmuls will run on."""
-    global active, _name
+    global active, _name, _library, _initial_threads
     if active != "bundled":
         return active
     if sys.platform == "darwin":
@@ -61,7 +63,8 @@ def preload() -> str:
         if not hasattr(library, "cblas_sgemm"):
             log.warning("%s: %s has no cblas_sgemm; keeping the bundled BLAS", ENV, name)
             continue
-        _name = name
+        _name, _library = name, library
+        _initial_threads = threads()
         active = "openblas" if choice == "auto" else name
         return active
     if choice != "auto":
@@ -78,3 +81,25 @@ def library_name() -> str | None:
     """The name the loaded BLAS was found by (for another process's
     LD_PRELOAD), or None when MLX keeps its own."""
     return _name
+
+
+def threads() -> int | None:
+    """How many threads the loaded BLAS runs a matmul on, or None where this
+    process cannot tell or change it (MLX's own BLAS, Accelerate, a BLAS
+    without OpenBLAS's thread calls)."""
+    if _library is None or not hasattr(_library, "openblas_get_num_threads"):
+        return None
+    return int(_library.openblas_get_num_threads())
+
+
+def initial_threads() -> int | None:
+    """The loaded BLAS's thread count before anything changed it (OpenBLAS:
+    one per core, or OPENBLAS_NUM_THREADS); None as for threads()."""
+    return _initial_threads
+
+
+def set_threads(n: int) -> None:
+    """Run the loaded BLAS's matmuls on `n` threads (threads() is not None)."""
+    if _library is None or not hasattr(_library, "openblas_set_num_threads"):
+        raise RuntimeError("the BLAS in use has no thread setting")
+    _library.openblas_set_num_threads(max(1, int(n)))

@@ -21,7 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from . import commands, cpublas, float_weights, kvquant, protocol
+from . import blas_threads, commands, cpublas, float_weights, kvquant, protocol
 from .burst import Burst
 from .commands import Command
 from .constraints import Grammars
@@ -130,6 +130,9 @@ class Engine:
         self.float_weights = "auto"
         self.float_weights_bytes = 0
         self.device: str | None = None  # "cpu" or "gpu", once a model is loaded
+        # Threads of the BLAS under MLX's CPU matmuls (blas_threads.py); None
+        # where this process cannot set them.
+        self.blas_threads: int | None = None
 
     # --- called from the reader thread -----------------------------------------
 
@@ -169,6 +172,7 @@ class Engine:
                 "device": self.device,
                 "blas": cpublas.active,
                 "float_weights_bytes": self.float_weights_bytes,
+                "blas_threads": self.blas_threads,
             },
             **({"rank": self.group.rank, "ranks": self.group.size} if self.group else {}),
             # Requests that ran alone, were handed to the batch, and their
@@ -283,6 +287,13 @@ class Engine:
             else:
                 model, tokenizer, config = load(path, return_config=True)
             self._widen(params, model, path)
+            # A sharded model's ranks must make the same calls: no timing there.
+            self.blas_threads = blas_threads.configure(
+                model,
+                params.get("blas_threads"),
+                on_cpu=self.device == "cpu",
+                may_time=self.group is None,
+            )
             self._kv_options(params, model)
             draft = self._draft_model(params, model, tokenizer)
         except Exception as exc:  # a bad checkpoint must not kill the worker

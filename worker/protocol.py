@@ -15,7 +15,8 @@ Methods (gateway -> worker):
                  "prompt_cache_disk_bytes"?: int, "kv_bits"?: int | None,
                  "kv_group_size"?: int, "single_sequence"?: bool,
                  "speculative_tokens"?: int, "speculative_ngram"?: int,
-                 "draft_path"?: str, "draft_tokens"?: int, "float_weights"?: str}
+                 "draft_path"?: str, "draft_tokens"?: int, "float_weights"?: str,
+                 "blas_threads"?: "auto" | int}
                 kv_bits: quantize the KV cache (the running batch's and the
                 prompt cache's) to this many bits, in groups of kv_group_size
                 values (default 64) along each head (worker/kvquant.py); one of
@@ -34,6 +35,11 @@ Methods (gateway -> worker):
                 quantized model's (and draft model's) weights as float32;
                 "auto" does so on the CPU with a fast BLAS when they fit
                 (worker/float_weights.py).
+                blas_threads ("auto", the default, or a count of at least 1):
+                the threads OpenBLAS runs MLX's CPU matmuls on; "auto" times
+                a decode step at load and takes more threads only where they
+                are clearly faster (worker/blas_threads.py). Ignored where
+                the BLAS has no such setting (Accelerate, a GPU).
                 prompt_cache_dir: a directory the prompt cache is also kept in
                 (worker/diskcache.py): written in the background, read back
                 at load by any worker of the same checkpoint; entries are

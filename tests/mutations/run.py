@@ -734,6 +734,37 @@ MUTANTS = [
             "tests/test_weights.py::test_a_damaged_gguf_file_is_read_at_once_and_leaves_the_disk_size",
         ),
     ),
+    Mutant(
+        "the worker ignores --blas-threads",
+        "worker/engine.py",
+        '                params.get("blas_threads"),\n',
+        '                "auto",\n',
+        ("tests/test_blas_threads.py::test_the_worker_reports_the_count_its_matmuls_run_on",),
+    ),
+    Mutant(
+        "more BLAS threads are taken when faster at any one batch",
+        "worker/blas_threads.py",
+        "        if all(t * margin <= times[taken][batch] for batch, t in times[n].items()):\n",
+        "        if any(t * margin <= times[taken][batch] for batch, t in times[n].items()):\n",
+        ("tests/test_blas_threads.py",),
+    ),
+    Mutant(
+        "a replacement worker times the BLAS threads again",
+        "gateway/supervisor.py",
+        '            "blas_threads": self.measured_blas_threads or self.settings.blas_threads,\n',
+        '            "blas_threads": self.settings.blas_threads,\n',
+        (
+            "tests/test_blas_threads.py::"
+            "test_a_replacement_worker_is_given_the_count_its_predecessor_timed",
+        ),
+    ),
+    Mutant(
+        "a worker that may not time keeps the count a model before left",
+        "worker/blas_threads.py",
+        "    cpublas.set_threads(initial)  # a model loaded before may have changed it\n",
+        "",
+        ("tests/test_blas_threads.py",),
+    ),
 ]
 
 
