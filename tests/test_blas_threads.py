@@ -105,6 +105,21 @@ def test_nothing_is_timed_or_set_off_the_cpu_or_where_timing_is_not_allowed(rest
 
 
 @needs_openblas
+def test_a_model_slow_on_every_thread_keeps_them_all_untimed(
+    restore_threads, model, monkeypatch, caplog
+):
+    """A large model's step is not timed on fewer threads: its load would
+    take minutes longer, and it needs every thread anyway."""
+    timed = []
+    monkeypatch.setattr(blas_threads, "SLOW_STEP_S", 0.0)
+    monkeypatch.setattr(blas_threads.cpublas, "set_threads", timed.append)
+    with caplog.at_level(logging.INFO, logger="worker.blas_threads"):
+        blas_threads.configure(model, "auto", on_cpu=True)
+    assert timed == [cpublas.initial_threads()]  # only OpenBLAS's own count, once
+    assert "a decode step takes over" in caplog.text
+
+
+@needs_openblas
 def test_a_model_that_cannot_be_timed_keeps_the_blas_own_count(restore_threads, caplog):
     def broken(inputs, cache=None):
         raise RuntimeError("this model takes images")

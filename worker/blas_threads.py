@@ -3,8 +3,8 @@
 OpenBLAS starts one thread per core and splits each matmul across them. For
 a small model that costs more than it saves. Every split waits for its
 slowest thread, and the threads compete for the cores with the engine's own
-thread (building the next step meanwhile), with the gateway and with the
-clients on the same machine. A forward pass timed alone hides that cost.
+thread, with the gateway and with the clients on the same machine. A forward
+pass timed alone hides that cost.
 
 Measured on two cores, the tiny demo model at 16 streams through the gateway:
 4,800-6,400 tokens/s with two BLAS threads, 7,500-9,400 with one, although a
@@ -14,7 +14,10 @@ layer is a 576x49152 matmul, two threads make a decode step 25-35% faster.
 So at load, "auto" times one decode step of the model, for one row and for a
 batch, on 1, 2, 4, ... threads up to OpenBLAS's own count. It takes more
 threads only where they are at least MARGIN faster than fewer: they must pay
-for the contention the timing cannot see. A number pins the count instead.
+for the contention the timing cannot see. A model whose one-row step takes
+over SLOW_STEP_S on all the threads keeps them, untimed further: it is busy
+enough to use them, and timing it would add minutes to its load. A number
+pins the count instead.
 Where the count cannot be set (Accelerate, MLX's own BLAS, a GPU) nothing
 changes.
 """
@@ -35,6 +38,10 @@ BATCHES = (1, 16)  # the decode batches timed: a lone request and a busy batch
 CONTEXT = 8  # tokens of context the timed steps attend to
 MIN_SAMPLE_S = 0.01  # each timing repeats the step until it has run this long
 ROUNDS = 2  # the counts are timed in turn this many times; each keeps its best
+# A model whose one-row step takes longer than this on every thread is busy
+# enough to use them all; it is not timed further (a large model would spend
+# minutes of its load on it).
+SLOW_STEP_S = 0.25
 
 
 def candidates(most: int) -> list[int]:
@@ -78,6 +85,9 @@ def configure(
     if may_time and len(counts) > 1:
         try:
             times = measure(model, counts)
+            if times is None:
+                log.info("BLAS threads: %d (a decode step takes over %ss)", initial, SLOW_STEP_S)
+                return cpublas.threads()
             cpublas.set_threads(choose(times))
             log.info(
                 "BLAS threads: %d (a decode step of %s rows took %s)",
@@ -94,8 +104,9 @@ def configure(
     return cpublas.threads()
 
 
-def measure(model: Any, counts: list[int]) -> dict[int, dict[int, float]]:
-    """Each count's quickest decode step at each of BATCHES, in seconds."""
+def measure(model: Any, counts: list[int]) -> dict[int, dict[int, float]] | None:
+    """Each count's quickest decode step at each of BATCHES, in seconds; None
+    when one row's step on the most threads takes over SLOW_STEP_S."""
     import mlx.core as mx
 
     from .mlxlm import make_prompt_cache
@@ -107,12 +118,15 @@ def measure(model: Any, counts: list[int]) -> dict[int, dict[int, float]]:
         steps[batch] = mx.zeros((batch, 1), dtype=mx.int32)
         mx.eval(model(mx.zeros((batch, CONTEXT), dtype=mx.int32), cache=caches[batch]))
         mx.eval(model(steps[batch], cache=caches[batch]))  # the step's shape, once untimed
+        if batch == BATCHES[0] and _step_time(model, steps[batch], caches[batch]) > SLOW_STEP_S:
+            return None  # on the most threads (OpenBLAS's own, set by the caller)
     for _ in range(ROUNDS):
         for n in counts:
             cpublas.set_threads(n)
             for batch in BATCHES:
                 took = _step_time(model, steps[batch], caches[batch])
                 best[n][batch] = min(best[n][batch], took)
+    mx.clear_cache()  # give the timing's buffers back
     return best
 
 

@@ -759,6 +759,13 @@ MUTANTS = [
         ),
     ),
     Mutant(
+        "a model slow on every BLAS thread is timed on fewer",
+        "worker/blas_threads.py",
+        "_step_time(model, steps[batch], caches[batch]) > SLOW_STEP_S:",
+        "_step_time(model, steps[batch], caches[batch]) > math.inf:",
+        ("tests/test_blas_threads.py::test_a_model_slow_on_every_thread_keeps_them_all_untimed",),
+    ),
+    Mutant(
         "a worker that may not time keeps the count a model before left",
         "worker/blas_threads.py",
         "    cpublas.set_threads(initial)  # a model loaded before may have changed it\n",
