@@ -26,6 +26,12 @@ needs_openblas = pytest.mark.skipif(
     reason="no OpenBLAS loaded here (Debian: libopenblas0-pthread): no thread count to set",
 )
 
+# "auto" times nothing where OpenBLAS has one thread to give (one core).
+needs_a_choice = pytest.mark.skipif(
+    (cpublas.initial_threads() or 1) < 2,
+    reason="OpenBLAS runs one thread here (one core, or OPENBLAS_NUM_THREADS=1): nothing to time",
+)
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model):
@@ -105,6 +111,7 @@ def test_nothing_is_timed_or_set_off_the_cpu_or_where_timing_is_not_allowed(rest
 
 
 @needs_openblas
+@needs_a_choice
 def test_a_model_slow_on_every_thread_keeps_them_all_untimed(
     restore_threads, model, monkeypatch, caplog
 ):
@@ -120,6 +127,7 @@ def test_a_model_slow_on_every_thread_keeps_them_all_untimed(
 
 
 @needs_openblas
+@needs_a_choice
 def test_a_model_that_cannot_be_timed_keeps_the_blas_own_count(restore_threads, caplog):
     def broken(inputs, cache=None):
         raise RuntimeError("this model takes images")
@@ -163,6 +171,7 @@ def test_timings_are_of_real_steps(restore_threads, model):
 
 
 @needs_openblas
+@needs_a_choice
 def test_a_replacement_worker_is_given_the_count_its_predecessor_timed(start_gateway):
     """A restart is not slowed by timing the BLAS again: the supervisor hands
     the count the first worker measured to the one replacing it."""
