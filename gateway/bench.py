@@ -521,7 +521,7 @@ def engine_run(
     blas_threads: int | None = None,
 ) -> dict:
     """engine_limit in a fresh process, so it has the machine to itself, on
-    `blas_threads` (None: as the compared gateway's option says)."""
+    the gateway worker's `blas_threads` (None: it has no such setting)."""
     cmd = [
         sys.executable,
         "-m",
@@ -533,23 +533,22 @@ def engine_run(
         str(args.max_tokens),
         str(args.prompt_tokens),
         str(int(mask_eos)),
-        gateway_option(args.gateway_args.split(), "--float-weights", "auto"),
+        float_weights_mode(args.gateway_args.split()),
         str(args.temperature),
-        str(blas_threads or gateway_option(args.gateway_args.split(), "--blas-threads", "auto")),
+        str(blas_threads or "auto"),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def gateway_option(gateway_args: list[str], flag: str, default: str) -> str:
-    """The value of `flag` the compared gateway runs with: from its
-    arguments, else its environment variable, else `default`."""
+def float_weights_mode(gateway_args: list[str]) -> str:
+    """The --float-weights the compared gateway runs with."""
     for i, arg in enumerate(gateway_args):
-        if arg.startswith(flag + "="):
+        if arg.startswith("--float-weights="):
             return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(gateway_args):
+        if arg == "--float-weights" and i + 1 < len(gateway_args):
             return gateway_args[i + 1]
-    return os.environ.get("MLX_GATEWAY_" + flag[2:].upper().replace("-", "_"), default)
+    return os.environ.get("MLX_GATEWAY_FLOAT_WEIGHTS", "auto")
 
 
 def serving_blas_threads(url: str) -> int | None:
