@@ -674,7 +674,26 @@ def compare(args: argparse.Namespace) -> dict:
             "blas_threads": gateway.blas_threads,
         },
         "runs": runs,
+        "ratios": round_ratios(runs, args.concurrency),
     }
+
+
+def round_ratios(runs: dict, levels: list[int]) -> dict[int, dict[str, list[float]]]:
+    """Each round's gateway throughput over mlx-lm alone's and over
+    mlx_lm.server's, per concurrency: on a shared machine one round can be
+    far from the next, and the spread says how far the medians can be trusted."""
+    out = {}
+    for c in levels:
+        rate = [[r["output_tokens_per_s"] for r in x] for x in _level(runs, c)]
+        out[c] = {
+            "gateway_over_engine": [
+                gw / max(en, 1e-9) for gw, en in zip(rate[1], rate[0], strict=True)
+            ],
+            "gateway_over_server": [
+                gw / max(sv, 1e-9) for gw, sv in zip(rate[1], rate[2], strict=True)
+            ],
+        }
+    return out
 
 
 def _median(runs: list[dict], key: str, sub: str | None = None) -> float | None:
@@ -701,25 +720,34 @@ def print_compare(results: dict) -> None:
     )
     runs = results["runs"]
     for c in s["concurrency"]:
-        # (integer keys come back as strings from --json output)
-        e, g, m = (
-            runs[k].get(c) or runs[k][str(c)] for k in ("engine", "gateway", "mlx_lm_server")
-        )
+        e, g, m = _level(runs, c)
         et = _median(e, "output_tokens_per_s")
         gt = _median(g, "output_tokens_per_s")
         mt = _median(m, "output_tokens_per_s")
-        gw_engine = statistics.median(
-            x["output_tokens_per_s"] / y["output_tokens_per_s"] for x, y in zip(g, e, strict=True)
-        )
-        gw_server = statistics.median(
-            x["output_tokens_per_s"] / max(y["output_tokens_per_s"], 1e-9)
-            for x, y in zip(g, m, strict=True)
-        )
+        ratios = _ratios(results, c)
+        gw_engine = statistics.median(ratios["gateway_over_engine"])
+        gw_server = statistics.median(ratios["gateway_over_server"])
         print(
             f"{c:>5} {et:>13.1f} {gt:>14.1f} {mt:>14.1f} {gw_engine:>10.2f} {gw_server:>10.2f} "
             f"{_ms(_median(e, 'ttft_p50_s') if 'ttft_p50_s' in e[0] else None):>12} "
             f"{_ms(_median(g, 'ttft_s', 'p50')):>12} {_ms(_median(m, 'ttft_s', 'p50')):>13}"
         )
+    if s["rounds"] > 1:
+        print("\nround by round, gw/engine | gw/server:")
+        for c in s["concurrency"]:
+            ratios = _ratios(results, c)
+            each = [" ".join(f"{r:.2f}" for r in ratios[k]) for k in ratios]
+            print(f"{c:>5}  {each[0]} | {each[1]}")
+
+
+def _level(runs: dict, c: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """The engine's, the gateway's and mlx_lm.server's runs at concurrency c."""
+    # (integer keys come back as strings from --json output)
+    return tuple(runs[k].get(c) or runs[k][str(c)] for k in ("engine", "gateway", "mlx_lm_server"))
+
+
+def _ratios(results: dict, c: int) -> dict[str, list[float]]:
+    return results["ratios"].get(c) or results["ratios"][str(c)]
 
 
 # --- the pipe alone ----------------------------------------------------------------------

@@ -118,6 +118,14 @@ def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
     assert result["settings"]["blas_threads"] == engine["blas_threads"] == threads
     assert ours["completed"] == 4 and ours["output_tokens"] == 32
     assert theirs["completed"] == 4 and theirs["output_tokens"] == 32
+    # Each round's ratios, so the spread behind the medians can be seen.
+    ratios = result["ratios"]["2"]
+    assert ratios["gateway_over_engine"] == [
+        ours["output_tokens_per_s"] / engine["output_tokens_per_s"]
+    ]
+    assert ratios["gateway_over_server"] == [
+        ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
+    ]
 
 
 def test_agent_replay_reports_each_turn_computed_and_cached(gateway):
