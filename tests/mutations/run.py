@@ -690,6 +690,13 @@ MUTANTS = [
         ("tests/test_prefix_cache.py::test_kept_caches_hold_only_their_own_rows",),
     ),
     Mutant(
+        "the compare's round ratios are taken against the wrong runs",
+        "gateway/bench.py",
+        "for gw, en in zip(rate[1], rate[0], strict=True)",
+        "for gw, en in zip(rate[1], rate[2], strict=True)",
+        ("tests/test_bench.py::test_compare_runs_engine_gateway_and_mlx_lm_server",),
+    ),
+    Mutant(
         "a reply ending before any text counts as failed in the bench",
         "gateway/bench.py",
         "(outcome.ttft is not None or outcome.done)",
