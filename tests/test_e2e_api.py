@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 
 import httpx
 import jsonschema
@@ -758,3 +759,40 @@ def test_a_prompt_too_long_names_the_endpoints_own_param(api):
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
     assert r.json()["error"]["param"] == "prompt"
+
+
+def itl_observed(gw) -> float:
+    prefix = "mlx_gateway_inter_token_latency_seconds_count{"
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in gw.metrics().splitlines()
+        if line.startswith(prefix) and f'model="{MODEL_NAME}"' in line
+    )
+
+
+def test_a_streamed_reply_carries_every_token_whatever_went_out_together(api):
+    """Between two notifications a plain reply's tokens are read together
+    (the worker holds them); the stream still accounts for each: the time
+    between tokens is observed once per token after the first, and the
+    streamed text is the whole reply's."""
+    body = {
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": 48,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    whole = api.client.post("/v1/chat/completions", json=body).json()
+    before = itl_observed(api)
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", api.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    pieces = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    n = events[-1]["usage"]["completion_tokens"]
+    assert n == whole["usage"]["completion_tokens"] == 48
+    assert "".join(p for p in pieces if p) == whole["choices"][0]["message"]["content"]
+    assert len([p for p in pieces if p]) < n  # tokens did go out together
+    deadline = time.monotonic() + 5  # recorded as the request ends
+    while itl_observed(api) - before < n - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert itl_observed(api) - before == n - 1

@@ -11,7 +11,8 @@ import json
 import pytest
 from mlx_lm import load
 
-from worker.job import Output, ToolMode, machine_for
+from worker.job import Job, Output, ToolMode, machine_for
+from worker.sampling import SamplingParams
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -89,3 +90,41 @@ def test_raw_continuation_keeps_its_leading_space(tokenizer):
     for i, t in enumerate(ids):
         chat.feed(t, i == len(ids) - 1)
     assert chat.text == "river and sea"
+
+
+def test_tokens_held_and_read_together_give_the_text_read_one_by_one(tokenizer):
+    """A plain reply's tokens may wait and be read with the next due one
+    (worker/engine.py holds them between notifications): same text, same
+    count, the raw continuation's lead space and an end token inside the
+    reply (ignore_eos) handled as when read one by one."""
+    pieces = [
+        t.replace("\u2581", " ").encode()
+        for t in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    ]
+    eos = {tokenizer.eos_token_id}
+    ids = tokenizer.encode(" the river and the cold water", add_special_tokens=False)
+    ids = [*ids[:3], tokenizer.eos_token_id, *ids[3:]]
+    one, held = (
+        Job(n, [1], SamplingParams(), 64, True, Output(tokenizer.detokenizer, [], pieces=pieces))
+        for n in (1, 2)
+    )
+    assert held.can_hold
+    last = len(ids) - 1
+    for i, t in enumerate(ids):
+        one.advance(t, "length" if i == last else None, eos)
+    for i, t in enumerate(ids):
+        if i == last:
+            held.advance(t, "length", eos)
+        else:
+            held.hold(t)  # even the first: the lead space is settled when read
+    assert held.output.text == one.output.text == " the river and the cold water"
+    assert held.n_tokens == one.n_tokens == len(ids) and not held.held
+
+
+def test_a_detokenizer_that_decodes_on_each_read_never_holds(tokenizer):
+    from mlx_lm.tokenizer_utils import NaiveStreamingDetokenizer
+
+    naive = Output(NaiveStreamingDetokenizer(tokenizer._tokenizer), [])
+    assert not naive.holdable
+    assert not Output(tokenizer.detokenizer, ["stop"]).holdable  # a stop string must be read
+    assert Output(tokenizer.detokenizer, []).holdable

@@ -602,8 +602,10 @@ class Engine:
 
     def _advance(self, responses: list) -> list[tuple[Job, Any, dict]]:
         """Feed each returned token to its job; tokens after a job's end
-        (a stop string inside a verified draft) are dropped."""
+        (a stop string inside a verified draft) are dropped. A plain reply's
+        token whose text is not due yet is only counted (Job.hold)."""
         eos = self.loaded.eos
+        now = time.perf_counter()
         advanced: list[tuple[Job, Any, dict]] = []
         for r in responses:
             job = self._jobs.get(r.uid)
@@ -612,15 +614,30 @@ class Engine:
             if job.grammar is not None and job.grammar.failed:
                 self._fail_grammar(job, r)
                 continue
+            if r.finish_reason is None and self._may_hold(job, now):
+                job.hold(r.token)
+                continue
+            held = len(job.held)
             delta = job.advance(r.token, r.finish_reason, eos)
             if job.stream:
-                delta["tokens"] = 1
+                delta["tokens"] = 1 + held
                 if job.n_tokens == 1:
                     # The prompt's size, for APIs that report it before the reply.
                     delta["prompt_tokens"] = len(job.prompt)
                     delta["cached_tokens"] = job.cached_tokens
             advanced.append((job, r, delta))
         return advanced
+
+    def _may_hold(self, job: Job, now: float) -> bool:
+        """Whether a running job's new token may be read later, with others:
+        between decode steps, reading each token (cold, right after the step)
+        costs more than reading the lot when their text goes out. A stream's
+        text is due until its first visible text and then every
+        stream_interval, a whole reply's only at its end; the first token is
+        read at once (it ends the prefill, see _step)."""
+        if not job.n_tokens or not job.can_hold:
+            return False
+        return not job.stream or (job.shown and now - job.sent_at < self.stream_interval)
 
     def _send_deltas(self, advanced: list[tuple[Job, Any, dict]]) -> None:
         """One `tokens` notification with this step's deltas, one per request."""

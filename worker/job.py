@@ -46,6 +46,7 @@ class Job:
     sent_at: float = 0.0  # when the last notification for this job went out
     source: dict | None = None  # its raw params, kept only by rank 0 of a sharded worker
     shown: bool = False  # whether visible output (text, reasoning, a call) went out
+    held: list[int] = field(default_factory=list)  # counted, not yet read (hold())
     http_request_id: str | None = None  # the HTTP request's id, for log lines
 
     def usage(self) -> dict:
@@ -68,11 +69,28 @@ class Job:
             "tokens_per_s": rate,
         }
 
+    @property
+    def can_hold(self) -> bool:
+        """Whether its tokens may wait to be read until their text is due:
+        nothing in plain text ends the reply or changes its shape, and no
+        logprobs ride along with each token."""
+        return self.output.holdable and self.logprobs is None
+
+    def hold(self, token: int) -> None:
+        """Count a token (not the first) whose text is not due yet; the next
+        advance reads it."""
+        self.n_tokens += 1
+        self.held.append(token)
+
     def advance(self, token: int, finish_reason: str | None, eos: set[int]) -> dict:
-        """Take one sampled token; return the delta it produced (maybe empty)."""
+        """Take one sampled token, after any held ones; return the delta they
+        produced (maybe empty)."""
         self.n_tokens += 1
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+        if self.held:
+            self.output.add([t for t in self.held if t not in eos])
+            self.held.clear()
         delta = self.output.feed(None if token in eos else token, finish_reason is not None)
         if self.output.reasoning_now:
             self.reasoning_tokens += 1
@@ -138,18 +156,33 @@ class Output:
         self._tool_text = ""
         self._calls_reader: CallsReader | None = None
         self._plain = machine is None and tools is None and not stops
+        # Plain text from a detokenizer whose text does not depend on when it
+        # is read (mlx-lm's naive one decodes on each read), so tokens can be
+        # added several at a time and read once: the same text, a fraction of
+        # the per-token work.
+        self.holdable = self._plain and not isinstance(
+            getattr(type(detokenizer), "text", None), property
+        )
 
     @property
     def reasoning_now(self) -> bool:
         """Whether the latest text was inside the thinking markers."""
         return self.machine is not None and self._prev_state == "reasoning"
 
+    def add(self, tokens: list[int]) -> None:
+        """Tokens whose text the next feed reads with its own."""
+        for token in tokens:
+            self._add(token)
+
+    def _add(self, token: int) -> None:
+        if self._lead is None:
+            space = self._pieces is not None and self._pieces[token].startswith(b" ")
+            self._lead = " " if space else ""
+        self.detokenizer.add_token(token)
+
     def feed(self, token: int | None, finishing: bool) -> dict:
         if token is not None:
-            if self._lead is None:
-                space = self._pieces is not None and self._pieces[token].startswith(b" ")
-                self._lead = " " if space else ""
-            self.detokenizer.add_token(token)
+            self._add(token)
         full = self.detokenizer.text
         if finishing:
             held = len(full)

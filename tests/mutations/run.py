@@ -690,6 +690,28 @@ MUTANTS = [
         ("tests/test_prefix_cache.py::test_kept_caches_hold_only_their_own_rows",),
     ),
     Mutant(
+        "tokens held between notifications are not counted in the delta",
+        "worker/engine.py",
+        '                delta["tokens"] = 1 + held\n',
+        '                delta["tokens"] = 1\n',
+        (
+            "tests/test_e2e_api.py::"
+            "test_a_streamed_reply_carries_every_token_whatever_went_out_together",
+        ),
+    ),
+    Mutant(
+        "tokens held between notifications are never read",
+        "worker/job.py",
+        "            self.output.add([t for t in self.held if t not in eos])\n",
+        "            pass\n",
+        (
+            "tests/test_job_output.py::"
+            "test_tokens_held_and_read_together_give_the_text_read_one_by_one",
+            "tests/test_e2e_api.py::"
+            "test_a_streamed_reply_carries_every_token_whatever_went_out_together",
+        ),
+    ),
+    Mutant(
         "the compare's round ratios are taken against the wrong runs",
         "gateway/bench.py",
         "for gw, en in zip(rate[1], rate[0], strict=True)",
