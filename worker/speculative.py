@@ -196,11 +196,9 @@ Sampled = tuple[mx.array, mx.array]  # a token (shape 1) and its logprobs (vocab
 def sample_token(
     fed: mx.array, logits: mx.array, *, sampler: Any, processors: tuple, context: Any
 ) -> Sampled:
-    """The token after `fed` from the last row of its logits (one row per fed
-    token), as mlx-lm's decode step samples it: processors on the context that
-    ends with `fed` (a TokenBuffer, updated here), then the sampler."""
-    if logits.shape[0] != 1:  # a decode step's one row is used as it is: no slice op
-        logits = logits[-1:]
+    """The token after `fed` (1 token) from its logits row (shape 1 x vocab),
+    as mlx-lm's decode step samples it: processors on the context that ends
+    with `fed` (a TokenBuffer, updated here), then the sampler."""
     if processors:
         tokens = context.update_and_fetch(fed)
         for processor in processors:
