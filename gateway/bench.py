@@ -684,16 +684,16 @@ def round_ratios(runs: dict, levels: list[int]) -> dict[int, dict[str, list[floa
     far from the next, and the spread says how far the medians can be trusted."""
     out = {}
     for c in levels:
-        rate = [[r["output_tokens_per_s"] for r in x] for x in _level(runs, c)]
+        engine, gateway, server = ([r["output_tokens_per_s"] for r in x] for x in _level(runs, c))
         out[c] = {
-            "gateway_over_engine": [
-                gw / max(en, 1e-9) for gw, en in zip(rate[1], rate[0], strict=True)
-            ],
-            "gateway_over_server": [
-                gw / max(sv, 1e-9) for gw, sv in zip(rate[1], rate[2], strict=True)
-            ],
+            "gateway_over_engine": _per_round(gateway, engine),
+            "gateway_over_server": _per_round(gateway, server),
         }
     return out
+
+
+def _per_round(ours: list[float], theirs: list[float]) -> list[float]:
+    return [a / max(b, 1e-9) for a, b in zip(ours, theirs, strict=True)]
 
 
 def _median(runs: list[dict], key: str, sub: str | None = None) -> float | None:
