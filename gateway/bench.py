@@ -38,6 +38,8 @@ import orjson
 # workers get (worker/cpublas.py), and mlx_lm.server is given it too.
 from worker import cpublas
 
+from .loadclient import LoadClient, LoadError
+
 # --- load generation -----------------------------------------------------------------
 
 # Byte patterns instead of JSON parsing, for any server's spacing style.
@@ -131,7 +133,7 @@ class Prompts:
         return messages
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcome:
+async def one_request(client: LoadClient, url: str, body: dict) -> Outcome:
     """One streamed request. Events are split from raw bytes and only the
     usage chunk is parsed: on a small machine the client must not eat the
     CPU the server under test needs."""
@@ -140,11 +142,11 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
     outcome = Outcome(ok=False)
     pending = b""
     try:
-        async with client.stream("POST", url, json=body) as response:
+        async with client.post(url, body) as response:
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
+                text = (await response.read()).decode(errors="replace")
                 return Outcome(ok=False, error=f"HTTP {response.status_code}: {text[:200]}")
-            async for data in response.aiter_raw():
+            async for data in response.stream():
                 now = time.perf_counter()
                 events = (pending + data).split(b"\n\n")
                 pending = events.pop()
@@ -165,8 +167,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> Outcom
                         else:
                             outcome.gaps.append(now - last)
                         last = now
-    except httpx.HTTPError as exc:
-        return Outcome(ok=False, error=f"{type(exc).__name__}: {exc}")
+    except LoadError as exc:
+        return Outcome(ok=False, error=str(exc))
     outcome.latency = time.perf_counter() - started
     # A sampled reply may end before any visible text (an end-of-sequence
     # first): it completed all the same, with no time to first token.
@@ -201,10 +203,9 @@ async def run_level(
         )
     started = time.perf_counter()
     deadline = started + duration if duration else None
-    limits = httpx.Limits(
-        max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4
-    )
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
+    # httpx only for the memory samples; the requests go through the lean
+    # client, which costs the server under test far less CPU.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client, LoadClient() as load:
 
         async def user() -> None:
             nonlocal sent
@@ -221,7 +222,7 @@ async def run_level(
                     "temperature": 0,
                     **extra,
                 }
-                outcomes.append(await one_request(client, url, body))
+                outcomes.append(await one_request(load, url, body))
                 if bar is not None:
                     bar.update(1)
 

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 
 from .bench import Outcome, one_request
+from .loadclient import LoadClient
 
 TOOLS = [
     {
@@ -175,7 +176,10 @@ async def replay(args: argparse.Namespace, targets: list[Target]) -> None:
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     messages = list(first)
     timeout = httpx.Timeout(600, connect=30)
-    async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
+    async with (
+        httpx.AsyncClient(timeout=timeout, headers=headers) as client,
+        LoadClient(headers) as load,
+    ):
         for index in range(args.agent_turns):
             if index:
                 # The tool runs between two turns of an agent; meanwhile the
@@ -195,7 +199,7 @@ async def replay(args: argparse.Namespace, targets: list[Target]) -> None:
                     "temperature": 0,
                     **target.extra,
                 }
-                outcome = await one_request(client, target.base + "/v1/chat/completions", body)
+                outcome = await one_request(load, target.base + "/v1/chat/completions", body)
                 previous = target.turns[-1].prompt_tokens if target.turns else 0
                 target.turns.append(_turn(index, outcome, previous, killed))
             if index < len(additions):

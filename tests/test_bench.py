@@ -235,25 +235,17 @@ def test_speculation_table_shows_the_range_of_one_round(capsys):
 
 
 def _stream_outcome(*events: bytes):
-    """What `one_request` makes of a stream of these SSE events."""
+    """What `one_request` makes of a stream of these SSE events, served on a
+    real socket."""
     import asyncio
-
-    import httpx
 
     from gateway.bench import one_request
 
-    async def body():
-        for event in events:
-            yield event + b"\n\n"
+    from .test_loadclient import Canned, chunked, serve
 
-    def reply(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body())
-
-    async def run():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(reply)) as client:
-            return await one_request(client, "http://bench.test/v1/chat/completions", {})
-
-    return asyncio.run(run())
+    canned = Canned((chunked(*(event + b"\n\n" for event in events)), False))
+    (outcome,) = asyncio.run(serve(canned, lambda client, url: one_request(client, url, {})))
+    return outcome
 
 
 USAGE_ONLY = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1}}'

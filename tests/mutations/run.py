@@ -801,6 +801,28 @@ MUTANTS = [
         "",
         ("tests/test_blas_threads.py",),
     ),
+    Mutant(
+        "the bench client never keeps a connection",
+        "gateway/loadclient.py",
+        "            if reply.complete and connection.finish():\n",
+        "            if False:\n",
+        ("tests/test_loadclient.py::test_a_chunked_stream_is_read_whole_and_its_connection_kept",),
+    ),
+    Mutant(
+        "the bench client fails on a kept connection closed as the request goes out",
+        "gateway/loadclient.py",
+        "            with contextlib.suppress(LoadError):\n"
+        "                return connection, await self._send(connection, request, payload)\n",
+        "            return connection, await self._send(connection, request, payload)\n",
+        ("tests/test_loadclient.py::test_a_kept_connection_the_server_closed_is_replaced",),
+    ),
+    Mutant(
+        "the bench client takes a cut-off reply as whole",
+        "gateway/loadclient.py",
+        '                raise LoadError(f"the reply was cut off: {exc}") from None\n',
+        "                return\n",
+        ("tests/test_loadclient.py::test_a_reply_cut_off_mid_stream_fails_with_a_reason",),
+    ),
 ]
 
 
