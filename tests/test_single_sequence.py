@@ -365,3 +365,69 @@ def test_requests_in_the_batch_speculate_and_answer_alike(workers):
         assert_same_logprobs(g.get("logprobs"), w.get("logprobs"))
     # Drafts were verified and kept in the batch, not only by a request alone.
     assert workers["spec"].call("health")["decoder"]["batch_accepted"] > before
+
+
+def test_the_batch_keeps_logprobs_only_for_requests_that_read_them(tiny):
+    # Two requests in one batch, one reading logprobs and one not, with
+    # different samplers and processors: the tokens, and the reader's
+    # logprobs, are exactly what mlx-lm's own step gives; the other row's
+    # logprobs are never split off the batch's.
+    import mlx.core as mx
+
+    model, _, prompts = tiny
+    params = [CASES["penalties"], CASES["seeded"]]
+
+    def requests():  # fresh samplers for each run: a seeded one keeps its state
+        return dict(
+            max_tokens=[24, 24],
+            caches=[None, None],
+            all_tokens=[[], []],
+            samplers=[make_sampler(p) for p in params],
+            logits_processors=[make_processors(p) for p in params],
+            stop_sequences=[StopSequences(), StopSequences()],
+        )
+
+    def collect(next_step, uids):
+        got = {u: [] for u in uids}
+        while sum(len(v) for v in got.values()) < 48:
+            for r in next_step()[1]:
+                got[r.uid].append((r.token, r.logprobs))
+        return [got[u] for u in uids]
+
+    dec = decoder(model, single=False)
+    uids = dec.insert(prompts, **requests(), logprobs=[True, False])
+    reader, plain = collect(dec.next, uids)
+    mlx_lm = BatchGenerator(model, max_tokens=1, completion_batch_size=8, prefill_batch_size=8)
+    want_reader, want_plain = collect(mlx_lm.next, mlx_lm.insert(prompts, **requests()))
+    assert [t for t, _ in reader] == [t for t, _ in want_reader]
+    assert [t for t, _ in plain] == [t for t, _ in want_plain]
+    for (_, got), (_, want) in zip(reader, want_reader, strict=True):
+        assert mx.array_equal(got, want)
+    # The first token comes from mlx-lm's prompt step; from then on, none.
+    assert all(lp is None for _, lp in plain[1:])
+
+
+@pytest.mark.parametrize("spec", [0, 3], ids=["plain", "speculating"])
+def test_a_request_alone_keeps_logprobs_only_if_it_reads_them(tiny, spec):
+    model, _, prompts = tiny
+    runs = {}
+    for wants in (True, False):
+        dec = decoder(model, single=True, spec=spec)
+        dec.insert(
+            [prompts[0]],
+            max_tokens=[32],
+            caches=[None],
+            all_tokens=[[]],
+            samplers=[make_sampler(CASES["penalties"])],
+            logits_processors=[make_processors(CASES["penalties"])],
+            stop_sequences=[StopSequences()],
+            logprobs=[wants],
+        )
+        got = []
+        while not got or got[-1].finish_reason is None:
+            got += dec.next()[1]
+        assert dec.stats["single"] == 1
+        runs[wants] = got
+    assert [r.token for r in runs[False]] == [r.token for r in runs[True]]
+    assert all(r.logprobs is not None for r in runs[True])
+    assert all(r.logprobs is None for r in runs[False])

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from .batch_speculation import BatchSpeculation
-from .mlxlm import BatchGenerator, group_sampling, intercept_decode
+from .mlxlm import BatchGenerator, group_sampling, intercept_decode, lean_logprobs
 from .pacing import ChunkPacer
 from .single import Response, SingleSequence
 from .speculative import PROBE_EVERY, DraftGate, Speculation
@@ -47,6 +47,10 @@ class Decoder:
     ):
         self.batch = batch
         self.model = model
+        # Requests that never read their tokens' logprobs (our uids): the
+        # batch's step keeps none for their rows.
+        self._plain: set[int] = set()
+        lean_logprobs(batch, self._rows_wanting_logprobs)
         group_sampling(batch)  # a batch mixing sampling settings samples a group at a time
         self.single_enabled = single
         self.prefill_step_size = prefill_step_size
@@ -82,9 +86,15 @@ class Decoder:
         samplers: list,
         logits_processors: list,
         stop_sequences: list,
+        logprobs: list[bool] | None = None,
     ) -> list[int]:
+        """Start requests; `logprobs`: whether each reads its tokens'
+        logprobs (all do unless told)."""
         n = len(prompts)
         uids = list(range(self._uids, self._uids + n))
+        self._plain.update(
+            u for u, wants in zip(uids, logprobs or [True] * n, strict=True) if not wants
+        )
         if self.single_enabled and n == 1 and self._idle():
             self._single = SingleSequence(
                 self.model,
@@ -100,6 +110,7 @@ class Decoder:
                 speculation=self.speculation,
                 pacer=self.pacer,
                 gate=self.draft_model_gate,
+                logprobs=uids[0] not in self._plain,
             )
             self.stats["single"] += 1
             self._uids += n
@@ -123,6 +134,10 @@ class Decoder:
 
     def _idle(self) -> bool:
         return self._single is None and not self._inner and not self._stash
+
+    def _rows_wanting_logprobs(self, inner: list[int]) -> list[bool]:
+        plain, outer = self._plain, self._outer
+        return [outer.get(i) not in plain for i in inner]
 
     def _map(self, inner: list[int], outer: list[int]) -> None:
         for i, o in zip(inner, outer, strict=True):
@@ -166,6 +181,7 @@ class Decoder:
             responses = self._single.step()
             if self._single.finished:
                 self._end_single(self._single)
+                self._plain.discard(self._single.uid)
                 self._single = None
             return [], responses
         stash, self._stash = self._stash, []
@@ -176,9 +192,13 @@ class Decoder:
             r.uid = self._outer[r.uid]
             if r.finish_reason is not None:
                 self._forget(r.uid)
+        for r in stash:  # a handed-over request whose pending token ended it
+            if r.finish_reason is not None:
+                self._plain.discard(r.uid)
         return progress, stash + responses
 
     def _forget(self, uid: int) -> None:
+        self._plain.discard(uid)
         inner = self._inner.pop(uid, None)
         if inner is not None:
             self._outer.pop(inner, None)
@@ -189,6 +209,7 @@ class Decoder:
         single = self._single
         if single is not None and single.uid in uids:
             self._single = None
+            self._plain.discard(single.uid)
             self._end_single(single)
             if return_prompt_caches:
                 caches[single.uid] = (single.detach(), single.tokens)

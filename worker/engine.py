@@ -553,6 +553,7 @@ class Engine:
                 samplers=[make_sampler(j.params) for j in jobs],
                 logits_processors=[j.processors for j in jobs],
                 stop_sequences=[self._no_stop if j.ignore_eos else self._eos_stop for j in jobs],
+                logprobs=[j.logprobs is not None for j in jobs],
             )
         except Exception as exc:
             for job in jobs:

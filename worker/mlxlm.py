@@ -65,6 +65,7 @@ __all__ = [
     "group_sampling",
     "hf_tokenizer",
     "intercept_decode",
+    "lean_logprobs",
     "load",
     "load_prompt_cache",
     "make_prompt_cache",
@@ -269,6 +270,61 @@ def intercept_decode(generator: BatchGenerator, step) -> None:
     plain = batch.next
     rows = DecodeRows(batch)
     batch.next = lambda: step(rows, plain)
+
+
+def lean_logprobs(generator: BatchGenerator, wanted) -> None:
+    """Make `generator`'s decode step keep a row's logprobs only where
+    `wanted(uids)` (one bool per row) says a request reads them; the others
+    get None. mlx-lm's step splits the batch's logprobs into one array per
+    row and evaluates every one, each step: a graph node per row that only
+    a request asking for logprobs ever reads.
+
+    Everything else is mlx-lm's step as it is: the same model call, logits
+    processors on each row's context, normalisation and samplers, so the
+    same tokens. Install before `group_sampling`, which wraps this step."""
+    b = generator._generation_batch
+
+    def step() -> tuple[list[int], list]:
+        b._current_tokens, b._current_logprobs = b._next_tokens, b._next_logprobs
+        fed = b._current_tokens
+        logits = b.model(fed[:, None], cache=b.prompt_cache)[:, -1, :]
+        contexts = []
+        if any(b.logits_processors):
+            logits, contexts = _processed(b, fed, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        samplers = [
+            b.fallback_sampler if s is None else s for s in b.samplers or [None] * len(b.uids)
+        ]
+        if not samplers or all(s is samplers[0] for s in samplers):
+            sampled = (samplers[0] if samplers else b.fallback_sampler)(logprobs)
+        else:
+            sampled = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(samplers)])
+        rows = wanted(b.uids)
+        b._next_tokens = sampled
+        b._next_logprobs = [logprobs[i] if w else None for i, w in enumerate(rows)]
+        mx.async_eval(sampled, [lp for lp in b._next_logprobs if lp is not None], contexts)
+        mx.eval(fed, [lp for lp in b._current_logprobs if lp is not None])
+        tokens = fed.tolist()
+        for row, token in zip(b.tokens, tokens, strict=True):
+            row.append(token)
+        return tokens, b._current_logprobs
+
+    b._step = step
+
+
+def _processed(b: Any, fed: mx.array, logits: mx.array) -> tuple[mx.array, list]:
+    """Each row's logits through its processors, on its context (the rows
+    without processors keep theirs and need no context)."""
+    rows, contexts = [], []
+    for i, processors in enumerate(b.logits_processors):
+        row = logits[i : i + 1]
+        if processors:
+            context = b._token_context[i].update_and_fetch(fed[i : i + 1])
+            contexts.append(context)
+            for processor in processors:
+                row = processor(context, row)
+        rows.append(row)
+    return mx.concatenate(rows, axis=0), contexts
 
 
 class GroupedSampler:

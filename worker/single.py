@@ -83,8 +83,10 @@ class SingleSequence:
         speculation: Speculation | None = None,
         pacer: ChunkPacer | None = None,
         gate: DraftGate | None = None,
+        logprobs: bool = True,
     ):
         self.model = model
+        self.keep_logprobs = logprobs  # whether the request reads its tokens' logprobs
         self.uid = uid
         self.cache = cache if cache is not None else make_prompt_cache(model)
         self.tokens = list(all_tokens)  # exactly the tokens whose KV is in the cache
@@ -97,7 +99,7 @@ class SingleSequence:
         self.prefill_step_size = prefill_step_size
         self.pacer = pacer
         self._context = TokenBuffer(self.tokens) if self.processors else None
-        self._next: tuple[mx.array, mx.array] | None = None  # sampled, not fed nor returned
+        self._next: tuple[mx.array, mx.array | None] | None = None  # sampled, not yet returned
         self.n = 0  # tokens returned
         self.finished = False
         self.drafter = None
@@ -176,7 +178,12 @@ class SingleSequence:
     def _sample(self, fed: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
         """The token after `fed` (1 token) from its logits row (shape 1 x vocab)."""
         return sample_token(
-            fed, logits, sampler=self.sampler, processors=self.processors, context=self._context
+            fed,
+            logits,
+            sampler=self.sampler,
+            processors=self.processors,
+            context=self._context,
+            keep_logprobs=self.keep_logprobs,
         )
 
     def _decode(self) -> list[Response]:

@@ -194,17 +194,25 @@ Sampled = tuple[mx.array, mx.array]  # a token (shape 1) and its logprobs (vocab
 
 
 def sample_token(
-    fed: mx.array, logits: mx.array, *, sampler: Any, processors: tuple, context: Any
+    fed: mx.array,
+    logits: mx.array,
+    *,
+    sampler: Any,
+    processors: tuple,
+    context: Any,
+    keep_logprobs: bool = True,
 ) -> Sampled:
     """The token after `fed` (1 token) from its logits row (shape 1 x vocab),
     as mlx-lm's decode step samples it: processors on the context that ends
-    with `fed` (a TokenBuffer, updated here), then the sampler."""
+    with `fed` (a TokenBuffer, updated here), then the sampler. The token's
+    logprobs row comes too unless `keep_logprobs` is false (None then: a
+    graph node a token that only a request asking for logprobs reads)."""
     if processors:
         tokens = context.update_and_fetch(fed)
         for processor in processors:
             logits = processor(tokens, logits)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs), logprobs[0]
+    return sampler(logprobs), logprobs[0] if keep_logprobs else None
 
 
 def verify(

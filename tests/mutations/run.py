@@ -823,6 +823,42 @@ MUTANTS = [
         "                return\n",
         ("tests/test_loadclient.py::test_a_reply_cut_off_mid_stream_fails_with_a_reason",),
     ),
+    Mutant(
+        "the batch splits off every row's logprobs",
+        "worker/mlxlm.py",
+        "        b._next_logprobs = [logprobs[i] if w else None for i, w in enumerate(rows)]\n",
+        "        b._next_logprobs = [logprobs[i] for i, w in enumerate(rows)]\n",
+        (
+            "tests/test_single_sequence.py::test_the_batch_keeps_logprobs_only_for_requests_that_read_them",
+        ),
+    ),
+    Mutant(
+        "the lean batch step skips the logits processors",
+        "worker/mlxlm.py",
+        "        if any(b.logits_processors):\n"
+        "            logits, contexts = _processed(b, fed, logits)\n",
+        "",
+        (
+            "tests/test_single_sequence.py::test_the_batch_keeps_logprobs_only_for_requests_that_read_them",
+        ),
+    ),
+    Mutant(
+        "a request reading logprobs gets none in the batch",
+        "worker/engine.py",
+        "                logprobs=[j.logprobs is not None for j in jobs],\n",
+        "                logprobs=[False for j in jobs],\n",
+        ("tests/test_single_sequence.py::test_requests_in_the_batch_speculate_and_answer_alike",),
+    ),
+    Mutant(
+        "a request alone keeps logprobs it never reads",
+        "worker/decoder.py",
+        "                logprobs=uids[0] not in self._plain,\n",
+        "",
+        (
+            "tests/test_single_sequence.py::"
+            "test_a_request_alone_keeps_logprobs_only_if_it_reads_them",
+        ),
+    ),
 ]
 
 
