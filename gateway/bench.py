@@ -186,6 +186,7 @@ async def run_level(
     prompts: Prompts,
     extra: dict,
     progress: bool,
+    headers: dict[str, str] | None = None,
 ) -> tuple[LevelReport, list[Outcome]]:
     url = base_url.rstrip("/") + "/v1/chat/completions"
     outcomes: list[Outcome] = []
@@ -205,7 +206,10 @@ async def run_level(
     deadline = started + duration if duration else None
     # httpx only for the memory samples; the requests go through the lean
     # client, which costs the server under test far less CPU.
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as client, LoadClient() as load:
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30), headers=headers) as client,
+        LoadClient(headers) as load,
+    ):
 
         async def user() -> None:
             nonlocal sent
@@ -311,13 +315,22 @@ def print_reports(reports: list[LevelReport], title: str = "") -> None:
             print(f"      error: {error}")
 
 
+def auth_headers(args: argparse.Namespace) -> dict[str, str]:
+    """The Authorization header `--api-key` asks for, if any."""
+    key = getattr(args, "api_key", None)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def sweep(args: argparse.Namespace, url: str, model: str, extra: dict) -> list[LevelReport]:
     prompts = Prompts(args.prompt_tokens, args.shared_prefix_tokens)
+    headers = auth_headers(args)
     reports = []
     for concurrency in args.concurrency:
         if args.warmup:
             asyncio.run(
-                run_level(url, model, concurrency, concurrency, None, 4, prompts, extra, False)
+                run_level(
+                    url, model, concurrency, concurrency, None, 4, prompts, extra, False, headers
+                )
             )
         report, _ = asyncio.run(
             run_level(
@@ -330,6 +343,7 @@ def sweep(args: argparse.Namespace, url: str, model: str, extra: dict) -> list[L
                 prompts,
                 extra,
                 progress=args.progress,
+                headers=headers,
             )
         )
         reports.append(report)
@@ -932,8 +946,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     model = args.model
     if model is None:
-        headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        models = httpx.get(args.url.rstrip("/") + "/v1/models", headers=headers, timeout=10)
+        models = httpx.get(
+            args.url.rstrip("/") + "/v1/models", headers=auth_headers(args), timeout=10
+        )
         model = models.json()["data"][0]["id"]
     if args.agent:
         from . import bench_agent

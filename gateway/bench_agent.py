@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from .bench import Outcome, one_request
+from .bench import Outcome, auth_headers, one_request
 from .loadclient import LoadClient
 
 TOOLS = [
@@ -173,7 +173,7 @@ async def replay(args: argparse.Namespace, targets: list[Target]) -> None:
     """Every turn against each target in turn: side by side, a shared
     machine's slow drifts hit all of them alike."""
     first, additions = conversation(args.agent_turns, args.agent_tool_words)
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    headers = auth_headers(args)
     messages = list(first)
     timeout = httpx.Timeout(600, connect=30)
     async with (
@@ -377,5 +377,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=os.environ.get("OPENAI_API_KEY"),
-        help="for --agent: the bearer key to send [env OPENAI_API_KEY]",
+        help="the bearer key to send with every request [env OPENAI_API_KEY]",
     )

@@ -157,3 +157,22 @@ def test_bench_agent_replay_across_a_sigkill_stays_warm(gw):
     assert all(t["ok"] for t in turns)
     # the turn after the crash computes only what it added, as a warm one does
     assert turns[2]["cached_tokens"] >= turns[1]["prompt_tokens"] - 1
+
+
+def test_bench_load_runs_carry_the_api_key(gw):
+    # A gateway that wants a key refuses every request sent without one.
+    out = subprocess.run(
+        [
+            *(sys.executable, "-m", "gateway", "bench", "--json", "--url", gw.url),
+            *("--concurrency", "2", "--requests", "2", "--max-tokens", "4", "--no-warmup"),
+            *("--api-key", KEYS[1]),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (level,) = json.loads(out.stdout)
+    assert level["completed"] == 2 and level["failed"] == 0, level["errors"]

@@ -859,6 +859,13 @@ MUTANTS = [
             "test_a_request_alone_keeps_logprobs_only_if_it_reads_them",
         ),
     ),
+    Mutant(
+        "bench load runs send no API key",
+        "gateway/bench.py",
+        "    headers = auth_headers(args)\n    reports = []\n",
+        "    headers = {}\n    reports = []\n",
+        ("tests/test_e2e_prompt_cache_disk.py::test_bench_load_runs_carry_the_api_key",),
+    ),
 ]
 
 
