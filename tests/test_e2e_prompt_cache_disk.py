@@ -4,19 +4,17 @@ the API key that made it, and a damaged file costs a warning, not a worker."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
 
-from .conftest import MODEL_NAME, ROOT, Gateway
+from .conftest import MODEL_NAME, Gateway
 from .helpers import wait_until
+from .test_bench import bench
 
 KEYS = ("key-alice", "key-bob")
 SYSTEM = " ".join(["the river runs to the cold sea under a gray sky"] * 20)
@@ -140,19 +138,11 @@ def test_a_truncated_cache_file_is_skipped_with_a_warning(gw, cache_dir):
 
 
 def test_bench_agent_replay_across_a_sigkill_stays_warm(gw):
-    out = subprocess.run(
-        [
-            *(sys.executable, "-m", "gateway", "bench", "--json", "--url", gw.url),
-            *("--agent", "--agent-turns", "4", "--agent-tool-words", "40"),
-            *("--max-tokens", "4", "--agent-kill-at", "2", "--api-key", KEYS[0]),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    replay = bench(
+        *("--url", gw.url, "--agent", "--agent-turns", "4", "--agent-tool-words", "40"),
+        *("--max-tokens", "4", "--agent-kill-at", "2", "--api-key", KEYS[0]),
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    turns = json.loads(out.stdout)["turns"]
+    turns = replay["turns"]
     assert [t["after_kill"] for t in turns] == [False, False, True, False]
     assert all(t["ok"] for t in turns)
     # the turn after the crash computes only what it added, as a warm one does
@@ -161,18 +151,9 @@ def test_bench_agent_replay_across_a_sigkill_stays_warm(gw):
 
 def test_bench_load_runs_carry_the_api_key(gw):
     # A gateway that wants a key refuses every request sent without one.
-    out = subprocess.run(
-        [
-            *(sys.executable, "-m", "gateway", "bench", "--json", "--url", gw.url),
-            *("--concurrency", "2", "--requests", "2", "--max-tokens", "4", "--no-warmup"),
-            *("--api-key", KEYS[1]),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"},
+    (level,) = bench(
+        *("--url", gw.url, "--concurrency", "2", "--requests", "2", "--max-tokens", "4"),
+        *("--no-warmup", "--api-key", KEYS[1]),
+        env={"OPENAI_API_KEY": ""},
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    (level,) = json.loads(out.stdout)
     assert level["completed"] == 2 and level["failed"] == 0, level["errors"]
