@@ -3,7 +3,7 @@
 `bench` shares the machine with the server it measures, so every cycle the
 client spends is taken from the server under test. httpx costs about 2 ms of
 CPU a request (its pool, models and locks); at 16 streams on two cores that
-took 8% off the gateway's measured throughput, and aiohttp took no less.
+took about a tenth off the gateway's measured throughput, and aiohttp no less.
 This client does only what a load generator needs, on h11's framing
 (chunked, Content-Length or close-delimited replies, keep-alive): a fraction
 of that cost, the same for every server it is pointed at.
