@@ -326,10 +326,19 @@ def sweep(args: argparse.Namespace, url: str, model: str, extra: dict) -> list[L
     headers = auth_headers(args)
     reports = []
     for concurrency in args.concurrency:
-        if args.warmup:
+        if args.warmup:  # a few short requests first, at the same concurrency
             asyncio.run(
                 run_level(
-                    url, model, concurrency, concurrency, None, 4, prompts, extra, False, headers
+                    url,
+                    model,
+                    concurrency,
+                    requests=concurrency,
+                    duration=None,
+                    max_tokens=4,
+                    prompts=prompts,
+                    extra=extra,
+                    progress=False,
+                    headers=headers,
                 )
             )
         report, _ = asyncio.run(

@@ -181,7 +181,7 @@ class Decoder:
             responses = self._single.step()
             if self._single.finished:
                 self._end_single(self._single)
-                self._plain.discard(self._single.uid)
+                self._forget(self._single.uid)
                 self._single = None
             return [], responses
         stash, self._stash = self._stash, []
@@ -194,10 +194,11 @@ class Decoder:
                 self._forget(r.uid)
         for r in stash:  # a handed-over request whose pending token ended it
             if r.finish_reason is not None:
-                self._plain.discard(r.uid)
+                self._forget(r.uid)
         return progress, stash + responses
 
     def _forget(self, uid: int) -> None:
+        """Drop what is kept of an ended request (our uid), on either path."""
         self._plain.discard(uid)
         inner = self._inner.pop(uid, None)
         if inner is not None:
@@ -209,7 +210,7 @@ class Decoder:
         single = self._single
         if single is not None and single.uid in uids:
             self._single = None
-            self._plain.discard(single.uid)
+            self._forget(single.uid)
             self._end_single(single)
             if return_prompt_caches:
                 caches[single.uid] = (single.detach(), single.tokens)

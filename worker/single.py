@@ -33,6 +33,7 @@ from .pacing import ChunkPacer
 from .speculative import (
     DraftGate,
     NgramDrafter,
+    Sampled,
     Speculation,
     accepted_prefix,
     sample_token,
@@ -175,7 +176,7 @@ class SingleSequence:
         self._next = self._sample(last, self.model(last[None], cache=self.cache)[0])
         mx.async_eval(*self._next)
 
-    def _sample(self, fed: mx.array, logits: mx.array) -> tuple[mx.array, mx.array]:
+    def _sample(self, fed: mx.array, logits: mx.array) -> Sampled:
         """The token after `fed` (1 token) from its logits row (shape 1 x vocab)."""
         return sample_token(
             fed,

@@ -190,7 +190,7 @@ class DraftGate:
 
 # --- verification ----------------------------------------------------------------
 
-Sampled = tuple[mx.array, mx.array]  # a token (shape 1) and its logprobs (vocab)
+Sampled = tuple[mx.array, mx.array | None]  # a token (shape 1), its logprobs (vocab) or None
 
 
 def sample_token(
