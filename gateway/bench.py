@@ -373,12 +373,13 @@ def engine_limit(
     temperature: float = 0.0,
     blas_threads: str | int = "auto",
 ) -> dict:
-    """Output tokens/s of mlx-lm alone, counted like the HTTP runs (tokens over
-    wall time, prefill included): for one stream the faster of stream_generate
-    and a one-sequence BatchGenerator, for several a closed-loop
-    BatchGenerator. Runs in this process, with the model's weights as a
-    worker given `float_weights` runs them (worker/float_weights.py), on the
-    BLAS threads a worker given `blas_threads` runs (worker/blas_threads.py). Above
+    """Output tokens/s of mlx-lm alone, counted like the HTTP runs: tokens
+    over the wall time of `requests` requests back to back, prefill included,
+    after a warm-up. For one stream the faster of stream_generate and a
+    one-sequence BatchGenerator, for several a closed-loop BatchGenerator.
+    Runs in this process, with the model's weights as a worker given
+    `float_weights` runs them (worker/float_weights.py), on the BLAS threads a
+    worker given `blas_threads` runs (worker/blas_threads.py). Above
     temperature 0 every row shares one sampler: mlx-lm's batch at its best."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
@@ -403,26 +404,30 @@ def engine_limit(
 
     sampler = make_sampler(temp=temperature)
 
+    def one() -> tuple[int, float]:
+        """One reply's tokens and time to its first token."""
+        tokens, first, started = 0, 0.0, time.perf_counter()
+        for _ in stream_generate(
+            model,
+            tokenizer,
+            prompt_ids(),  # templating counts: the servers do it too
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors(),
+        ):
+            first = first or time.perf_counter() - started
+            tokens += 1
+        return tokens, first
+
     result: dict[str, Any] = {"concurrency": concurrency, "blas_threads": chosen}
     if concurrency == 1:
-        rates, firsts = [], []
-        for _ in range(min(requests, 8)):
-            tokens = 0
-            started = time.perf_counter()
-            for _ in stream_generate(
-                model,
-                tokenizer,
-                prompt_ids(),  # templating counts: the servers do it too
-                max_tokens=max_tokens,
-                sampler=sampler,
-                logits_processors=processors(),
-            ):
-                if not tokens:
-                    firsts.append(time.perf_counter() - started)
-                tokens += 1
-            rates.append(tokens / (time.perf_counter() - started))
-        result["ttft_p50_s"] = statistics.median(firsts[1:])
-        result["stream_generate_tokens_per_s"] = statistics.median(rates[1:])
+        one()  # warm-up
+        started = time.perf_counter()
+        replies = [one() for _ in range(requests)]
+        elapsed = time.perf_counter() - started
+        result["ttft_p50_s"] = statistics.median(first for _, first in replies)
+        result["stream_generate_tokens"] = sum(n for n, _ in replies)
+        result["stream_generate_tokens_per_s"] = result["stream_generate_tokens"] / elapsed
 
     gen = BatchGenerator(
         model,

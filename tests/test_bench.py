@@ -128,6 +128,24 @@ def test_compare_runs_engine_gateway_and_mlx_lm_server(tmp_path):
     ]
 
 
+def test_mlx_lm_alone_counts_one_stream_like_the_http_runs(tiny_model):
+    """One stream of mlx-lm alone is every request's tokens over their wall
+    time, back to back, as the HTTP runs count it: not a sample of them."""
+    cmd = [sys.executable, "-m", "gateway.bench", "--engine", str(tiny_model)]
+    out = subprocess.run(
+        [*cmd, "1", "9", "4", "16", "1", "auto", "0.0", "auto"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    limit = json.loads(out.stdout.strip().splitlines()[-1])
+    assert limit["stream_generate_tokens"] == 9 * 4
+    assert limit["ttft_p50_s"] > 0
+    assert limit["output_tokens_per_s"] >= limit["stream_generate_tokens_per_s"] > 0
+
+
 def test_agent_replay_reports_each_turn_computed_and_cached(gateway):
     result = bench(
         "--url",

@@ -866,6 +866,13 @@ MUTANTS = [
         "    headers = {}\n    reports = []\n",
         ("tests/test_e2e_prompt_cache_disk.py::test_bench_load_runs_carry_the_api_key",),
     ),
+    Mutant(
+        "mlx-lm alone at one stream measures a sample of the requests",
+        "gateway/bench.py",
+        "        replies = [one() for _ in range(requests)]\n",
+        "        replies = [one() for _ in range(min(requests, 8))]\n",
+        ("tests/test_bench.py::test_mlx_lm_alone_counts_one_stream_like_the_http_runs",),
+    ),
 ]
 
 
