@@ -12,7 +12,9 @@ the cap (many commas inside strings, say) it is parsed as any other.
 
 The child is one long-lived `python -m gateway.bodyscan`, started at the
 first such body: it reads a length-prefixed body on stdin and answers one
-JSON line. It exits when its stdin closes, so it never outlives the gateway.
+JSON line. It exits when its stdin closes, so it never outlives the gateway,
+and it ignores SIGINT: a terminal's Ctrl-C reaches the whole process group,
+and stopping is the gateway's to decide.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 import struct
 import sys
 from typing import Any
@@ -137,6 +140,7 @@ def _answer(body: bytes) -> dict:
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     while True:
         head = stdin.read(_LENGTH.size)

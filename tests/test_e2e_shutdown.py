@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -69,6 +70,26 @@ def test_signal_drains_in_flight_streams_then_stops_workers(start_gateway, sig):
     log = gw.log()
     assert "Finished server process" in log
     assert "Traceback" not in log
+
+
+def test_ctrl_c_at_a_terminal_stops_the_body_scanner_quietly(start_gateway):
+    """A terminal's Ctrl-C signals the whole foreground process group, the
+    body scanner (started by a body of too many values) included: the
+    gateway shuts down and the scanner leaves without a traceback."""
+    gw = start_gateway(preexec_fn=os.setsid)  # a process group of its own, as a shell gives
+    values = b",".join([b"0"] * 300_000)
+    body = b'{"model": "%s", "messages": [], "junk": [%s]}' % (MODEL_NAME.encode(), values)
+    r = gw.client.post(
+        "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    (scanner,) = [p for p in gw.children() if "gateway.bodyscan" in p.cmdline()]
+    os.killpg(gw.proc.pid, signal.SIGINT)
+    assert gw.proc.wait(30) in (0, 130, -signal.SIGINT)
+    _, alive = psutil.wait_procs([scanner], timeout=10)
+    assert not alive
+    log = gw.log()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-2000:]
 
 
 def _refused(url: str) -> bool:

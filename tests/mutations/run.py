@@ -873,6 +873,16 @@ MUTANTS = [
         "        replies = [one() for _ in range(min(requests, 8))]\n",
         ("tests/test_bench.py::test_mlx_lm_alone_counts_one_stream_like_the_http_runs",),
     ),
+    Mutant(
+        "the body scanner dies of a terminal's Ctrl-C with a traceback",
+        "gateway/bodyscan.py",
+        "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
+        "",
+        (
+            "tests/test_e2e_shutdown.py::"
+            "test_ctrl_c_at_a_terminal_stops_the_body_scanner_quietly",
+        ),
+    ),
 ]
 
 
