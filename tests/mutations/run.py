@@ -878,10 +878,7 @@ MUTANTS = [
         "gateway/bodyscan.py",
         "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
         "",
-        (
-            "tests/test_e2e_shutdown.py::"
-            "test_ctrl_c_at_a_terminal_stops_the_body_scanner_quietly",
-        ),
+        ("tests/test_e2e_shutdown.py::test_ctrl_c_at_a_terminal_stops_the_body_scanner_quietly",),
     ),
 ]
 
