@@ -9,6 +9,7 @@ registers the route.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -304,6 +305,7 @@ class Chat:
 
     route = PATH
     prompt_param = "messages"
+    param_aliases: Mapping[str, str] = {}
     shape = errors.OPENAI
 
     def __init__(self, body: ChatCompletionRequest):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -144,6 +145,7 @@ class TextCompletion:
 
     route = PATH
     prompt_param = "prompt"
+    param_aliases: Mapping[str, str] = {}
     shape = errors.OPENAI
 
     def __init__(self, body: CompletionRequest):

@@ -9,6 +9,7 @@ Each API surface registers the path prefix it serves with an ErrorShape
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import orjson
@@ -107,9 +108,12 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIError:
+def from_exception(
+    exc: BaseException, prompt_param: str = "messages", aliases: Mapping[str, str] | None = None
+) -> APIError:
     """Map what the pool and the workers raise onto HTTP errors; `prompt_param`
-    is what the endpoint calls its prompt (for a prompt that does not fit)."""
+    is what the endpoint calls its prompt, `aliases` its names for the other
+    generate params it calls otherwise (worker/protocol.py)."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ModelTooLarge):
@@ -154,7 +158,8 @@ def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIErr
                 400, exc.message, "invalid_request_error", prompt_param, "context_length_exceeded"
             )
         if exc.code == protocol.INVALID_PARAMS:
-            return APIError(400, exc.message, "invalid_request_error", None, "invalid_value")
+            param = _blamed(exc, prompt_param, aliases or {})
+            return APIError(400, exc.message, "invalid_request_error", param, "invalid_value")
         if exc.code in (protocol.OVERLOADED, protocol.SHUTTING_DOWN, protocol.MODEL_NOT_LOADED):
             return APIError(
                 503, exc.message, "server_error", None, exc.name, headers={"Retry-After": "1"}
@@ -165,6 +170,14 @@ def from_exception(exc: BaseException, prompt_param: str = "messages") -> APIErr
     return APIError(
         500, f"internal error: {type(exc).__name__}: {exc}", "server_error", None, "internal_error"
     )
+
+
+def _blamed(exc: protocol.RPCError, prompt_param: str, aliases: Mapping[str, str]) -> str | None:
+    """The API's name for the generate param a worker's error names, if any."""
+    param = exc.data.get("param") if isinstance(exc.data, dict) else None
+    if param in ("messages", "prompt"):
+        return prompt_param
+    return aliases.get(param, param) if isinstance(param, str) else None
 
 
 def _param(loc: tuple, body: Any = None) -> str | None:
@@ -225,11 +238,37 @@ def from_validation(found: list, body: Any) -> APIError:
             "We could not parse the JSON body of your request"
             + (f": {why}." if isinstance(why, str) and len(why) < 200 else ".")
         )
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
+        return invalid("The request has no body; send a JSON object with its fields.")
+    first, message = _most_telling(found, body) if found else (first, "invalid request")
     param = _param(tuple(first.get("loc", ())), body)
-    message = first.get("msg", "invalid request")
     if param:
         message = f"Invalid value for '{param}': {message}"
     return invalid(message, param, "invalid_value")
+
+
+def _most_telling(found: list, body: Any) -> tuple[dict, str]:
+    """The error to report and its message. A union field gets one error per
+    member, the first of them usually "not a string": a member's own finding
+    (a list over its length, a number out of range, a missing field) says
+    more. When every member just has the wrong type, all are named."""
+    for error in found:
+        if not _mismatch(error):
+            return error, error.get("msg", "invalid request")
+    first = found[0]
+    where = _param(tuple(first.get("loc", ())), body)
+    same = [e for e in found if _param(tuple(e.get("loc", ())), body) == where]
+    said = list(dict.fromkeys(str(e.get("msg", "")) for e in same))
+    lead = "Input should be "
+    if len(said) > 1 and all(m.startswith(lead) for m in said):
+        return first, lead + " or ".join(m[len(lead) :] for m in said)
+    return first, first.get("msg", "invalid request")
+
+
+def _mismatch(error: dict) -> bool:
+    """Whether pydantic found only that the input is of another type."""
+    kind = str(error.get("type", ""))
+    return kind.endswith(("_type", "_parsing"))
 
 
 async def validation_handler(request: Request, exc: RequestValidationError) -> Response:

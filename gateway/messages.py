@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -164,6 +165,12 @@ def _tools(req: PromptFields, params: dict) -> None:
         if t.type in (None, "custom")
     ]
     choice = req.tool_choice
+    if not tools and choice is not None and choice.type in ("any", "tool"):
+        raise errors.invalid(
+            f"tool_choice '{choice.type}' needs a tool to call, and tools has none"
+            " this server runs.",
+            "tool_choice",
+        )
     if not tools or (choice is not None and choice.type == "none"):
         return
     params["tools"] = tools
@@ -354,6 +361,7 @@ class Messages:
 
     route = PATH
     prompt_param = "messages"
+    param_aliases: Mapping[str, str] = {"stop": "stop_sequences"}
     shape = ANTHROPIC
 
     def __init__(self, body: MessagesRequest):

@@ -10,6 +10,7 @@ response is kept in a bounded in-memory store (response_store.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -234,6 +235,10 @@ class Responses:
 
     route = PATH
     prompt_param = "input"
+    param_aliases: Mapping[str, str] = {
+        "max_tokens": "max_output_tokens",
+        "response_format": "text.format",
+    }
     shape = errors.OPENAI
 
     def __init__(self, body: ResponsesRequest, store: ResponseStore):

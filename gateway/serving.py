@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -97,6 +97,8 @@ class Exchange(Protocol):
     model: str  # the model name the client sent
     stream: bool
     prompt_param: str  # what this API calls its prompt, for errors about it
+    # This API's names for the generate params it calls otherwise, for errors.
+    param_aliases: Mapping[str, str]
     shape: ErrorShape
 
     def params(self, settings: Settings) -> list[dict]: ...
@@ -422,7 +424,7 @@ def cache_partition(key: str) -> str:
 
 
 def _fail(exchange: Exchange, tracker: Tracker, exc: Exception) -> Response:
-    error = errors.from_exception(exc, exchange.prompt_param)
+    error = errors.from_exception(exc, exchange.prompt_param, exchange.param_aliases)
     tracker.status = exchange.shape.status(error)
     tracker.close()
     if tracker.status >= 500:
@@ -572,7 +574,7 @@ async def stream_events(
             try:
                 index, delta = await source.get()
             except (WorkerGone, RPCError, TimeoutError) as exc:
-                error = errors.from_exception(exc, exchange.prompt_param)
+                error = errors.from_exception(exc, exchange.prompt_param, exchange.param_aliases)
                 yield escape_line_breaks(encoder.error(error, not all(first)))
                 tracker.status = exchange.shape.status(error)
                 if tracker.status >= 500:

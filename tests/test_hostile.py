@@ -242,6 +242,16 @@ CLIENT_MISTAKES = {
         ),
         "response_format.json_schema.schema",
     ),
+    # Found by the worker, which names the param it refused.
+    "logit_bias_key_not_a_token": (_with(', "logit_bias": {"abc": 5}'), "logit_bias"),
+    "logit_bias_beyond_the_vocabulary": (_with(', "logit_bias": {"99999999": 5}'), "logit_bias"),
+    "unsupported_schema": (
+        _with(
+            ', "response_format": {"type": "json_schema", "json_schema": '
+            '{"name": "x", "schema": {"type": "foo"}}}'
+        ),
+        "response_format",
+    ),
 }
 
 
@@ -262,6 +272,80 @@ def test_a_client_mistake_is_a_400_naming_the_field(gw, name):
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"].startswith(param), error
+
+
+# Each API's own name for the field, where the worker's param is called otherwise.
+OTHER_APIS_MISTAKES = {
+    "token_id_beyond_the_vocabulary": ("/v1/completions", {"prompt": [999999999]}, "prompt"),
+    "empty_prompt": ("/v1/completions", {"prompt": ""}, "prompt"),
+    "empty_input": ("/v1/responses", {"input": []}, "input"),
+    "only_ignored_input": (
+        "/v1/responses",
+        {"input": [{"type": "reasoning", "summary": []}]},
+        "input",
+    ),
+    "unsupported_text_format": (
+        "/v1/responses",
+        {
+            "input": "hi",
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "foo"}}},
+        },
+        "text.format",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_APIS_MISTAKES))
+def test_a_mistake_the_worker_finds_names_the_apis_own_field(gw, name):
+    path, body, param = OTHER_APIS_MISTAKES[name]
+    r = gw.client.post(path, json={"model": MODEL_NAME, **body}, headers=auth())
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param, error
+    assert "generate" not in error["message"] and "prompt_tokens" not in error["message"]
+
+
+def test_a_union_field_says_what_its_members_found(gw):
+    """A field of several types (a string or a list) is not refused as "not
+    a string" when the list was there and wrong in its own way."""
+
+    def error(path: str, body: dict) -> dict:
+        r = gw.client.post(path, json={"model": MODEL_NAME, **body}, headers=auth())
+        assert r.status_code == 400, r.text
+        return r.json()["error"]
+
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    too_many = error("/v1/chat/completions", {**chat, "stop": [str(i) for i in range(17)]})
+    assert too_many["param"] == "stop" and "at most 16" in too_many["message"]
+    neither = error("/v1/chat/completions", {**chat, "stop": 5})
+    assert "a valid string or a valid list" in neither["message"]
+    negative = error("/v1/completions", {"prompt": [-5]})
+    assert negative["param"] == "prompt[0]" and "greater than or equal to 0" in negative["message"]
+    untyped = error(
+        "/v1/messages",
+        {"max_tokens": 4, "messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+    )
+    assert "messages[0].content[0].type" in untyped["message"], untyped
+
+
+def test_anthropic_tool_choice_without_tools_is_a_400(gw):
+    for choice in ({"type": "any"}, {"type": "tool", "name": "zz"}):
+        body = {
+            "model": MODEL_NAME,
+            "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tool_choice": choice,
+        }
+        r = gw.client.post("/v1/messages", json=body, headers=auth())
+        assert r.status_code == 400, r.text
+        assert r.json()["type"] == "error" and "tool_choice" in r.json()["error"]["message"]
+
+
+def test_a_request_without_a_body_is_told_so(gw):
+    for path in ("/v1/chat/completions", "/v1/messages"):
+        r = gw.client.post(path, headers=auth())
+        assert r.status_code == 400, r.text
+        assert "no body" in r.json()["error"]["message"]
 
 
 def test_a_lone_surrogate_in_the_model_name_is_a_json_400(gw):

@@ -6,6 +6,8 @@ grammar never hold up a decode step.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from . import protocol
@@ -20,8 +22,10 @@ from .sampling import SamplingParams, make_processors
 DEFAULT_MAX_TOKENS = 4096
 
 
-def invalid(message: str) -> RPCError:
-    return RPCError(protocol.INVALID_PARAMS, message)
+def invalid(message: str, param: str | None = None) -> RPCError:
+    """An invalid-params error; `param` names the generate param at fault
+    (the gateway names the field of its own API after it)."""
+    return RPCError(protocol.INVALID_PARAMS, message, {"param": param} if param else None)
 
 
 def _number(params: dict, name: str, default, lo=None, hi=None, integer=False):
@@ -30,9 +34,9 @@ def _number(params: dict, name: str, default, lo=None, hi=None, integer=False):
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if not ok_type or isinstance(value, bool):
-        raise invalid(f"{name} must be {'an integer' if integer else 'a number'}")
+        raise invalid(f"{name} must be {'an integer' if integer else 'a number'}", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise invalid(f"{name}={value} is out of range [{lo}, {hi}]")
+        raise invalid(f"{name}={value} is out of range [{lo}, {hi}]", name)
     return value
 
 
@@ -41,26 +45,29 @@ def parse_sampling(params: dict, vocab_size: int) -> SamplingParams:
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise invalid("stop must be a string or a list of strings")
+        raise invalid("stop must be a string or a list of strings", "stop")
     bias = params.get("logit_bias") or {}
     if not isinstance(bias, dict):
-        raise invalid("logit_bias must map token ids to numbers")
+        raise invalid("logit_bias must map token ids to numbers", "logit_bias")
     logit_bias = {}
     for key, value in bias.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise invalid(f"logit_bias key {key!r} is not a token id") from None
+            raise invalid(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
         if not 0 <= token < vocab_size:
             raise invalid(
-                f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})"
+                f"logit_bias token {token} is outside the vocabulary (0..{vocab_size - 1})",
+                "logit_bias",
             )
         if (
             not isinstance(value, (int, float))
             or isinstance(value, bool)
             or not -100 <= value <= 100
         ):
-            raise invalid(f"logit_bias for token {token} must be a number in [-100, 100]")
+            raise invalid(
+                f"logit_bias for token {token} must be a number in [-100, 100]", "logit_bias"
+            )
         logit_bias[token] = float(value)
     top_k = _number(params, "top_k", 0, 0, None, integer=True)
     return SamplingParams(
@@ -116,11 +123,13 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
         if not isinstance(ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids
         ):
-            raise invalid(f"prompt_tokens must be token ids below {vocab}")
+            raise invalid(
+                f"the prompt's token ids must be integers from 0 to {vocab - 1}", "prompt"
+            )
         return ids
     if "prompt" in params:
         if not isinstance(params["prompt"], str):
-            raise invalid("prompt must be a string")
+            raise invalid("prompt must be a string", "prompt")
         _check_text(loaded, utf8_len(params["prompt"]), max_tokens)
         return tokenizer.encode(params["prompt"], add_special_tokens=True)
     messages = params.get("messages")
@@ -129,7 +138,7 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
         or not messages
         or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
     ):
-        raise invalid("generate needs messages, prompt or prompt_tokens")
+        raise invalid("there is nothing to answer: the conversation holds no messages", "messages")
     # Every chat template renders the messages' text: if that alone cannot
     # fit, nothing is rendered or tokenized.
     _check_text(loaded, content_bytes(messages), max_tokens)
@@ -139,7 +148,7 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
         return tokenizer.encode(text, add_special_tokens=True)
     extra = params.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
-        raise invalid("chat_template_kwargs must be an object")
+        raise invalid("chat_template_kwargs must be an object", "chat_template_kwargs")
     kwargs: dict[str, Any] = dict(extra)
     if params.get("tools"):
         kwargs["tools"] = params["tools"]
@@ -148,9 +157,11 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
             messages, add_generation_prompt=True, tokenize=False, **kwargs
         )
     except RecursionError:
-        raise invalid("the chat template could not render messages nested this deeply") from None
+        raise invalid(
+            "the chat template could not render messages nested this deeply", "messages"
+        ) from None
     except Exception as exc:  # templates raise on conversations they do not accept
-        raise invalid(f"the chat template rejected the messages: {exc}") from None
+        raise invalid(f"the chat template rejected the messages: {exc}", "messages") from None
     if not isinstance(text, str):  # a custom renderer that tokenizes itself
         return list(text)
     _check_text(loaded, utf8_len(text), max_tokens)
@@ -166,7 +177,7 @@ def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str 
         and isinstance(t.get("function", t).get("name"), str)
         for t in tools
     ):
-        raise invalid("tools must be a list of functions, each with a name")
+        raise invalid("tools must be a list of functions, each with a name", "tools")
     choice = params.get("tool_choice", "auto")
     if not tools or choice == "none":
         return None, None
@@ -174,11 +185,12 @@ def _tool_mode(loaded: LoadedModel, params: dict) -> tuple[ToolMode | None, str 
     if choice == "required" or isinstance(choice, dict):
         name = choice.get("name") if isinstance(choice, dict) else None
         if name is not None and not isinstance(name, str):
-            raise invalid("tool_choice name must be a string")
-        grammar = tool_grammar(tools, name, parallel, _max_chars(loaded))
+            raise invalid("tool_choice name must be a string", "tool_choice")
+        with _blame("tools"):
+            grammar = tool_grammar(tools, name, parallel, _max_chars(loaded))
         return ToolMode(tools, forced=True, name=name), grammar
     if choice != "auto":
-        raise invalid(f"unknown tool_choice {choice!r}")
+        raise invalid(f"unknown tool_choice {choice!r}", "tool_choice")
     tokenizer = loaded.tokenizer
     if not tokenizer.has_tool_calling:
         return None, None  # the model has no tool-call format we can read
@@ -202,7 +214,7 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     prompt = tokenize(loaded, params, None if clamp else sampling.max_tokens)
     n = len(prompt)
     if n == 0:
-        raise invalid("the prompt is empty")
+        raise invalid("the prompt is empty", "prompt")
     cap = _number(params, "max_tokens_cap", None, 1, None, integer=True)
     wanted = sampling.max_tokens
     context = loaded.context_length
@@ -211,15 +223,19 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
     max_tokens = _limit(context, n, wanted, cap)
 
     tools, grammar = _tool_mode(loaded, params)
+    grammar_from = "tools"
     if grammar is None and params.get("response_format"):
+        grammar_from = "response_format"
         if not isinstance(params["response_format"], dict):
-            raise invalid("response_format must be an object")
-        grammar = response_format_grammar(params["response_format"], _max_chars(loaded))
+            raise invalid("response_format must be an object", grammar_from)
+        with _blame(grammar_from):
+            grammar = response_format_grammar(params["response_format"], _max_chars(loaded))
     processors = make_processors(sampling)
     constraint = None
     if grammar is not None:
         # First, so the penalties only reorder tokens the grammar allows.
-        constraint = loaded.grammars.processor(grammar)
+        with _blame(grammar_from):
+            constraint = loaded.grammars.processor(grammar)
         processors.insert(0, constraint)
 
     reasoning = tokenizer.has_thinking
@@ -249,6 +265,18 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         cache_key=_cache_key(params),
         http_request_id=protocol.http_request_id(params),
     )
+
+
+@contextlib.contextmanager
+def _blame(param: str) -> Iterator[None]:
+    """Name `param` in the invalid-params errors raised inside that name none
+    (a schema's, found compiling its grammar)."""
+    try:
+        yield
+    except RPCError as exc:
+        if exc.code == protocol.INVALID_PARAMS and exc.data is None:
+            exc.data = {"param": param}
+        raise
 
 
 def _cache_key(params: dict) -> str:

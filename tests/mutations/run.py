@@ -880,6 +880,41 @@ MUTANTS = [
         "",
         ("tests/test_e2e_shutdown.py::test_ctrl_c_at_a_terminal_stops_the_body_scanner_quietly",),
     ),
+    Mutant(
+        "a worker's refusal names no field",
+        "gateway/errors.py",
+        '    param = exc.data.get("param") if isinstance(exc.data, dict) else None\n',
+        "    param = None\n",
+        ("tests/test_hostile.py::test_a_client_mistake_is_a_400_naming_the_field",),
+    ),
+    Mutant(
+        "a worker's refusal names the worker's param, not the API's",
+        "gateway/errors.py",
+        "    return aliases.get(param, param) if isinstance(param, str) else None\n",
+        "    return param if isinstance(param, str) else None\n",
+        ("tests/test_hostile.py::test_a_mistake_the_worker_finds_names_the_apis_own_field",),
+    ),
+    Mutant(
+        "a union field's error is its first member's",
+        "gateway/errors.py",
+        "        if not _mismatch(error):\n",
+        "        if False:\n",
+        ("tests/test_hostile.py::test_a_union_field_says_what_its_members_found",),
+    ),
+    Mutant(
+        "a schema the worker cannot compile is blamed on no field",
+        "worker/requests.py",
+        '            exc.data = {"param": param}\n',
+        "            pass\n",
+        ("tests/test_hostile.py::test_a_client_mistake_is_a_400_naming_the_field",),
+    ),
+    Mutant(
+        "Anthropic tool_choice without tools is ignored",
+        "gateway/messages.py",
+        '    if not tools and choice is not None and choice.type in ("any", "tool"):\n',
+        "    if False:\n",
+        ("tests/test_hostile.py::test_anthropic_tool_choice_without_tools_is_a_400",),
+    ),
 ]
 
 
