@@ -191,11 +191,25 @@ def _tools(req: PromptFields, params: dict) -> None:
 
 def prompt_params(req: PromptFields) -> dict[str, Any]:
     params: dict[str, Any] = {"messages": worker_messages(req)}
+    if _prefilled(req):
+        params["continue_final_message"] = True
     _tools(req, params)
     if req.thinking is not None:
         # The template's switch; a budget has no counterpart in it.
         params["chat_template_kwargs"] = {"enable_thinking": req.thinking.type != "disabled"}
     return params
+
+
+def _prefilled(req: PromptFields) -> bool:
+    """Whether the conversation ends in assistant text for the reply to
+    continue, as Anthropic's API does with a final assistant message."""
+    last = req.messages[-1] if req.messages else None
+    if last is None or last.role != "assistant":
+        return False
+    if isinstance(last.content, str):
+        return bool(last.content)
+    blocks = [b for b in last.content if b.type not in ("thinking", "redacted_thinking")]
+    return bool(blocks) and all(b.type == "text" for b in blocks)
 
 
 def worker_params(req: MessagesRequest, cap: int | None) -> dict[str, Any]:

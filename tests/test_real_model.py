@@ -235,6 +235,32 @@ def test_the_capital_of_france_is_paris(gw):
     assert "Paris" in reply["choices"][0]["message"]["content"]
 
 
+def test_an_anthropic_prefill_is_continued_as_mlx_lm_continues_it(gw, reference):
+    """A final assistant message starts the reply (Anthropic's prefill): the
+    reply is what mlx-lm generates after it, not a turn of its own."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+
+    model, tokenizer = reference
+    prefill = "The capital of France is"
+    messages = [*user("What is the capital of France?"), {"role": "assistant", "content": prefill}]
+    prompt = tokenizer.apply_chat_template(
+        messages, continue_final_message=True, add_generation_prompt=False
+    )
+    greedy = stream_generate(
+        model, tokenizer, prompt, max_tokens=4, sampler=lambda x: mx.argmax(x, axis=-1)
+    )
+    ends = set(tokenizer.eos_token_ids)
+    expected = tokenizer.decode([s.token for s in greedy if s.token not in ends])
+    body = {"model": NAME, "max_tokens": 4, "temperature": 0, "messages": messages}
+    r = gw.client.post("/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    text = "".join(b["text"] for b in r.json()["content"] if b["type"] == "text")
+    assert text == expected, (text, expected)
+    # It reads on from the prefill, its lead space kept.
+    assert (prefill + text).startswith(prefill + " Paris"), text
+
+
 def test_a_forced_tool_call_names_the_city_asked_about(gw):
     tools = [
         {

@@ -59,7 +59,10 @@ Methods (gateway -> worker):
                 hint for the gateway's pool, ignored here);
                 tools, tool_choice ("auto" | "none" | "required" | {"name"}),
                 parallel_tool_calls, response_format ({"type": "json_object"} or
-                {"type": "json_schema", "schema"}), chat_template_kwargs, cache_key
+                {"type": "json_schema", "schema"}), chat_template_kwargs,
+                continue_final_message (bool: the last message is the
+                assistant's, and the reply continues it instead of starting
+                a turn of its own), cache_key
                 (the prompt-cache partition: requests with different keys
                 never share cached prompts; absent, a shared default; the
                 gateway sends a digest of the API key, never the key),
@@ -72,7 +75,8 @@ Methods (gateway -> worker):
                     "cached_tokens" (from the prompt cache), "reasoning_tokens"}
                 While it runs with stream=true the worker sends `tokens`
                 notifications carrying the text deltas.
-    count_tokens {"messages": [...], "tools"?, "chat_template_kwargs"?} (or "prompt")
+    count_tokens {"messages": [...], "tools"?, "chat_template_kwargs"?,
+                 "continue_final_message"?} (or "prompt")
                 -> {"prompt_tokens": int}: the prompt `generate` would run.
     cancel      {"request_id": id} -> {"cancelled": bool}
                 The cancelled `generate` then fails with CANCELLED.

@@ -152,9 +152,15 @@ def tokenize(loaded: LoadedModel, params: dict, max_tokens: int | None = None) -
     kwargs: dict[str, Any] = dict(extra)
     if params.get("tools"):
         kwargs["tools"] = params["tools"]
+    # An assistant message last, to be continued (a prefill): no new turn.
+    if params.get("continue_final_message") and messages[-1]["role"] == "assistant":
+        kwargs["continue_final_message"] = True
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False, **kwargs
+            messages,
+            add_generation_prompt="continue_final_message" not in kwargs,
+            tokenize=False,
+            **kwargs,
         )
     except RecursionError:
         raise invalid(
@@ -249,7 +255,8 @@ def prepare(loaded: LoadedModel, request_id: RequestId, params: dict) -> Job:
         machine=None if tools is not None and tools.forced else loaded.machines[key],
         initial_state=_initial_state(tokenizer, prompt),
         tools=tools,
-        pieces=loaded.token_bytes() if "messages" not in params else None,
+        # A continuation (a raw prompt, a prefilled reply) keeps its lead space.
+        pieces=loaded.token_bytes() if _continues(params) else None,
     )
     return Job(
         request_id=request_id,
@@ -277,6 +284,12 @@ def _blame(param: str) -> Iterator[None]:
         if exc.code == protocol.INVALID_PARAMS and exc.data is None:
             exc.data = {"param": param}
         raise
+
+
+def _continues(params: dict) -> bool:
+    """Whether the reply continues text the client sent, rather than
+    starting a turn of its own."""
+    return "messages" not in params or bool(params.get("continue_final_message"))
 
 
 def _cache_key(params: dict) -> str:

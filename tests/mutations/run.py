@@ -915,6 +915,24 @@ MUTANTS = [
         "    if False:\n",
         ("tests/test_hostile.py::test_anthropic_tool_choice_without_tools_is_a_400",),
     ),
+    Mutant(
+        "an Anthropic prefill starts a new turn",
+        "gateway/messages.py",
+        '        params["continue_final_message"] = True\n',
+        "        pass\n",
+        (
+            "tests/test_real_model.py::test_an_anthropic_prefill_is_continued_as_mlx_lm_continues_it",
+        ),
+    ),
+    Mutant(
+        "a prefilled reply loses its lead space",
+        "worker/requests.py",
+        '    return "messages" not in params or bool(params.get("continue_final_message"))\n',
+        '    return "messages" not in params\n',
+        (
+            "tests/test_real_model.py::test_an_anthropic_prefill_is_continued_as_mlx_lm_continues_it",
+        ),
+    ),
 ]
 
 
