@@ -4,6 +4,10 @@
   this long after it opened (or after its previous response) gets 408 and is
   closed. Slow clients, whether slowloris or a stuck proxy, cannot hold
   connections (and file descriptors) open for free.
+* A cap on a request's header bytes: headers still incomplete past it get
+  431 and the connection is closed. The HTTP parser keeps a header until it
+  ends, and a header of 100 MiB held the event loop for seconds (long enough
+  for workers' heartbeats to go unanswered) while its bytes piled up.
 * A body read timeout: a request whose body stops arriving for this long gets
   408 and is closed.
 * A cap on open connections: beyond it a new connection is answered 503 at
@@ -23,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 import orjson
+
+from .request_id import new_id
 
 try:
     import resource
@@ -42,6 +49,9 @@ BASE_RESERVE = 160
 PER_WORKER_RESERVE = 12
 # Without a flag: this many, or fewer where the open-file limit says so.
 DEFAULT_MAX_CONNECTIONS = 4096
+# The most bytes a request's headers may take (nginx's default is 32 KiB,
+# Node's 16 KiB; browsers' cookies stay well under either).
+MAX_HEADER_BYTES = 64 * 1024
 
 
 def fd_reserve(workers: int) -> int:
@@ -96,17 +106,26 @@ def connection_limit(requested: int | None, workers: int) -> tuple[int, str | No
     return room, None
 
 
-def _response(status: int, reason: str, message: str, code: str, type_: str) -> bytes:
-    body = orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
-    head = (
-        f"HTTP/1.1 {status} {reason}\r\n"
-        "content-type: application/json\r\n"
-        f"content-length: {len(body)}\r\n"
-        "connection: close\r\n"
-    )
-    if status == 503:
-        head += "retry-after: 1\r\n"
-    return head.encode() + b"\r\n" + body
+def _response(status: int, reason: str, message: str, code: str, type_: str) -> Callable[[], bytes]:
+    """A reply sent from below the application, with a request id of its
+    own as every response has (request_id.py)."""
+
+    def reply() -> bytes:
+        rid = new_id()
+        error = {"message": message, "type": type_, "param": None, "code": code, "request_id": rid}
+        body = orjson.dumps({"error": error})
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\n"
+            "content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n"
+            f"x-request-id: {rid}\r\n"
+            "connection: close\r\n"
+        )
+        if status == 503:
+            head += "retry-after: 1\r\n"
+        return head.encode() + b"\r\n" + body
+
+    return reply
 
 
 def guarded(
@@ -138,6 +157,13 @@ def guarded(
         "too_many_connections",
         "server_error",
     )
+    headers_too_large = _response(
+        431,
+        "Request Header Fields Too Large",
+        f"The request headers exceed {MAX_HEADER_BYTES // 1024} KiB.",
+        "request_headers_too_large",
+        "invalid_request_error",
+    )
     state = {"refused": 0}
 
     class Guarded(base):  # type: ignore[valid-type, misc]
@@ -145,6 +171,7 @@ def guarded(
         _waiting_for = None  # the cycle that was current when the header clock started
         _refused = False
         _partial = False  # bytes of a request came since the header clock started
+        _header_bytes = 0  # of the request whose headers are still arriving
 
         def connection_made(self, transport) -> None:
             if len(self.server_state.connections) >= max_connections:
@@ -156,7 +183,7 @@ def guarded(
                         max_connections,
                         state["refused"],
                     )
-                transport.write(refusal)
+                transport.write(refusal())
                 transport.close()
                 return
             super().connection_made(transport)
@@ -169,6 +196,11 @@ def guarded(
             cycle = getattr(self, "cycle", None)
             if cycle is None or cycle is self._waiting_for:
                 self._partial = True
+                # Every byte so far is header: the headers have not ended.
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES and not self.transport.is_closing():
+                    self.transport.write(headers_too_large())
+                    self.transport.close()
                 return  # still reading headers: the header clock runs on
             if cycle.more_body and not cycle.response_started:
                 self._arm(body_timeout, self._body_timed_out)  # restarts with each chunk
@@ -192,6 +224,7 @@ def guarded(
         def _start_header_clock(self) -> None:
             self._waiting_for = getattr(self, "cycle", None)
             self._partial = False
+            self._header_bytes = 0
             self._arm(header_timeout, self._headers_timed_out)
 
         def _arm(self, seconds: float, callback) -> None:
@@ -209,7 +242,7 @@ def guarded(
             # idle one is just closed (a reply there would be read as the
             # answer to the client's next request).
             if self._partial:
-                self.transport.write(too_slow_headers)
+                self.transport.write(too_slow_headers())
             self.transport.close()
 
         def _body_timed_out(self) -> None:
@@ -221,7 +254,7 @@ def guarded(
             # sends reaches the wire after this.
             cycle.disconnected = True
             cycle.response_started = True
-            self.transport.write(too_slow_body)
+            self.transport.write(too_slow_body())
             self.transport.close()
 
     Guarded.__name__ = f"Guarded{base.__name__}"

@@ -577,6 +577,22 @@ def test_slow_clients_under_a_low_fd_limit_cannot_starve_the_service(start_gatew
     assert "Too many open files" not in log and "spawn failed" not in log
 
 
+def test_headers_past_the_cap_are_a_431_with_a_request_id(gw):
+    """A header of unbounded size is cut off at the cap, not parsed on and
+    on while the gateway (and the workers' heartbeats) wait."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (80 << 10))
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 431"), head[:200]
+    assert b"x-request-id: req_" in head and b"request_headers_too_large" in head
+    # Headers under the cap, on a request whose body is far larger, are served.
+    r = gw.client.get("/health", headers={**auth(), "x-pad": "a" * 32_000})
+    assert r.status_code == 200, r.text
+    big = {"messages": [{"role": "user", "content": "word " * 60_000}], "max_tokens": 1}
+    assert post(gw, big).status_code in (200, 400)  # served, or refused for its context
+
+
 # --- 1. a request that kills whichever worker runs it ---------------------------------------------
 
 

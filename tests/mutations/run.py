@@ -933,6 +933,21 @@ MUTANTS = [
             "tests/test_real_model.py::test_an_anthropic_prefill_is_continued_as_mlx_lm_continues_it",
         ),
     ),
+    Mutant(
+        "request headers have no size cap",
+        "gateway/connections.py",
+        "                if self._header_bytes > MAX_HEADER_BYTES"
+        " and not self.transport.is_closing():\n",
+        "                if False:\n",
+        ("tests/test_hostile.py::test_headers_past_the_cap_are_a_431_with_a_request_id",),
+    ),
+    Mutant(
+        "a reply from below the application has no request id",
+        "gateway/connections.py",
+        '            f"x-request-id: {rid}\\r\\n"\n',
+        "",
+        ("tests/test_hostile.py::test_headers_past_the_cap_are_a_431_with_a_request_id",),
+    ),
 ]
 
 
