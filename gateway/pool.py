@@ -353,6 +353,10 @@ class ModelPool:
         if not self._waiters:
             worker = self._pick(keys)
             if worker is not None:
+                # No wait, and counted as one: every request's queue time is
+                # observed (as vLLM's is), or the quantiles would say that
+                # every request queued.
+                self.metrics.request_queue_time.labels(self.spec.name).observe(0.0)
                 return self._take(worker, keys)
         if self.failed:
             self.metrics.rejected_requests.labels(self.spec.name, "model_unavailable").inc()

@@ -352,6 +352,8 @@ def test_metrics_exposition(client, gateway):
     assert grew("mlx_gateway_prompt_tokens_total") == sum(u.prompt_tokens for u in usage)
     assert grew("mlx_gateway_time_to_first_token_seconds_count") == 2
     assert grew("mlx_gateway_e2e_request_latency_seconds_count") == 2
+    # Every request's queue time, a wait of none included (as vLLM counts it).
+    assert grew("mlx_gateway_request_queue_time_seconds_count") == 2
     assert grew("mlx_gateway_inter_token_latency_seconds_count") >= 1
     assert metric(after, "mlx_gateway_num_requests_running", model=MODEL_NAME) == 0
     assert metric(after, "mlx_gateway_num_requests_waiting", model=MODEL_NAME) == 0

@@ -322,8 +322,9 @@ MUTANTS = [
     Mutant(
         "queue time never observed",
         "gateway/pool.py",
-        "            self.metrics.request_queue_time.labels(self.spec.name).observe(",
-        "            (lambda _: None)(",
+        "            self.metrics.request_queue_time.labels(self.spec.name).observe(\n"
+        "                time.perf_counter() - started",
+        "            (lambda _: None)(\n                time.perf_counter() - started",
         (f"{SLOW}::test_queue_gauges_queue_full_and_queue_timeout",),
     ),
     Mutant(
@@ -947,6 +948,13 @@ MUTANTS = [
         '            f"x-request-id: {rid}\\r\\n"\n',
         "",
         ("tests/test_hostile.py::test_headers_past_the_cap_are_a_431_with_a_request_id",),
+    ),
+    Mutant(
+        "a request that did not wait has no queue time",
+        "gateway/pool.py",
+        "                self.metrics.request_queue_time.labels(self.spec.name).observe(0.0)\n",
+        "",
+        ("tests/test_e2e_chat.py::test_metrics_exposition",),
     ),
 ]
 
