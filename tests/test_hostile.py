@@ -686,6 +686,9 @@ def test_abandoned_requests_free_the_workers_and_the_queue(gw):
     print(f"72 abandoned requests: workers and queue free {took:.2f}s after the clients left")
     assert took < 5
     wait_until(lambda: disconnects() - before == 72, 10, "every disconnect counted")
+    # Nothing decodes: the workers' reports hold no KV for what was dropped.
+    kv = lambda: [w["kv"].get("bytes") for w in health(gw)["workers"]]  # noqa: E731
+    wait_until(lambda: kv() == [0, 0], 10, f"the KV reports to empty (now {kv()})")
 
 
 # --- 9. the shutdown grace ends with clean errors ---------------------------------------------

@@ -790,6 +790,10 @@ class Engine:
             self._generator.remove([job.uid])
         if job is not None:
             self._forget(job)
+            if not self._jobs:
+                # Idle now, with no step to refresh them: the memory and KV
+                # reports (/health, /metrics) would show the batch as it was.
+                self._update_memory()
             if self.log_requests:
                 _log_job(job, logging.INFO, "cancelled")
             self._send(

@@ -956,6 +956,15 @@ MUTANTS = [
         "",
         ("tests/test_e2e_chat.py::test_metrics_exposition",),
     ),
+    Mutant(
+        "an engine left idle by cancels reports the batch it had",
+        "worker/engine.py",
+        "            if not self._jobs:\n"
+        "                # Idle now, with no step to refresh them: the memory and KV\n",
+        "            if False:\n"
+        "                # Idle now, with no step to refresh them: the memory and KV\n",
+        ("tests/test_hostile.py::test_abandoned_requests_free_the_workers_and_the_queue",),
+    ),
 ]
 
 
