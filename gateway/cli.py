@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -805,6 +806,27 @@ def _server_class():
             super().__init__(config)
             self._drain = drain
             self._grace = grace
+            self._loop: asyncio.AbstractEventLoop | None = None
+            self._interrupts = 0
+
+        async def startup(self, sockets=None) -> None:
+            self._loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            """A second Ctrl-C ends the grace at once: what is in flight fails
+            cleanly and the workers are stopped, where uvicorn's force quit
+            would cut the streams mid-body and skip the app's shutdown. A
+            third is uvicorn's force quit."""
+            if sig == signal.SIGINT and self.should_exit and self._loop is not None:
+                self._interrupts += 1
+                if self._interrupts == 1:
+                    logging.getLogger("gateway").warning(
+                        "interrupted again: ending the shutdown grace now"
+                    )
+                    self._loop.call_soon_threadsafe(self._drain.expire)
+                    return
+            super().handle_exit(sig, frame)
 
         async def shutdown(self, sockets=None) -> None:
             asyncio.get_running_loop().call_later(self._grace, self._drain.expire)

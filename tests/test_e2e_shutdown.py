@@ -122,6 +122,38 @@ def test_grace_period_bounds_the_drain(start_gateway, tmp_path):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_second_ctrl_c_ends_the_grace_cleanly(start_gateway, tmp_path):
+    """Ctrl-C twice: in-flight streams end with an error event and the
+    gateway's own shutdown runs, instead of uvicorn cutting everything."""
+    gw = start_gateway(
+        "--shutdown-grace",
+        "60",
+        "--worker-python",
+        faulty_python(tmp_path, "slow"),
+        preexec_fn=os.setsid,
+    )
+    workers = [psutil.Process(pid) for pid in gw.worker_pids()]
+    results: list = []
+    first = threading.Event()
+    t = threading.Thread(target=stream_all, args=(gw.url, 2000, results, first))
+    t.start()
+    assert first.wait(30)
+    os.killpg(gw.proc.pid, signal.SIGINT)
+    time.sleep(1)
+    started = time.monotonic()
+    os.killpg(gw.proc.pid, signal.SIGINT)
+    assert gw.proc.wait(30) in (0, 130, -signal.SIGINT)
+    assert time.monotonic() - started < 15, "the second Ctrl-C did not end the 60 s grace"
+    t.join(30)
+    lines = results[0]
+    assert lines[-2] == "event: error" and "shutting_down" in lines[-1], lines[-3:]
+    log = gw.log()
+    assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+    assert "Application shutdown complete" in log
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
 def test_sigkilled_gateway_leaves_no_worker_alive(start_gateway):
     gw = start_gateway("--workers", "2")
     workers = [psutil.Process(pid) for pid in gw.worker_pids()]

@@ -965,6 +965,13 @@ MUTANTS = [
         "                # Idle now, with no step to refresh them: the memory and KV\n",
         ("tests/test_hostile.py::test_abandoned_requests_free_the_workers_and_the_queue",),
     ),
+    Mutant(
+        "a second Ctrl-C is uvicorn's force quit",
+        "gateway/cli.py",
+        "                if self._interrupts == 1:\n",
+        "                if False:\n",
+        ("tests/test_e2e_shutdown.py::test_a_second_ctrl_c_ends_the_grace_cleanly",),
+    ),
 ]
 
 
