@@ -157,6 +157,13 @@ def guarded(
         "too_many_connections",
         "server_error",
     )
+    malformed = _response(
+        400,
+        "Bad Request",
+        "The request is not valid HTTP/1.1 (its framing, its headers or what follows it).",
+        "invalid_http_request",
+        "invalid_request_error",
+    )
     headers_too_large = _response(
         431,
         "Request Header Fields Too Large",
@@ -207,6 +214,13 @@ def guarded(
             elif self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to bytes its parser refuses, in the API's
+            shape and with a request id, instead of a line of plain text."""
+            log.debug("invalid HTTP request: %s", msg)
+            self.transport.write(malformed())
+            self.transport.close()
 
         def connection_lost(self, exc) -> None:
             if self._timer is not None:

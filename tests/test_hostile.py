@@ -593,6 +593,20 @@ def test_headers_past_the_cap_are_a_431_with_a_request_id(gw):
     assert post(gw, big).status_code in (200, 400)  # served, or refused for its context
 
 
+def test_bytes_that_are_not_http_get_a_json_400_with_a_request_id(gw):
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n{}"
+        )
+        reply = s.recv(4096)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply[:200]
+    assert b"x-request-id: req_" in head and b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+
+
 # --- 1. a request that kills whichever worker runs it ---------------------------------------------
 
 

@@ -972,6 +972,13 @@ MUTANTS = [
         "                if False:\n",
         ("tests/test_e2e_shutdown.py::test_a_second_ctrl_c_ends_the_grace_cleanly",),
     ),
+    Mutant(
+        "bytes that are not HTTP get uvicorn's plain-text 400",
+        "gateway/connections.py",
+        "        def send_400_response(self, msg: str) -> None:\n",
+        "        def _unused_400_response(self, msg: str) -> None:\n",
+        ("tests/test_hostile.py::test_bytes_that_are_not_http_get_a_json_400_with_a_request_id",),
+    ),
 ]
 
 
