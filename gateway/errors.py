@@ -240,7 +240,7 @@ def from_validation(found: list, body: Any) -> APIError:
         )
     if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
         return invalid("The request has no body; send a JSON object with its fields.")
-    first, message = _most_telling(found, body) if found else (first, "invalid request")
+    first, message = _most_telling(found or [first], body)
     param = _param(tuple(first.get("loc", ())), body)
     if param:
         message = f"Invalid value for '{param}': {message}"
